@@ -1,0 +1,1 @@
+"""Losses and advantage estimators: small pure functions on tensors."""

@@ -1,0 +1,82 @@
+"""`posttrain <command> [--config file.yaml] [section.key=value ...]`"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rich.console import Console
+from rich.markup import escape
+
+from posttrain.config import ConfigError
+from posttrain.data.sources import DataError
+
+
+def _sft(args: argparse.Namespace) -> None:
+    from posttrain.config import SFTRunConfig, load_config
+    from posttrain.loops.sft import run_sft
+
+    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
+    run_sft(load_config(SFTRunConfig, args.config, overrides))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from posttrain.demo.run import run_demo
+
+    run_demo(args.workdir, args.overrides)
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from posttrain.logging import plot_metrics
+
+    paths = plot_metrics(args.log_dir, args.out)
+    print(f"wrote {len(paths)} plots to {paths[0].parent if paths else args.out}")
+
+
+def _tiny_model(args: argparse.Namespace) -> None:
+    from posttrain.demo.tiny_model import save_tiny_model
+
+    print(f"saved tiny {args.arch} model ({args.size}) to {save_tiny_model(args.out, args.size, args.arch)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sft = sub.add_parser("sft", help="supervised fine-tuning")
+    sft.add_argument("--config", help="YAML config file")
+    sft.add_argument("--resume", action="store_true",
+                     help="require resuming from the latest checkpoint (by default a checkpoint is resumed if found)")
+    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_num_steps=10")
+    sft.set_defaults(func=_sft)
+
+    demo = sub.add_parser("demo", help="train a tiny local model on arithmetic and show it learning")
+    demo.add_argument("--workdir", default="runs/demo")
+    demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo's SFT config")
+    demo.set_defaults(func=_demo)
+
+    plot = sub.add_parser("plot", help="write PNG curves of a run's metrics.jsonl")
+    plot.add_argument("log_dir")
+    plot.add_argument("--out", help="output folder (default: <log_dir>/plots)")
+    plot.set_defaults(func=_plot)
+
+    tiny = sub.add_parser("tiny-model", help="build the tiny local tokenizer + model (no network)")
+    tiny.add_argument("out")
+    tiny.add_argument("--size", default="test", choices=["test", "demo", "small"])
+    tiny.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
+    tiny.set_defaults(func=_tiny_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, DataError, FileNotFoundError, OSError) as err:
+        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}")
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

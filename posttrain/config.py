@@ -1,0 +1,368 @@
+"""Typed configuration: one dataclass per section, the single source of defaults.
+
+YAML files and dotted command-line overrides are merged with OmegaConf (which gives us
+`${policy.model_name}`-style interpolation), then the plain result is checked against the
+dataclasses here so that a typo or a wrong type fails at start-up with the key's full name.
+Key names follow NeMo RL where the concept exists there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the offending key."""
+
+
+# --------------------------------------------------------------------------- sections
+
+
+@dataclass
+class TokenizerConfig:
+    name: str | None = None  # defaults to policy.model_name
+    chat_template: str | None = None  # replaces the tokenizer's own template when set
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw"] = "adamw"
+    lr: float = 5.0e-6
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak (cosine and linear)
+
+
+@dataclass
+class SequencePackingConfig:
+    enabled: bool = False
+    # Token budget of one packed micro-batch; None means micro_batch_size * max_total_sequence_length.
+    train_mb_tokens: int | None = None
+
+
+@dataclass
+class PolicyConfig:
+    model_name: str = ""  # HF hub name or local path; required
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    train_global_batch_size: int = 32  # sequences per optimizer step
+    train_micro_batch_size: int = 4  # sequences per forward/backward
+    max_total_sequence_length: int = 1024
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "auto"  # "auto" picks cuda when available, else cpu
+    max_grad_norm: float | None = 1.0
+    activation_checkpointing_enabled: bool = False
+    trust_remote_code: bool = False
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    sequence_packing: SequencePackingConfig = field(default_factory=SequencePackingConfig)
+
+
+@dataclass
+class ArithmeticTaskConfig:
+    """The built-in verifiable task: integer arithmetic with a held-out split."""
+
+    max_operand: int = 99
+    operations: list[str] = field(default_factory=lambda: ["+", "-"])
+    num_train: int = 4000
+    num_val: int = 200
+
+
+@dataclass
+class DataConfig:
+    # "arithmetic" (built-in), a local .jsonl/.json/.parquet file, or a Hugging Face dataset name.
+    dataset_name: str = "arithmetic"
+    dataset_config: str | None = None  # HF dataset subset
+    train_split: str = "train"
+    val_split: str | None = "validation"  # HF split used for validation; None disables
+    val_dataset_name: str | None = None  # a separate file/dataset for validation
+    format: Literal["auto", "messages", "prompt_completion"] = "auto"
+    messages_key: str = "messages"
+    prompt_key: str = "prompt"
+    completion_key: str = "completion"
+    system_prompt: str | None = None
+    use_chat_template: bool = True  # False: raw prompt + completion + EOS
+    shuffle: bool = True
+    arithmetic: ArithmeticTaskConfig = field(default_factory=ArithmeticTaskConfig)
+
+
+@dataclass
+class SFTConfig:
+    max_num_epochs: int = 1
+    max_num_steps: int = 100
+    val_period: int = 10  # steps between validations; 0 disables
+    val_batches: int = 0  # 0 means the whole validation set
+    val_global_batch_size: int = 32
+    val_micro_batch_size: int = 8
+    val_at_start: bool = True
+    seed: int = 42
+
+
+@dataclass
+class ClusterConfig:
+    num_nodes: int = 1
+    gpus_per_node: int = 0  # 0 means CPU
+    address: str | None = None  # an existing Ray cluster; None starts a local one
+
+
+@dataclass
+class WandbConfig:
+    project: str = "posttrain"
+    name: str | None = None
+    entity: str | None = None
+
+
+@dataclass
+class MlflowConfig:
+    experiment_name: str = "posttrain"
+    run_name: str | None = None
+    tracking_uri: str | None = None
+
+
+@dataclass
+class TensorboardConfig:
+    log_dir: str | None = None  # defaults to <logger.log_dir>/tensorboard
+
+
+@dataclass
+class LoggerConfig:
+    log_dir: str = "logs"
+    wandb_enabled: bool = False
+    tensorboard_enabled: bool = True
+    mlflow_enabled: bool = False
+    console_period: int = 1  # print metrics every N steps
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    tensorboard: TensorboardConfig = field(default_factory=TensorboardConfig)
+
+
+@dataclass
+class CheckpointingConfig:
+    enabled: bool = True
+    checkpoint_dir: str = "results/sft"
+    save_period: int = 50
+    keep_top_k: int | None = 3  # None keeps all; the latest checkpoint is always kept
+    metric_name: str | None = None  # rank by this metric (e.g. "val/loss"); None keeps the newest
+    higher_is_better: bool = False
+    resume: Literal["auto", "never", "required"] = "auto"
+
+
+@dataclass
+class SFTRunConfig:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
+
+    def check(self) -> None:
+        p, s = self.policy, self.sft
+        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
+        _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
+                  "policy.max_total_sequence_length", "sft.max_num_steps", "sft.max_num_epochs",
+                  "sft.val_global_batch_size", "sft.val_micro_batch_size")
+        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
+                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
+                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
+        _require(s.val_global_batch_size % s.val_micro_batch_size == 0,
+                 f"sft.val_global_batch_size ({s.val_global_batch_size}) must be a multiple of "
+                 f"sft.val_micro_batch_size ({s.val_micro_batch_size})")
+        _check_common(self.policy, self.cluster, self.checkpointing)
+
+
+def _check_common(policy: PolicyConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:
+    _require(policy.optimizer.lr > 0, f"policy.optimizer.lr must be > 0, got {policy.optimizer.lr}")
+    _require(len(policy.optimizer.betas) == 2,
+             f"policy.optimizer.betas must have two values, got {policy.optimizer.betas}")
+    _require(0.0 <= policy.scheduler.min_lr_ratio <= 1.0,
+             f"policy.scheduler.min_lr_ratio must be in [0, 1], got {policy.scheduler.min_lr_ratio}")
+    _require(policy.scheduler.warmup_steps >= 0, "policy.scheduler.warmup_steps must be >= 0")
+    _require(policy.max_grad_norm is None or policy.max_grad_norm > 0,
+             "policy.max_grad_norm must be > 0 (or null to disable clipping)")
+    _require(cluster.num_nodes >= 1, f"cluster.num_nodes must be >= 1, got {cluster.num_nodes}")
+    _require(cluster.gpus_per_node >= 0, f"cluster.gpus_per_node must be >= 0, got {cluster.gpus_per_node}")
+    _require(ckpt.save_period >= 1, f"checkpointing.save_period must be >= 1, got {ckpt.save_period}")
+    _require(ckpt.keep_top_k is None or ckpt.keep_top_k >= 1,
+             f"checkpointing.keep_top_k must be >= 1 or null, got {ckpt.keep_top_k}")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _positive(cfg: Any, *keys: str) -> None:
+    for key in keys:
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        _require(value > 0, f"{key} must be > 0, got {value}")
+
+
+# --------------------------------------------------------------------------- loading
+
+T = TypeVar("T")
+
+
+def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
+    """Defaults <- YAML file <- dotted overrides, then type-checked against `schema`."""
+    layers = [OmegaConf.create(to_dict(schema()))]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except (yaml.YAMLError, OmegaConfBaseException) as err:
+            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+    layers.append(_parse_overrides(overrides or []))
+    try:
+        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot resolve config: {err}") from err
+    cfg = from_dict(schema, merged)
+    check = getattr(cfg, "check", None)
+    if check is not None:
+        check()
+    return cfg
+
+
+def _parse_overrides(overrides: list[str]):
+    cleaned = []
+    for item in overrides:
+        key, sep, _ = item.lstrip("+").partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        cleaned.append(item.lstrip("+"))
+    try:
+        return OmegaConf.from_dotlist(cleaned)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"cannot parse overrides {cleaned}: {err}") from err
+
+
+def from_dict(schema: type[T], data: Any, prefix: str = "") -> T:
+    """Build `schema` from plain data, failing on unknown keys and wrong types."""
+    return _convert(schema, data, prefix)
+
+
+def _convert(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key or 'config'} must be a mapping (section {tp.__name__}), "
+                              f"got {type(value).__name__}: {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp)]
+        kwargs = {}
+        for name, item in value.items():
+            full = f"{key}.{name}" if key else str(name)
+            if name not in names:
+                close = difflib.get_close_matches(str(name), names, n=1, cutoff=0.5)
+                hint = f"; did you mean '{key + '.' if key else ''}{close[0]}'?" if close else ""
+                raise ConfigError(f"unknown config key '{full}'{hint} "
+                                  f"(valid keys here: {', '.join(names)})")
+            kwargs[name] = _convert(hints[name], item, full)
+        return tp(**kwargs)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{key} must not be null (expected {_type_name(tp)})")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__}: {value!r}")
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+        return value
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key} expects a list, got {type(value).__name__}: {value!r}")
+        (item_type,) = typing.get_args(tp)
+        return [_convert(item_type, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} expects a mapping, got {type(value).__name__}: {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if value is None:
+        raise ConfigError(f"{key} must not be null (expected {_type_name(tp)})")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads "1e-5" as a string
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    else:
+        raise TypeError(f"unsupported config type {tp!r} at {key}")
+    raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__}: {value!r}")
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> Path:
+    """Write the resolved config so a run can be reproduced from its own folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
+
+
+def config_hash(section: Any) -> str:
+    """Stable short hash of a config section, recorded in checkpoints to refuse mismatched resumes."""
+    payload = json.dumps(to_dict(section) if dataclasses.is_dataclass(section) else section, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

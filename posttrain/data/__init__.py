@@ -1,0 +1,1 @@
+"""Data: sources -> conversations -> token ids with loss masks -> padded or packed micro-batches."""

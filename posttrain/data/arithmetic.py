@@ -1,0 +1,66 @@
+"""Built-in verifiable task: integer arithmetic with an exactly checkable answer.
+
+The whole problem space is enumerated and split by a hash of the problem, so the held-out
+split never shares a problem with the training split, whatever the sample counts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import random
+import re
+
+from posttrain.config import ArithmeticTaskConfig
+
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def _is_held_out(a: int, op: str, b: int) -> bool:
+    digest = hashlib.sha256(f"{a}{op}{b}".encode()).digest()
+    return digest[0] < 26  # about 10% of the space is reserved for evaluation
+
+
+def make_problems(cfg: ArithmeticTaskConfig, split: str, seed: int = 0) -> list[dict]:
+    """Rows with `prompt`, `completion` and `answer`; split is "train" or "validation"."""
+    for op in cfg.operations:
+        if op not in _OPS:
+            raise ValueError(f"data.arithmetic.operations: unknown operation {op!r}; use {sorted(_OPS)}")
+    if split not in ("train", "validation"):
+        raise ValueError(f"arithmetic task has splits 'train' and 'validation', not {split!r}")
+    want_held_out = split == "validation"
+    space = [
+        (a, op, b)
+        for op in cfg.operations
+        for a, b in itertools.product(range(cfg.max_operand + 1), repeat=2)
+        if _is_held_out(a, op, b) == want_held_out
+    ]
+    count = cfg.num_val if want_held_out else cfg.num_train
+    rng = random.Random(seed + (1 if want_held_out else 0))
+    if count <= len(space):
+        chosen = rng.sample(space, count)
+    else:  # more samples than distinct problems: repeat, still only from this split
+        chosen = [rng.choice(space) for _ in range(count)]
+    return [_row(a, op, b) for a, op, b in chosen]
+
+
+def _row(a: int, op: str, b: int) -> dict:
+    answer = _OPS[op](a, b)
+    return {
+        "prompt": f"What is {a} {op} {b}?",
+        "completion": str(answer),
+        "answer": str(answer),
+    }
+
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def extract_answer(text: str) -> str | None:
+    """The last integer in the response, the convention of the built-in task."""
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def is_correct(response: str, answer: str) -> bool:
+    return extract_answer(response) == answer.strip()

@@ -1,0 +1,93 @@
+"""Micro-batches for training: right-padded rows, or sequences packed into one row.
+
+Packed rows carry `position_ids` that restart at 0 for each sequence and no attention mask;
+transformers then builds a block-diagonal causal mask, so packed and padded batches compute the
+same per-token log-probs while packing wastes no compute on padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from posttrain.data.formats import Sample
+
+
+def pad_batch(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s.input_ids) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(samples), width), dtype=torch.float32)
+    for row, s in enumerate(samples):
+        n = len(s.input_ids)
+        input_ids[row, :n] = torch.tensor(s.input_ids)
+        attention_mask[row, :n] = 1
+        loss_mask[row, :n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def pack_sequences(samples: list[Sample], max_tokens: int) -> list[list[int]]:
+    """First-fit decreasing bin packing: groups of sample indices whose total length fits."""
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids), reverse=True)
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(samples[i].input_ids)
+        if n > max_tokens:
+            raise ValueError(f"a sequence of {n} tokens does not fit a packed row of {max_tokens} tokens")
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - n)
+    return bins
+
+
+def pack_rows(rows: list[list[Sample]]) -> dict[str, torch.Tensor]:
+    """Each row holds whole sequences back to back; rows are right-filled to a common width.
+
+    The filler starts a fresh position run of its own, so it forms a separate (masked) segment
+    and never becomes part of a real sequence's attention.
+    """
+    width = max(sum(len(s.input_ids) for s in row) for row in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    loss_mask = torch.zeros((len(rows), width), dtype=torch.float32)
+    for r, row in enumerate(rows):
+        offset = 0
+        for s in row:
+            n = len(s.input_ids)
+            input_ids[r, offset : offset + n] = torch.tensor(s.input_ids)
+            position_ids[r, offset : offset + n] = torch.arange(n)
+            loss_mask[r, offset : offset + n] = torch.tensor(s.loss_mask, dtype=torch.float32)
+            offset += n
+        position_ids[r, offset:] = torch.arange(width - offset)
+    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": loss_mask}
+
+
+def make_micro_batches(
+    samples: list[Sample],
+    micro_batch_size: int,
+    pad_token_id: int,
+    pack: tuple[int, int] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """Split one global batch into micro-batches.
+
+    `pack=(row_tokens, micro_batch_tokens)` switches on packing: sequences are packed into rows of
+    at most `row_tokens`, and rows are stacked while the micro-batch stays within its token budget
+    (attention cost grows with the square of the row length, so rows are kept short).
+    """
+    if pack is not None:
+        row_tokens, budget = pack
+        rows = [[samples[i] for i in group] for group in pack_sequences(samples, row_tokens)]
+        per_micro_batch = max(1, budget // row_tokens)
+        return [pack_rows(rows[i : i + per_micro_batch]) for i in range(0, len(rows), per_micro_batch)]
+    # Sorting by length before chunking keeps padding small; the loss is normalised per global batch,
+    # so the order does not change the result.
+    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
+    return [
+        pad_batch([samples[i] for i in order[start : start + micro_batch_size]], pad_token_id)
+        for start in range(0, len(order), micro_batch_size)
+    ]

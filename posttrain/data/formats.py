@@ -1,0 +1,149 @@
+"""Turning rows into conversations and conversations into token ids with a loss mask.
+
+Only assistant turns are trained on. We find them by rendering the chat template on growing
+prefixes of the conversation: the text a prefix adds when it ends with an assistant message is
+that message (plus its end-of-turn marker, so the model learns to stop).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from posttrain.config import DataConfig
+from posttrain.data.sources import DataError, RowSource
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class Sample:
+    input_ids: list[int]
+    loss_mask: list[int]  # 1 where the token is a training target
+    truncated: bool = False
+
+
+def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[dict[str, str]]:
+    """Validate one row and return it as a chat conversation."""
+    fmt = cfg.format
+    if fmt == "auto":
+        if cfg.messages_key in row:
+            fmt = "messages"
+        elif cfg.prompt_key in row and cfg.completion_key in row:
+            fmt = "prompt_completion"
+        else:
+            raise DataError(f"{where}: expected a '{cfg.messages_key}' field or '{cfg.prompt_key}' and "
+                            f"'{cfg.completion_key}' fields, found {sorted(row)}")
+    if fmt == "messages":
+        messages = _check_messages(row.get(cfg.messages_key), where, cfg.messages_key)
+    else:
+        for key in (cfg.prompt_key, cfg.completion_key):
+            if key not in row:
+                raise DataError(f"{where}: missing field '{key}' (found {sorted(row)})")
+        prompt, completion = row[cfg.prompt_key], row[cfg.completion_key]
+        messages = (_check_messages(prompt, where, cfg.prompt_key) if isinstance(prompt, list)
+                    else [{"role": "user", "content": _check_text(prompt, where, cfg.prompt_key)}])
+        if isinstance(completion, list):
+            messages += _check_messages(completion, where, cfg.completion_key)
+        else:
+            messages.append({"role": "assistant", "content": _check_text(completion, where, cfg.completion_key)})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{where}: the conversation has no assistant message, so nothing to train on")
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    return messages
+
+
+def _check_text(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field '{key}' must be a string or a list of messages, "
+                        f"got {type(value).__name__}")
+    return value
+
+
+def _check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
+    out = []
+    for i, msg in enumerate(value):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise DataError(f"{where}: {key}[{i}] has role {msg['role']!r}; expected one of {list(ROLES)}")
+        if not isinstance(msg["content"], str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string, got {type(msg['content']).__name__}")
+        out.append({"role": msg["role"], "content": msg["content"]})
+    return out
+
+
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int) -> Sample:
+    """Token ids of the rendered conversation, with the mask set on assistant turns only."""
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, msg in enumerate(messages):
+        if msg["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        if not before.startswith(done) or not upto.startswith(before):
+            raise DataError(
+                "the tokenizer's chat template renders a conversation differently from its prefixes, so "
+                "assistant tokens cannot be located; set policy.tokenizer.chat_template to a template "
+                "that only appends")
+        segments += [(before[len(done):], False), (upto[len(before):], True)]
+        done = upto
+    ids: list[int] = []
+    mask: list[int] = []
+    for text, trainable in segments:
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        ids += piece
+        mask += [int(trainable)] * len(piece)
+    return _finish(ids, mask, max_length)
+
+
+def tokenize_prompt_completion(tokenizer, prompt: str, completion: str, max_length: int) -> Sample:
+    """Plain-text format for models without a chat template: prompt + completion + EOS."""
+    prompt_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    return _finish(prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids), max_length)
+
+
+def _finish(ids: list[int], mask: list[int], max_length: int) -> Sample:
+    truncated = len(ids) > max_length
+    ids, mask = ids[:max_length], mask[:max_length]
+    if mask:
+        mask[0] = 0  # nothing predicts the first token
+    return Sample(ids, mask, truncated)
+
+
+def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    if not messages and not add_generation_prompt:
+        return ""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class SFTDataset:
+    """Rows validated up front (so a bad row fails before training), tokenized on access."""
+
+    def __init__(self, source: RowSource, tokenizer, cfg: DataConfig, max_length: int):
+        self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
+        self.chat = cfg.use_chat_template
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat template: set policy.tokenizer.chat_template, "
+                            "or data.use_chat_template=false for plain prompt + completion text")
+        self.conversations = [row_to_messages(source.rows[i], cfg, source.describe(i)) for i in range(len(source))]
+
+    def __len__(self) -> int:
+        return len(self.conversations)
+
+    def __getitem__(self, index: int) -> Sample:
+        messages = self.conversations[index]
+        try:
+            if self.chat:
+                return tokenize_conversation(self.tokenizer, messages, self.max_length)
+            prompt = "\n".join(m["content"] for m in messages[:-1])
+            return tokenize_prompt_completion(self.tokenizer, prompt, messages[-1]["content"], self.max_length)
+        except DataError as err:
+            raise DataError(f"{self.source.describe(index)}: {err}") from err

@@ -1,0 +1,120 @@
+"""Reading rows from the built-in task, JSONL/JSON/Parquet files or Hugging Face datasets.
+
+Whatever the source, the result is a sequence of dict rows plus a `describe(i)` that names
+where row i came from (file and line, or dataset split and index) for error messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ArithmeticTaskConfig
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the source and the row."""
+
+
+@dataclass
+class RowSource:
+    rows: Sequence[dict[str, Any]]
+    name: str
+    line_numbers: list[int] | None = None  # JSONL: physical line of each row (blank lines skipped)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def describe(self, index: int) -> str:
+        if self.line_numbers is not None:
+            return f"{self.name}, line {self.line_numbers[index]}"
+        return f"{self.name}, row {index}"
+
+
+BUILTIN_TASKS = ("arithmetic",)
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def load_rows(
+    name: str,
+    split: str,
+    *,
+    subset: str | None = None,
+    arithmetic: ArithmeticTaskConfig | None = None,
+    seed: int = 0,
+) -> RowSource:
+    """Load a dataset by name: built-in task, local file, or Hugging Face dataset (split)."""
+    if name == "arithmetic":
+        from posttrain.data.arithmetic import make_problems
+
+        return RowSource(make_problems(arithmetic or ArithmeticTaskConfig(), split, seed), f"arithmetic[{split}]")
+    path = Path(name)
+    if path.suffix in _FILE_SUFFIXES:
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        if path.suffix == ".parquet":
+            return _read_parquet(path)
+        return _read_json_lines(path) if path.suffix == ".jsonl" else _read_json_array(path)
+    if path.exists():
+        raise DataError(f"unsupported data file {path}: use .jsonl, .json or .parquet")
+    return _read_hf(name, split, subset)
+
+
+def _read_json_lines(path: Path) -> RowSource:
+    rows, lines = [], []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
+            if not isinstance(row, dict):
+                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
+            rows.append(row)
+            lines.append(lineno)
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return RowSource(rows, str(path), lines)
+
+
+def _read_json_array(path: Path) -> RowSource:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(data, list) or not data:
+        raise DataError(f"{path}: expected a non-empty JSON array of objects")
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise DataError(f"{path}, row {i}: expected a JSON object, got {type(row).__name__}")
+    return RowSource(data, str(path))
+
+
+def _read_parquet(path: Path) -> RowSource:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as err:  # pyarrow raises several types for corrupt files
+        raise DataError(f"{path}: cannot read Parquet file ({err})") from err
+    if table.num_rows == 0:
+        raise DataError(f"{path}: no rows")
+    return RowSource(table.to_pylist(), str(path))
+
+
+def _read_hf(name: str, split: str, subset: str | None) -> RowSource:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, subset, split=split)
+    except ValueError as err:  # unknown split names the valid ones in its message
+        raise DataError(f"Hugging Face dataset {name!r} (subset {subset!r}), split {split!r}: {err}") from err
+    except Exception as err:
+        raise DataError(f"cannot load Hugging Face dataset {name!r} (subset {subset!r}, split {split!r}): "
+                        f"{type(err).__name__}: {err}") from err
+    return RowSource(ds, f"{name}[{split}]")

@@ -1,0 +1,1 @@
+"""The tiny local model and tokenizer, and `posttrain demo`."""

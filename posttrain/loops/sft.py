@@ -1,0 +1,171 @@
+"""Supervised fine-tuning, top to bottom.
+
+data -> micro-batches (padded or packed) -> per-token NLL on assistant tokens -> optimizer step
+-> validation -> logs -> atomic checkpoint; resumes exactly from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from rich.console import Console
+
+from posttrain.algos.sft import nll_loss
+from posttrain.config import ConfigError, SFTRunConfig, save_config, to_dict
+from posttrain.data.collate import make_micro_batches
+from posttrain.data.formats import Sample, SFTDataset
+from posttrain.data.sampler import EpochSampler
+from posttrain.data.sources import load_rows
+from posttrain.logging import MetricsLogger, make_progress
+from posttrain.train.checkpoint import CheckpointManager, check_identity, read_state, rng_state, set_rng_state
+from posttrain.train.logprobs import sequence_logprobs
+from posttrain.train.model import load_tokenizer
+from posttrain.train.policy import Policy
+
+
+@dataclass
+class SFTResult:
+    steps: int
+    train_losses: dict[int, float] = field(default_factory=dict)
+    val_losses: dict[int, float] = field(default_factory=dict)
+    final_model_dir: Path | None = None
+
+
+def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int | None = None) -> SFTResult:
+    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming)."""
+    console = console or Console()
+    transformers.set_seed(cfg.sft.seed)
+    ckpt = CheckpointManager(cfg.checkpointing)
+    resume_dir = _checkpoint_to_resume(cfg, ckpt)
+    identity = _run_identity(cfg)
+
+    # ---- data
+    tokenizer = load_tokenizer(cfg.policy)
+    max_len = cfg.policy.max_total_sequence_length
+    data = cfg.data
+    train_rows = load_rows(data.dataset_name, data.train_split, subset=data.dataset_config,
+                           arithmetic=data.arithmetic, seed=cfg.sft.seed)
+    train_set = SFTDataset(train_rows, tokenizer, data, max_len)
+    val_samples = _validation_samples(cfg, tokenizer)
+    sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.sft.seed, data.shuffle)
+    total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
+    pack = None
+    if cfg.policy.sequence_packing.enabled:
+        pack = (max_len, cfg.policy.sequence_packing.train_mb_tokens or cfg.policy.train_micro_batch_size * max_len)
+
+    # ---- model, optimizer, resume
+    policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer,
+                    weights_path=resume_dir / "model" if resume_dir else None)
+    step = 0
+    if resume_dir is not None:
+        state = read_state(resume_dir)
+        check_identity(state["identity"], identity, resume_dir)
+        policy.load_training_state(resume_dir)
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
+        step = state["step"]
+        console.print(f"[bold]Resumed[/] from {resume_dir} at step {step}")
+
+    log_dir = Path(cfg.logger.log_dir)
+    save_config(cfg, log_dir / "config.yaml")
+    console.print(f"SFT: {cfg.policy.model_name} ({policy.num_parameters / 1e6:.2f}M parameters) on "
+                  f"{policy.device}; {len(train_set)} training rows, {len(val_samples)} validation rows, "
+                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} sequences")
+
+    def loss_of(num_targets: float):
+        return lambda model, batch: nll_loss(*sequence_logprobs(model, batch), num_targets)
+
+    def validate() -> float:
+        samples = val_samples
+        if cfg.sft.val_batches:
+            samples = samples[: cfg.sft.val_batches * cfg.sft.val_global_batch_size]
+        n = sum(sum(s.loss_mask[1:]) for s in samples)
+        batches = make_micro_batches(samples, cfg.sft.val_micro_batch_size, tokenizer.pad_token_id)
+        return policy.evaluate(batches, loss_of(n))
+
+    result = SFTResult(steps=step)
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console) as logger, make_progress(console) as progress:
+        if val_samples and cfg.sft.val_at_start and step == 0:
+            result.val_losses[0] = validate()
+            logger.log({"val/loss": result.val_losses[0]}, step=0)
+        task = progress.add_task("SFT", total=total_steps, completed=step, info="")
+        while step < total_steps and (stop_at_step is None or step < stop_at_step):
+            step += 1
+            start = time.perf_counter()
+            samples: list[Sample] = [train_set[i] for i in sampler.next_batch()]
+            num_targets = sum(sum(s.loss_mask[1:]) for s in samples)
+            micro_batches = make_micro_batches(samples, cfg.policy.train_micro_batch_size,
+                                               tokenizer.pad_token_id, pack)
+            out = policy.train_step(micro_batches, loss_of(num_targets))
+            elapsed = time.perf_counter() - start
+            metrics = {
+                "train/loss": out["loss"],
+                "train/grad_norm": out["grad_norm"],
+                "train/lr": out["lr"],
+                "train/num_target_tokens": num_targets,
+                "train/tokens_per_sec": sum(len(s.input_ids) for s in samples) / elapsed,
+                "train/step_time_s": elapsed,
+                "train/truncated_fraction": sum(s.truncated for s in samples) / len(samples),
+                "train/epoch": sampler.epoch,
+            }
+            result.train_losses[step] = out["loss"]
+            if val_samples and ((cfg.sft.val_period and step % cfg.sft.val_period == 0) or step == total_steps):
+                metrics["val/loss"] = result.val_losses[step] = validate()
+            logger.log(metrics, step=step)
+            if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
+                _save(ckpt, policy, step, sampler, identity, metrics)
+            progress.update(task, advance=1, info=f"loss {out['loss']:.4f}")
+
+    result.steps = step
+    if step == total_steps:
+        result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
+        console.print(f"Exported the final model to {result.final_model_dir}")
+    return result
+
+
+def _checkpoint_to_resume(cfg: SFTRunConfig, ckpt: CheckpointManager) -> Path | None:
+    mode = cfg.checkpointing.resume
+    if mode == "never":
+        return None
+    latest = ckpt.latest()
+    if latest is None and mode == "required":
+        raise ConfigError(f"--resume given but no checkpoint found in {cfg.checkpointing.checkpoint_dir}")
+    return latest
+
+
+def _run_identity(cfg: SFTRunConfig) -> dict:
+    """What must match for a checkpoint to continue this run."""
+    return {
+        "model_name": cfg.policy.model_name,
+        "data": to_dict(cfg.data),
+        "train_global_batch_size": cfg.policy.train_global_batch_size,
+        "max_total_sequence_length": cfg.policy.max_total_sequence_length,
+        "seed": cfg.sft.seed,
+    }
+
+
+def _validation_samples(cfg: SFTRunConfig, tokenizer) -> list[Sample]:
+    data = cfg.data
+    if data.val_dataset_name:
+        rows = load_rows(data.val_dataset_name, data.val_split or "validation", subset=data.dataset_config,
+                         arithmetic=data.arithmetic, seed=cfg.sft.seed)
+    elif data.val_split and (data.dataset_name == "arithmetic" or not Path(data.dataset_name).suffix):
+        rows = load_rows(data.dataset_name, data.val_split, subset=data.dataset_config,
+                         arithmetic=data.arithmetic, seed=cfg.sft.seed)
+    else:
+        return []
+    dataset = SFTDataset(rows, tokenizer, data, cfg.policy.max_total_sequence_length)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def _save(ckpt: CheckpointManager, policy: Policy, step: int, sampler: EpochSampler,
+          identity: dict, metrics: dict) -> None:
+    def write(directory: Path) -> None:
+        policy.save(directory)
+        torch.save(rng_state(), directory / "rng.pt")
+
+    ckpt.save(step, {"identity": identity, "sampler": sampler.state_dict(), "metrics": metrics}, write)

@@ -1,0 +1,1 @@
+"""Policy worker, model loading, optimizer/schedule, log-probs, checkpoints and export."""

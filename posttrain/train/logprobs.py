@@ -1,0 +1,29 @@
+"""Per-token log-probabilities of the tokens that were actually there.
+
+Only the chosen token's log-prob is needed, so log_softmax is never materialised for the whole
+vocabulary in float32: each chunk of positions computes `logit[target] - logsumexp(logits)`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """log p(targets[b, t] | logits[b, t]) for logits [B, T, V] and targets [B, T], in float32."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])
+    flat_targets = targets.reshape(-1)
+    pieces = []
+    for start in range(0, flat_logits.shape[0], chunk_size):
+        chunk = flat_logits[start : start + chunk_size].float()
+        picked = chunk.gather(-1, flat_targets[start : start + chunk_size, None]).squeeze(-1)
+        pieces.append(picked - torch.logsumexp(chunk, dim=-1))
+    return torch.cat(pieces).view(targets.shape)
+
+
+def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of tokens 1..T-1 of each row and the matching loss mask (both [B, T-1])."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits
+    targets = batch["input_ids"][:, 1:]
+    return token_logprobs(logits[:, :-1], targets), batch["loss_mask"][:, 1:]

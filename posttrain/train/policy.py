@@ -1,0 +1,93 @@
+"""The trainable policy: model, tokenizer, optimizer and schedule on one explicit device.
+
+Nothing here is global, so a Policy can live inside a Ray actor, one per data-parallel rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from posttrain.config import PolicyConfig
+from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
+from posttrain.train.optim import build_optimizer, build_scheduler
+
+LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+
+
+class Policy:
+    def __init__(self, cfg: PolicyConfig, total_steps: int, *, tokenizer=None,
+                 weights_path: str | Path | None = None, device: torch.device | None = None):
+        self.cfg = cfg
+        self.device = device or resolve_device(cfg.device)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
+        self.model = load_model(cfg, self.device, path=str(weights_path) if weights_path else None)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, total_steps)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def autocast(self):
+        """Mixed precision: float32 master weights, `policy.precision` for the forward pass."""
+        if self.cfg.precision == "float32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.cfg.precision])
+
+    def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, float]:
+        """One optimizer step over the micro-batches of a global batch.
+
+        `loss_fn` must already divide by the global normaliser, so summing the micro-batch
+        gradients gives the gradient of the global-batch loss.
+        """
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for batch in micro_batches:
+            with self.autocast():
+                loss = loss_fn(self.model, self._to_device(batch))
+            loss.backward()
+            total += loss.item()
+        max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        return {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]],
+                 fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> float:
+        """Sum of `fn` over micro-batches, in eval mode and without gradients."""
+        self.model.eval()
+        total = 0.0
+        for batch in micro_batches:
+            with self.autocast():
+                total += float(fn(self.model, self._to_device(batch)))
+        return total
+
+    # ------------------------------------------------------------------ persistence
+
+    def save(self, directory: Path) -> None:
+        """Model + tokenizer in Hugging Face format, plus optimizer and schedule state."""
+        self.export_hf(directory / "model")
+        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+
+    def load_training_state(self, directory: Path) -> None:
+        """Optimizer and schedule state; the weights were loaded at construction (`weights_path`)."""
+        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
+
+    def export_hf(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        return directory
