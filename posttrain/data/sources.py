@@ -52,15 +52,20 @@ def load_rows(
 
         return RowSource(make_problems(arithmetic or ArithmeticTaskConfig(), split, seed), f"arithmetic[{split}]")
     path = Path(name)
-    if path.suffix in _FILE_SUFFIXES:
+    if is_data_file(name):
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         if path.suffix == ".parquet":
             return _read_parquet(path)
         return _read_json_lines(path) if path.suffix == ".jsonl" else _read_json_array(path)
-    if path.exists():
+    if path.is_file():
         raise DataError(f"unsupported data file {path}: use .jsonl, .json or .parquet")
-    return _read_hf(name, split, subset)
+    return _read_hf(name, split, subset)  # a hub name, or a local folder `datasets` understands
+
+
+def is_data_file(name: str) -> bool:
+    """A single local file (which has no splits), as opposed to a built-in task or HF dataset."""
+    return Path(name).suffix in _FILE_SUFFIXES
 
 
 def _read_json_lines(path: Path) -> RowSource:

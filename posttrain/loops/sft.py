@@ -19,7 +19,7 @@ from posttrain.config import ConfigError, SFTRunConfig, save_config, to_dict
 from posttrain.data.collate import make_micro_batches
 from posttrain.data.formats import Sample, SFTDataset
 from posttrain.data.sampler import EpochSampler
-from posttrain.data.sources import load_rows
+from posttrain.data.sources import is_data_file, load_rows
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.train.checkpoint import CheckpointManager, check_identity, read_state, rng_state, set_rng_state
 from posttrain.train.logprobs import sequence_logprobs
@@ -153,7 +153,7 @@ def _validation_samples(cfg: SFTRunConfig, tokenizer) -> list[Sample]:
     if data.val_dataset_name:
         rows = load_rows(data.val_dataset_name, data.val_split or "validation", subset=data.dataset_config,
                          arithmetic=data.arithmetic, seed=cfg.sft.seed)
-    elif data.val_split and (data.dataset_name == "arithmetic" or not Path(data.dataset_name).suffix):
+    elif data.val_split and not is_data_file(data.dataset_name):
         rows = load_rows(data.dataset_name, data.val_split, subset=data.dataset_config,
                          arithmetic=data.arithmetic, seed=cfg.sft.seed)
     else:

@@ -1,0 +1,110 @@
+"""Real (tiny) SFT runs on the built-in arithmetic task."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.cli import main
+from posttrain.config import ConfigError, SFTRunConfig, load_config
+from posttrain.loops.sft import run_sft
+
+pytestmark = pytest.mark.e2e
+
+
+def _cfg(model_dir: Path, out: Path, *extra: str) -> SFTRunConfig:
+    return load_config(SFTRunConfig, None, [
+        f"policy.model_name={model_dir}",
+        "policy.train_global_batch_size=32",
+        "policy.train_micro_batch_size=16",
+        "policy.max_total_sequence_length=48",
+        "policy.optimizer.lr=3e-3",
+        "policy.scheduler.warmup_steps=3",
+        "data.arithmetic.num_train=2000",
+        "data.arithmetic.num_val=64",
+        "sft.val_period=10",
+        "sft.val_global_batch_size=32",
+        "sft.val_micro_batch_size=32",
+        "logger.tensorboard_enabled=false",
+        "logger.console_period=0",
+        f"logger.log_dir={out / 'logs'}",
+        f"checkpointing.checkpoint_dir={out / 'ckpt'}",
+        *extra,
+    ])
+
+
+def _logged(log_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_loss_falls_and_run_artifacts_exist(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "sft.max_num_steps=30", "checkpointing.save_period=10",
+               "checkpointing.keep_top_k=2")
+    result = run_sft(cfg)
+    losses = [result.train_losses[s] for s in sorted(result.train_losses)]
+    assert len(losses) == 30
+    assert sum(losses[-5:]) / 5 < 0.6 * losses[0]
+    assert result.val_losses[30] < 0.6 * result.val_losses[0]
+    logged = _logged(tmp_path / "logs")
+    assert [r["step"] for r in logged if "train/loss" in r] == list(range(1, 31))
+    assert (tmp_path / "logs" / "config.yaml").is_file()
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_20", "step_30"]
+    assert (result.final_model_dir / "config.json").is_file()
+
+
+def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_model_dir, tmp_path):
+    steps = ["sft.max_num_steps=8", "checkpointing.save_period=4", "sft.val_period=0"]
+    full = run_sft(_cfg(tiny_model_dir, tmp_path / "full", *steps))
+    first = run_sft(_cfg(tiny_model_dir, tmp_path / "split", *steps), stop_at_step=5)  # "preempted" after step 5
+    assert first.steps == 5
+    resumed = run_sft(_cfg(tiny_model_dir, tmp_path / "split", *steps))  # auto-resumes from step_4
+    assert sorted(resumed.train_losses) == [5, 6, 7, 8]
+    for step in range(5, 9):
+        assert resumed.train_losses[step] == pytest.approx(full.train_losses[step], abs=1e-6)
+    assert resumed.train_losses[5] == pytest.approx(first.train_losses[5], abs=1e-6)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tmp_path):
+    run_sft(_cfg(tiny_model_dir, tmp_path, "sft.max_num_steps=2", "checkpointing.save_period=2"))
+    with pytest.raises(ConfigError, match="data"):
+        run_sft(_cfg(tiny_model_dir, tmp_path, "sft.max_num_steps=4", "data.arithmetic.num_train=3000"))
+    with pytest.raises(ConfigError, match="no checkpoint found"):
+        run_sft(_cfg(tiny_model_dir, tmp_path / "empty", "checkpointing.resume=required"))
+
+
+def test_exported_model_reloads_with_identical_logits(tiny_model_dir, tmp_path):
+    result = run_sft(_cfg(tiny_model_dir, tmp_path, "sft.max_num_steps=3", "checkpointing.save_period=3"))
+    # The last checkpoint holds the trained weights the run ended with; the export must match them exactly.
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "step_3" / "model").eval()
+    exported = AutoModelForCausalLM.from_pretrained(result.final_model_dir).eval()
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(3, 400, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(exported(ids).logits, trained(ids).logits)
+        assert not torch.allclose(exported(ids).logits, original(ids).logits)  # training changed something
+
+
+def test_cli_runs_the_example_config(tiny_model_dir, tmp_path):
+    code = main(["sft", "--config", "examples/configs/sft_tiny.yaml", f"policy.model_name={tiny_model_dir}",
+                 "sft.max_num_steps=3", "data.arithmetic.num_train=500", "data.arithmetic.num_val=32",
+                 f"logger.log_dir={tmp_path / 'logs'}", f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}"])
+    assert code == 0
+    assert [r["step"] for r in _logged(tmp_path / "logs") if "train/loss" in r] == [1, 2, 3]
+    assert any((tmp_path / "logs" / "tensorboard").iterdir())
+
+
+def test_sft_on_a_local_hf_datasets_folder_with_splits(tiny_model_dir, tmp_path):
+    """The Hugging Face `datasets` path, offline: a folder whose files name the splits."""
+    data = tmp_path / "chat_data"
+    data.mkdir()
+    for split, n in (("train", 64), ("validation", 8)):
+        rows = [{"messages": [{"role": "user", "content": f"Say {i}"}, {"role": "assistant", "content": str(i)}]}
+                for i in range(n)]
+        (data / f"{split}.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    result = run_sft(_cfg(tiny_model_dir, tmp_path, f"data.dataset_name={data}", "sft.max_num_steps=4", "sft.max_num_epochs=2",
+                          "checkpointing.enabled=false"))
+    assert result.steps == 4 and set(result.val_losses) == {0, 4}

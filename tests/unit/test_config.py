@@ -1,0 +1,157 @@
+"""Config loading: layering, interpolation, and errors that name the offending key."""
+
+from pathlib import Path
+
+import pytest
+
+from posttrain.config import ConfigError, SFTRunConfig, load_config, save_config
+
+BASE = ["policy.model_name=x"]
+
+
+def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_defaults_load():
+    cfg = load_config(SFTRunConfig, None, BASE)
+    assert cfg.policy.model_name == "x"
+    assert cfg.policy.train_global_batch_size == 32
+    assert cfg.policy.optimizer.lr == 5.0e-6
+    assert cfg.policy.optimizer.betas == [0.9, 0.999]
+    assert cfg.data.dataset_name == "arithmetic"
+    assert cfg.checkpointing.keep_top_k == 3
+    assert cfg.policy.tokenizer.name is None
+
+
+def test_override_beats_file_beats_default(tmp_path):
+    path = write(tmp_path, "policy:\n  model_name: from_file\n  train_micro_batch_size: 2\n"
+                           "sft:\n  max_num_steps: 7\n  seed: 1\n")
+    cfg = load_config(SFTRunConfig, path, ["sft.seed=5", "+sft.val_period=3"])
+    assert cfg.policy.model_name == "from_file"  # file only
+    assert cfg.policy.train_micro_batch_size == 2  # file beats default
+    assert cfg.sft.max_num_steps == 7
+    assert cfg.sft.seed == 5  # override beats file
+    assert cfg.sft.val_period == 3  # leading '+' accepted
+    assert cfg.sft.max_num_epochs == 1  # untouched default
+
+
+def test_interpolation_in_yaml_follows_override(tmp_path):
+    path = write(tmp_path, "policy:\n  model_name: m\n  tokenizer:\n    name: ${policy.model_name}\n")
+    assert load_config(SFTRunConfig, path).policy.tokenizer.name == "m"
+    # Interpolation is resolved after the overrides are merged in.
+    assert load_config(SFTRunConfig, path, ["policy.model_name=z"]).policy.tokenizer.name == "z"
+
+
+def test_unknown_key_names_full_key_and_closest_valid_one():
+    with pytest.raises(ConfigError) as info:
+        load_config(SFTRunConfig, None, [*BASE, "policy.train_micro_batchsize=2"])
+    msg = str(info.value)
+    assert "'policy.train_micro_batchsize'" in msg
+    assert "did you mean 'policy.train_micro_batch_size'" in msg
+
+
+def test_unknown_top_level_section():
+    with pytest.raises(ConfigError, match=r"unknown config key 'polcy'; did you mean 'policy'"):
+        load_config(SFTRunConfig, None, [*BASE, "polcy.model_name=y"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'foo'.*valid keys here: policy, data"):
+        load_config(SFTRunConfig, None, [*BASE, "foo.bar=1"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"sft\.max_num_steps expects int, got str: 'abc'"):
+        load_config(SFTRunConfig, None, [*BASE, "sft.max_num_steps=abc"])
+    with pytest.raises(ConfigError, match=r"sft\.max_num_steps expects int, got float: 1\.5"):
+        load_config(SFTRunConfig, None, [*BASE, "sft.max_num_steps=1.5"])
+    with pytest.raises(ConfigError, match=r"policy\.optimizer\.betas expects a list"):
+        load_config(SFTRunConfig, None, [*BASE, "policy.optimizer.betas=0.9"])
+
+
+def test_section_replaced_by_scalar(tmp_path):
+    with pytest.raises(ConfigError, match=r"sft must be a mapping"):
+        load_config(SFTRunConfig, write(tmp_path, "sft: 3\n"), BASE)
+
+
+def test_literal_choices():
+    with pytest.raises(ConfigError, match=r"policy\.precision must be one of .*'bfloat16'.*got 'fp8'"):
+        load_config(SFTRunConfig, None, [*BASE, "policy.precision=fp8"])
+    assert load_config(SFTRunConfig, None, [*BASE, "policy.precision=bfloat16"]).policy.precision == "bfloat16"
+
+
+def test_exponent_string_coerced_to_float(tmp_path):
+    """YAML 1.1 reads '1e-5' (no dot) as a string; a float field must still accept it."""
+    cfg = load_config(SFTRunConfig, None, [*BASE, "policy.optimizer.lr=1e-5"])
+    assert cfg.policy.optimizer.lr == pytest.approx(1e-5)
+    assert isinstance(cfg.policy.optimizer.lr, float)
+    path = write(tmp_path, "policy:\n  model_name: m\n  optimizer:\n    lr: 2e-5\n")
+    assert load_config(SFTRunConfig, path).policy.optimizer.lr == pytest.approx(2e-5)
+
+
+def test_bool_rejects_int():
+    with pytest.raises(ConfigError, match=r"policy\.activation_checkpointing_enabled expects bool, got int"):
+        load_config(SFTRunConfig, None, [*BASE, "policy.activation_checkpointing_enabled=1"])
+    cfg = load_config(SFTRunConfig, None, [*BASE, "policy.activation_checkpointing_enabled=true"])
+    assert cfg.policy.activation_checkpointing_enabled is True
+
+
+def test_optional_accepts_null():
+    cfg = load_config(SFTRunConfig, None, [*BASE, "checkpointing.keep_top_k=null", "policy.max_grad_norm=null"])
+    assert cfg.checkpointing.keep_top_k is None
+    assert cfg.policy.max_grad_norm is None
+
+
+def test_missing_model_name():
+    with pytest.raises(ConfigError, match=r"policy\.model_name is required"):
+        load_config(SFTRunConfig, None, [])
+
+
+def test_global_batch_must_be_multiple_of_micro_batch():
+    with pytest.raises(ConfigError, match=r"train_global_batch_size \(10\) must be a multiple of "
+                                          r"policy\.train_micro_batch_size \(4\)"):
+        load_config(SFTRunConfig, None,
+                    [*BASE, "policy.train_global_batch_size=10", "policy.train_micro_batch_size=4"])
+
+
+def test_non_positive_value_rejected():
+    with pytest.raises(ConfigError, match=r"sft\.max_num_steps must be > 0, got 0"):
+        load_config(SFTRunConfig, None, [*BASE, "sft.max_num_steps=0"])
+
+
+def test_override_without_equals():
+    with pytest.raises(ConfigError, match=r"override 'sft\.seed' must look like section\.key=value"):
+        load_config(SFTRunConfig, None, [*BASE, "sft.seed"])
+
+
+def test_missing_config_file(tmp_path):
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match="config file not found") as info:
+        load_config(SFTRunConfig, missing, BASE)
+    assert str(missing) in str(info.value)
+
+
+def test_malformed_yaml_file(tmp_path):
+    path = write(tmp_path, "policy: [unclosed\n  model_name: x\n")
+    with pytest.raises(ConfigError, match="cannot parse config file") as info:
+        load_config(SFTRunConfig, path, BASE)
+    assert str(path) in str(info.value)
+
+
+def test_unresolvable_interpolation():
+    with pytest.raises(ConfigError, match=r"cannot resolve config.*sft\.nope"):
+        load_config(SFTRunConfig, None, [*BASE, "sft.seed=${sft.nope}"])
+
+
+def test_save_config_round_trip(tmp_path):
+    cfg = load_config(SFTRunConfig, None, [
+        *BASE, "policy.optimizer.lr=3e-5", "policy.optimizer.betas=[0.9,0.95]",
+        "checkpointing.keep_top_k=null", "data.system_prompt=Be brief.", "sft.max_num_steps=12",
+        "policy.precision=bfloat16", "checkpointing.metric_name=val/loss",
+    ])
+    path = save_config(cfg, tmp_path / "run" / "config.yaml")
+    assert path.is_file()
+    loaded = load_config(SFTRunConfig, path)
+    assert loaded == cfg
+    assert loaded.policy.optimizer.lr == 3e-5
+    assert loaded.checkpointing.keep_top_k is None

@@ -1,0 +1,160 @@
+"""Checkpoints: atomic writes, what counts as complete, pruning, identity and RNG state."""
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from posttrain.config import CheckpointingConfig, ConfigError
+from posttrain.train.checkpoint import (
+    STATE_FILE,
+    CheckpointManager,
+    check_identity,
+    read_state,
+    rng_state,
+    set_rng_state,
+)
+
+
+def manager(tmp_path, **kwargs):
+    return CheckpointManager(CheckpointingConfig(checkpoint_dir=str(tmp_path / "ckpt"), **kwargs))
+
+
+def write_weights(d):
+    (d / "model.bin").write_text("weights")
+
+
+def steps(mgr):
+    return [int(p.name.removeprefix("step_")) for p in mgr.checkpoints()]
+
+
+def test_save_creates_step_folder_with_state(tmp_path):
+    mgr = manager(tmp_path)
+    assert mgr.latest() is None
+    path = mgr.save(5, {"epoch": 1, "metrics": {"val/loss": 0.5}}, write_weights)
+    assert path == tmp_path / "ckpt" / "step_5"
+    assert (path / STATE_FILE).is_file()
+    assert (path / "model.bin").read_text() == "weights"
+    assert read_state(path) == {"step": 5, "epoch": 1, "metrics": {"val/loss": 0.5}}
+    assert mgr.latest() == path
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["step_5"]
+
+
+def test_failed_write_leaves_nothing_behind(tmp_path):
+    mgr = manager(tmp_path)
+    first = mgr.save(1, {}, write_weights)
+
+    def broken(d):
+        (d / "partial.bin").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        mgr.save(2, {}, broken)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_1"]
+    assert mgr.latest() == first
+
+
+def test_incomplete_folders_are_ignored(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=None)
+    done = mgr.save(3, {}, write_weights)
+    root = tmp_path / "ckpt"
+    leftover = root / ".tmp_step_9_abc123"
+    leftover.mkdir()
+    (leftover / STATE_FILE).write_text('{"step": 9}')
+    no_state = root / "step_7"
+    no_state.mkdir()
+    (no_state / "model.bin").write_text("x")
+    (root / "step_8").write_text("a file, not a folder")
+    assert mgr.checkpoints() == [done]
+    assert mgr.latest() == done
+
+
+def test_checkpoints_sorted_numerically(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=None)
+    for step in (10, 9, 100):
+        mgr.save(step, {}, write_weights)
+    assert steps(mgr) == [9, 10, 100]
+    assert mgr.latest().name == "step_100"
+
+
+def test_resave_same_step_replaces(tmp_path):
+    mgr = manager(tmp_path)
+    mgr.save(4, {"v": 1}, write_weights)
+    mgr.save(4, {"v": 2}, write_weights)
+    assert steps(mgr) == [4]
+    assert read_state(mgr.latest())["v"] == 2
+
+
+def test_keep_top_k_keeps_newest_by_default(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=2)
+    for step in range(1, 6):
+        mgr.save(step * 10, {}, write_weights)
+    assert steps(mgr) == [40, 50]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_40", "step_50"]
+
+
+def test_keep_top_k_none_keeps_all(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=None)
+    for step in range(1, 6):
+        mgr.save(step, {}, write_weights)
+    assert steps(mgr) == [1, 2, 3, 4, 5]
+
+
+def test_keep_best_by_metric_plus_latest(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=2, metric_name="val/loss", higher_is_better=False)
+    losses = {1: 0.5, 2: 0.1, 3: 0.3, 4: 0.9}
+    for step, loss in losses.items():
+        mgr.save(step, {"metrics": {"val/loss": loss}}, write_weights)
+    kept = steps(mgr)
+    assert 1 not in kept  # worse than 2 and 3
+    assert 2 in kept  # the best
+    assert 4 in kept  # the latest, although the worst
+    mgr.save(5, {"metrics": {"val/loss": 0.2}}, write_weights)
+    assert steps(mgr) == [2, 5]  # best two, the latest among them
+
+
+def test_keep_best_higher_is_better(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=1, metric_name="val/acc", higher_is_better=True)
+    for step, acc in {1: 0.2, 2: 0.9, 3: 0.5}.items():
+        mgr.save(step, {"metrics": {"val/acc": acc}}, write_weights)
+    assert steps(mgr) == [2, 3]
+
+
+def test_checkpoints_without_metric_are_pruned_first(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=1, metric_name="val/loss")
+    mgr.save(1, {"metrics": {"val/loss": 0.4}}, write_weights)
+    mgr.save(2, {}, write_weights)
+    mgr.save(3, {"metrics": {"val/loss": 0.9}}, write_weights)
+    assert steps(mgr) == [1, 3]
+
+
+def test_check_identity_lists_differing_key(tmp_path):
+    saved = {"model": "tiny-a", "data": "arithmetic", "step": 3}
+    check_identity(saved, {"model": "tiny-a", "data": "arithmetic"}, tmp_path)
+    with pytest.raises(ConfigError, match="different run; refusing to resume") as info:
+        check_identity(saved, {"model": "tiny-b", "data": "arithmetic"}, tmp_path)
+    msg = str(info.value)
+    assert "model: checkpoint='tiny-a' run='tiny-b'" in msg
+    assert "data:" not in msg
+    assert str(tmp_path) in msg
+
+
+def test_check_identity_missing_key_in_checkpoint(tmp_path):
+    with pytest.raises(ConfigError, match=r"config_hash: checkpoint=None run='abc'"):
+        check_identity({"model": "m"}, {"model": "m", "config_hash": "abc"}, tmp_path)
+
+
+def test_rng_state_round_trip():
+    random.seed(1)
+    np.random.seed(1)
+    torch.manual_seed(1)
+    state = rng_state()
+    first = (torch.rand(5), random.random(), np.random.rand(3))
+    set_rng_state(state)
+    second = (torch.rand(5), random.random(), np.random.rand(3))
+    assert torch.equal(first[0], second[0])
+    assert first[1] == second[1]
+    assert np.array_equal(first[2], second[2])
+    # And the draws really moved the generators on.
+    assert not torch.equal(torch.rand(5), first[0])
