@@ -143,6 +143,9 @@ class SFTDataset:
         try:
             if self.chat:
                 return tokenize_conversation(self.tokenizer, messages, self.max_length)
+            if messages[-1]["role"] != "assistant" or sum(m["role"] == "assistant" for m in messages) > 1:
+                raise DataError("without a chat template (data.use_chat_template=false) a row must end "
+                                "in its only assistant message")
             prompt = "\n".join(m["content"] for m in messages[:-1])
             return tokenize_prompt_completion(self.tokenizer, prompt, messages[-1]["content"], self.max_length)
         except DataError as err:

@@ -1,6 +1,9 @@
 """The trainable policy: model, tokenizer, optimizer and schedule on one explicit device.
 
 Nothing here is global, so a Policy can live inside a Ray actor, one per data-parallel rank.
+Given a process group, each rank trains on its shard of the global batch and gradients are
+summed across ranks; since every loss is already divided by the *global* normaliser, the sum is
+exactly the single-process gradient.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from posttrain.config import PolicyConfig
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
@@ -20,9 +24,11 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 
 class Policy:
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, tokenizer=None,
-                 weights_path: str | Path | None = None, device: torch.device | None = None):
+                 weights_path: str | Path | None = None, device: torch.device | None = None,
+                 process_group: dist.ProcessGroup | None = None):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
+        self.process_group = process_group
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         self.model = load_model(cfg, self.device, path=str(weights_path) if weights_path else None)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
@@ -49,18 +55,29 @@ class Policy:
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for batch in micro_batches:
             with self.autocast():
                 loss = loss_fn(self.model, self._to_device(batch))
             loss.backward()
-            total += loss.item()
+            total += loss.detach()
+        if self.process_group is not None:
+            self._sum_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None] + [total])
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
-        return {"loss": total, "grad_norm": float(grad_norm), "lr": lr}
+        return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    def _sum_across_ranks(self, tensors: list[torch.Tensor]) -> None:
+        # One flat buffer: a single collective instead of one per parameter.
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat, group=self.process_group)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]],
