@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 
@@ -231,9 +231,13 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
         except (yaml.YAMLError, OmegaConfBaseException) as err:
             raise ConfigError(f"cannot parse config file {path}: {err}") from err
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (policy:, data:, ...), "
+                              f"not a {type(loaded).__name__}")
+        layers.append(loaded)
     layers.append(_parse_overrides(overrides or []))
     try:
         merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
@@ -358,8 +362,19 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config so a run can be reproduced from its own folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    path.write_text(yaml.safe_dump(_escape_interpolation(to_dict(cfg)), sort_keys=False))
     return path
+
+
+def _escape_interpolation(value: Any) -> Any:
+    """The saved config is already resolved: a literal `${` must not be interpolated on reload."""
+    if isinstance(value, str):
+        return value.replace("${", "\\${")
+    if isinstance(value, dict):
+        return {k: _escape_interpolation(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_interpolation(v) for v in value]
+    return value
 
 
 def config_hash(section: Any) -> str:

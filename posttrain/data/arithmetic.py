@@ -35,6 +35,9 @@ def make_problems(cfg: ArithmeticTaskConfig, split: str, seed: int = 0) -> list[
         for a, b in itertools.product(range(cfg.max_operand + 1), repeat=2)
         if _is_held_out(a, op, b) == want_held_out
     ]
+    if not space:
+        raise ValueError(f"the arithmetic {split} split is empty for max_operand={cfg.max_operand}; "
+                         "raise data.arithmetic.max_operand")
     count = cfg.num_val if want_held_out else cfg.num_train
     rng = random.Random(seed + (1 if want_held_out else 0))
     if count <= len(space):

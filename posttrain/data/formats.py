@@ -51,6 +51,9 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
         raise DataError(f"{where}: the conversation has no assistant message, so nothing to train on")
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation starts with an assistant message; chat templates need a "
+                        "system or user message first (data.system_prompt adds one)")
     return messages
 
 
@@ -134,6 +137,11 @@ class SFTDataset:
             raise DataError("the tokenizer has no chat template: set policy.tokenizer.chat_template, "
                             "or data.use_chat_template=false for plain prompt + completion text")
         self.conversations = [row_to_messages(source.rows[i], cfg, source.describe(i)) for i in range(len(source))]
+        if not self.chat:
+            for i, messages in enumerate(self.conversations):
+                if sum(m["role"] == "assistant" for m in messages) > 1 or messages[-1]["role"] != "assistant":
+                    raise DataError(f"{source.describe(i)}: without a chat template (data.use_chat_template="
+                                    "false) a row must end in its only assistant message")
 
     def __len__(self) -> int:
         return len(self.conversations)
@@ -143,9 +151,6 @@ class SFTDataset:
         try:
             if self.chat:
                 return tokenize_conversation(self.tokenizer, messages, self.max_length)
-            if messages[-1]["role"] != "assistant" or sum(m["role"] == "assistant" for m in messages) > 1:
-                raise DataError("without a chat template (data.use_chat_template=false) a row must end "
-                                "in its only assistant message")
             prompt = "\n".join(m["content"] for m in messages[:-1])
             return tokenize_prompt_completion(self.tokenizer, prompt, messages[-1]["content"], self.max_length)
         except DataError as err:

@@ -70,7 +70,7 @@ def is_data_file(name: str) -> bool:
 
 def _read_json_lines(path: Path) -> RowSource:
     rows, lines = [], []
-    with path.open(encoding="utf-8") as f:
+    with path.open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -89,7 +89,7 @@ def _read_json_lines(path: Path) -> RowSource:
 
 def _read_json_array(path: Path) -> RowSource:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(data, list) or not data:

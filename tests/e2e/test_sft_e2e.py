@@ -108,3 +108,12 @@ def test_sft_on_a_local_hf_datasets_folder_with_splits(tiny_model_dir, tmp_path)
     result = run_sft(_cfg(tiny_model_dir, tmp_path, f"data.dataset_name={data}", "sft.max_num_steps=4", "sft.max_num_epochs=2",
                           "checkpointing.enabled=false"))
     assert result.steps == 4 and set(result.val_losses) == {0, 4}
+
+
+def test_plain_text_mode_trains_on_prompt_completion_rows(tiny_model_dir, tmp_path):
+    rows = tmp_path / "pc.jsonl"
+    rows.write_text("\n".join(json.dumps({"prompt": f"{i} plus one is", "completion": f" {i + 1}"})
+                              for i in range(64)))
+    result = run_sft(_cfg(tiny_model_dir, tmp_path, f"data.dataset_name={rows}", "data.use_chat_template=false",
+                          "sft.max_num_steps=2", "checkpointing.enabled=false"))
+    assert result.steps == 2 and result.val_losses == {}  # a single file has no validation split

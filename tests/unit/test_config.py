@@ -157,17 +157,11 @@ def test_save_config_round_trip(tmp_path):
     assert loaded.checkpointing.keep_top_k is None
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="BUG: a YAML file whose top level is a list escapes as a bare TypeError from "
-                          "OmegaConf.merge instead of a ConfigError naming the file")
 def test_top_level_list_yaml_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError):
         load_config(SFTRunConfig, write(tmp_path, "- a\n- b\n"), BASE)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="BUG: save_config writes resolved strings verbatim, so a value containing '${' "
-                          "is re-interpolated (and fails) when the saved config is loaded back")
 def test_save_config_round_trip_with_dollar_brace(tmp_path):
     cfg = load_config(SFTRunConfig, None, BASE)
     cfg.data.system_prompt = "Prices look like ${amount}."

@@ -163,9 +163,6 @@ def test_first_token_always_masked(tokenizer, monkeypatch):
     assert sample.loss_mask == [0] + [1] * (len(sample.input_ids) - 1)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="BUG: a conversation opening with an assistant turn passes row validation, then "
-                          "apply_chat_template([]) raises a bare ValueError at __getitem__ time")
 def test_conversation_starting_with_assistant(tokenizer, tmp_path):
     """Either reject the row up front (naming it) or train on it; never a bare error mid-training."""
     path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"messages": [{"role": "assistant", "content": "Hi"}]})])

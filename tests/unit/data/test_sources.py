@@ -129,9 +129,6 @@ def test_arithmetic_rejects_unknown_operation_and_split():
         load_rows("arithmetic", "test", arithmetic=SMALL)
 
 
-@pytest.mark.xfail(strict=True, raises=IndexError,
-                   reason="BUG: when a split of the problem space is empty (small max_operand), make_problems "
-                          "raises a bare IndexError from random.choice instead of a clear ValueError")
 def test_arithmetic_empty_split_is_a_clear_error():
     cfg = ArithmeticTaskConfig(max_operand=2, operations=["+"], num_train=5, num_val=5)
     with pytest.raises(ValueError, match="validation"):
