@@ -7,7 +7,7 @@ where row i came from (file and line, or dataset split and index) for error mess
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,8 @@ def is_data_file(name: str) -> bool:
     return Path(name).suffix in _FILE_SUFFIXES
 
 
-def _read_json_lines(path: Path) -> RowSource:
-    rows, lines = [], []
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(physical line number, object) for each non-blank line; a bad line names its number."""
     with path.open(encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
@@ -80,8 +80,14 @@ def _read_json_lines(path: Path) -> RowSource:
                 raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
             if not isinstance(row, dict):
                 raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            rows.append(row)
-            lines.append(lineno)
+            yield lineno, row
+
+
+def _read_json_lines(path: Path) -> RowSource:
+    rows, lines = [], []
+    for lineno, row in iter_jsonl(path):
+        rows.append(row)
+        lines.append(lineno)
     if not rows:
         raise DataError(f"{path}: no rows")
     return RowSource(rows, str(path), lines)

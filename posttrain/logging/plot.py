@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from pathlib import Path
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+
+from posttrain.data.sources import iter_jsonl
 
 _UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -56,20 +57,13 @@ def _read_series(path: Path) -> dict[str, dict[int, float]]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
     series: dict[str, dict[int, float]] = {}
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}, line {lineno}: not valid JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
-                raise ValueError(f"{path}, line {lineno}: expected an object with an integer 'step'")
-            step = record.pop("step")
-            for name, value in record.items():
-                if isinstance(value, int | float) and not isinstance(value, bool):
-                    series.setdefault(name, {})[step] = float(value)
+    for lineno, record in iter_jsonl(path):
+        if not isinstance(record.get("step"), int):
+            raise ValueError(f"{path}, line {lineno}: expected an object with an integer 'step'")
+        step = record.pop("step")
+        for name, value in record.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                series.setdefault(name, {})[step] = float(value)
     return series
 
 
