@@ -42,6 +42,8 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     ckpt = CheckpointManager(cfg.checkpointing)
     resume_dir = _checkpoint_to_resume(cfg, ckpt)
     identity = _run_identity(cfg)
+    if resume_dir is not None:  # before anything is loaded from it
+        check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
 
     # ---- data
     tokenizer = load_tokenizer(cfg.policy)
@@ -63,7 +65,6 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     step = 0
     if resume_dir is not None:
         state = read_state(resume_dir)
-        check_identity(state["identity"], identity, resume_dir)
         policy.load_training_state(resume_dir)
         sampler.load_state_dict(state["sampler"])
         set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
