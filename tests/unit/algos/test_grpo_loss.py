@@ -1,0 +1,72 @@
+import math
+
+import pytest
+import torch
+
+from posttrain.algos.grpo import aggregate, clipped_pg_loss, kl_k3
+
+# One sequence of three tokens whose new/old probability ratios are 1.0, 1.5 and 0.5.
+OLD = torch.zeros(1, 3)
+NEW = torch.log(torch.tensor([[1.0, 1.5, 0.5]]))
+MASK = torch.ones(1, 3)
+
+
+def _loss(advantage: float, **kw):
+    kw.setdefault("global_tokens", 3)
+    kw.setdefault("global_sequences", 1)
+    return clipped_pg_loss(NEW, OLD, torch.tensor([advantage]), MASK, **kw)
+
+
+def test_positive_advantage_clip_higher():
+    loss, metrics = _loss(1.0, ratio_clip_min=0.2, ratio_clip_max=0.28)
+    # per token max(-A r, -A clip(r)) = max(-1, -1), max(-1.5, -1.28), max(-0.5, -0.8)
+    assert loss.item() == pytest.approx((-1.0 - 1.28 - 0.5) / 3, rel=1e-6)
+    assert metrics["clipped_tokens"].item() == 1
+    assert metrics["ratio_sum"].item() == pytest.approx(3.0)
+
+
+def test_negative_advantage_and_dual_clip():
+    loss, _ = _loss(-1.0, ratio_clip_min=0.2, ratio_clip_max=0.2)
+    assert loss.item() == pytest.approx((1.0 + 1.5 + 0.8) / 3, rel=1e-6)
+    capped, _ = _loss(-1.0, ratio_clip_min=0.2, ratio_clip_max=0.2, dual_clip=1.4)
+    assert capped.item() == pytest.approx((1.0 + 1.4 + 0.8) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="dual_clip"):
+        _loss(-1.0, dual_clip=0.9)
+
+
+def test_gradient_flows_only_through_unclipped_tokens():
+    new = NEW.clone().requires_grad_(True)
+    loss, _ = clipped_pg_loss(new, OLD, torch.tensor([1.0]), MASK, ratio_clip_min=0.2, ratio_clip_max=0.2,
+                              global_tokens=3, global_sequences=1)
+    loss.backward()
+    # d/dlogp of -A*r = -A*r / N for unclipped tokens; the clipped middle token gets none
+    torch.testing.assert_close(new.grad, torch.tensor([[-1 / 3, 0.0, -0.5 / 3]]))
+
+
+def test_k3_kl_value_and_penalty():
+    lp, ref = torch.log(torch.tensor([[0.5]])), torch.log(torch.tensor([[0.25]]))
+    assert kl_k3(lp, ref).item() == pytest.approx(0.5 + math.log(2) - 1, rel=1e-6)
+    assert kl_k3(lp, lp).item() == 0.0
+    base, _ = _loss(1.0)
+    with_kl, metrics = _loss(1.0, ref_logprobs=OLD, kl_coef=0.1)
+    expected_kl = sum(1 / r - math.log(1 / r) - 1 for r in (1.0, 1.5, 0.5))  # d = log(1/r)
+    assert metrics["kl_sum"].item() == pytest.approx(expected_kl, rel=1e-5)
+    assert with_kl.item() == pytest.approx(base.item() + 0.1 * expected_kl / 3, rel=1e-5)
+
+
+def test_importance_weights_scale_the_policy_term():
+    base, _ = _loss(1.0)
+    weighted, _ = _loss(1.0, importance_weights=torch.full((1, 3), 0.5))
+    assert weighted.item() == pytest.approx(0.5 * base.item(), rel=1e-6)
+
+
+def test_normalisations_on_sequences_of_different_lengths():
+    per_token = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    # token: (1+2+3+4) / 8 global tokens; sequence: (2 + 4) / 4 global sequences; dr_grpo: 10 / (4 * 5)
+    assert aggregate(per_token, mask, "token", global_tokens=8, global_sequences=4).item() == pytest.approx(10 / 8)
+    assert aggregate(per_token, mask, "sequence", global_tokens=8, global_sequences=4).item() == pytest.approx(1.5)
+    assert aggregate(per_token, mask, "dr_grpo", global_tokens=8, global_sequences=4,
+                     max_response_length=5).item() == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="max_response_length"):
+        aggregate(per_token, mask, "dr_grpo", global_tokens=8, global_sequences=4)
