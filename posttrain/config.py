@@ -60,6 +60,18 @@ class SequencePackingConfig:
 
 
 @dataclass
+class GenerationConfig:
+    backend: Literal["hf"] = "hf"
+    max_new_tokens: int = 512
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop_strings: list[str] | None = None  # generation ends after any of these (kept in the response)
+    batch_size: int = 64  # prompts per generate() call
+    num_workers: int = 1  # generation actors (data-parallel)
+
+
+@dataclass
 class PolicyConfig:
     model_name: str = ""  # HF hub name or local path; required
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -74,6 +86,7 @@ class PolicyConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sequence_packing: SequencePackingConfig = field(default_factory=SequencePackingConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 @dataclass
@@ -98,6 +111,7 @@ class DataConfig:
     messages_key: str = "messages"
     prompt_key: str = "prompt"
     completion_key: str = "completion"
+    answer_key: str = "answer"  # RL: the reference answer handed to the environment
     system_prompt: str | None = None
     use_chat_template: bool = True  # False: raw prompt + completion + EOS
     shuffle: bool = True
@@ -114,6 +128,54 @@ class SFTConfig:
     val_micro_batch_size: int = 8
     val_at_start: bool = True
     seed: int = 42
+
+
+@dataclass
+class RewardShapingConfig:
+    """DAPO's soft overlong punishment."""
+
+    enabled: bool = False
+    overlong_buffer_length: int = 128
+    overlong_buffer_penalty: float = 1.0
+    max_response_length: int | None = None  # defaults to policy.generation.max_new_tokens
+
+
+@dataclass
+class GRPOConfig:
+    num_prompts_per_step: int = 32
+    num_generations_per_prompt: int = 16
+    max_num_steps: int = 100
+    max_num_epochs: int = 1000
+    normalize_rewards: bool = True  # divide advantages by the group's reward std
+    use_leave_one_out_baseline: bool = True  # NeMo RL's default
+    use_dynamic_sampling: bool = False  # DAPO: drop groups whose rewards are all equal, sample more
+    dynamic_sampling_max_gen_batches: int = 10
+    reward_shaping: RewardShapingConfig = field(default_factory=RewardShapingConfig)
+    val_period: int = 10  # 0 disables
+    val_at_start: bool = True
+    max_val_samples: int = 256
+    val_temperature: float = 0.0  # greedy validation
+    seed: int = 42
+
+
+@dataclass
+class LossConfig:
+    reference_policy_kl_penalty: float = 0.01  # beta of the k3 KL; 0 keeps no reference model
+    ratio_clip_min: float = 0.2
+    ratio_clip_max: float = 0.2  # > ratio_clip_min is clip-higher (DAPO)
+    ratio_clip_c: float | None = None  # dual clip for negative advantages (e.g. 3)
+    token_level_loss: bool = True  # False: mean per sequence, then over sequences
+    constant_normalization: bool = False  # Dr. GRPO: token sum / (sequences x max_new_tokens)
+    use_importance_sampling_correction: bool = False  # weight by pi_trainer / pi_generator
+    importance_sampling_cap: float = 2.0
+
+
+@dataclass
+class EnvConfig:
+    name: Literal["math"] = "math"
+    reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
+    error_reward: float = 0.0  # reward given when the reward function raises
+    num_workers: int = 1  # environment actors
 
 
 @dataclass
@@ -186,6 +248,48 @@ class SFTRunConfig:
         _require(s.val_global_batch_size % s.val_micro_batch_size == 0,
                  f"sft.val_global_batch_size ({s.val_global_batch_size}) must be a multiple of "
                  f"sft.val_micro_batch_size ({s.val_micro_batch_size})")
+        _check_common(self.policy, self.cluster, self.checkpointing)
+
+
+@dataclass
+class GRPORunConfig:
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    loss_fn: LossConfig = field(default_factory=LossConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=lambda: CheckpointingConfig(checkpoint_dir="results/grpo"))
+
+    def check(self) -> None:
+        p, g, loss = self.policy, self.grpo, self.loss_fn
+        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
+        _positive(self, "grpo.num_prompts_per_step", "grpo.max_num_steps", "policy.train_global_batch_size",
+                  "policy.train_micro_batch_size", "policy.generation.max_new_tokens",
+                  "policy.generation.batch_size", "policy.generation.num_workers", "env.num_workers")
+        _require(g.num_generations_per_prompt >= 2,
+                 f"grpo.num_generations_per_prompt must be >= 2 (a group needs a baseline), got "
+                 f"{g.num_generations_per_prompt}")
+        rollout = g.num_prompts_per_step * g.num_generations_per_prompt
+        _require(rollout % p.train_global_batch_size == 0,
+                 f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt ({rollout}) must be a multiple of "
+                 f"policy.train_global_batch_size ({p.train_global_batch_size}); each multiple is one optimizer step")
+        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
+                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
+                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
+        _require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
+        _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
+        _require(loss.reference_policy_kl_penalty >= 0, "loss_fn.reference_policy_kl_penalty must be >= 0")
+        _require(loss.ratio_clip_min >= 0 and loss.ratio_clip_max >= 0, "loss_fn.ratio_clip_min/max must be >= 0")
+        _require(loss.ratio_clip_c is None or loss.ratio_clip_c > 1, "loss_fn.ratio_clip_c must be > 1 (or null)")
+        _require(not (loss.constant_normalization and not loss.token_level_loss),
+                 "loss_fn.constant_normalization (Dr. GRPO) sums over tokens; it needs loss_fn.token_level_loss=true")
+        shaping = g.reward_shaping
+        if shaping.enabled:
+            max_len = shaping.max_response_length or p.generation.max_new_tokens
+            _require(0 < shaping.overlong_buffer_length <= max_len,
+                     f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
         _check_common(self.policy, self.cluster, self.checkpointing)
 
 
