@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from posttrain.config import ArithmeticTaskConfig
+from posttrain.config import ArithmeticTaskConfig, DataConfig
 
 
 class DataError(ValueError):
@@ -61,6 +61,19 @@ def load_rows(
     if path.is_file():
         raise DataError(f"unsupported data file {path}: use .jsonl, .json or .parquet")
     return _read_hf(name, split, subset)  # a hub name, or a local folder `datasets` understands
+
+
+def load_validation_rows(data: DataConfig, seed: int) -> RowSource | None:
+    """`data.val_dataset_name` if set, else the `data.val_split` of the training dataset (a single
+    local file has no splits, so it has no validation set unless one is named)."""
+    if data.val_dataset_name:
+        name = data.val_dataset_name
+    elif data.val_split and not is_data_file(data.dataset_name):
+        name = data.dataset_name
+    else:
+        return None
+    return load_rows(name, data.val_split or "validation", subset=data.dataset_config,
+                     arithmetic=data.arithmetic, seed=seed)
 
 
 def is_data_file(name: str) -> bool:

@@ -15,13 +15,20 @@ import transformers
 from rich.console import Console
 
 from posttrain.algos.sft import nll_loss
-from posttrain.config import ConfigError, SFTRunConfig, save_config, to_dict
+from posttrain.config import SFTRunConfig, save_config, to_dict
 from posttrain.data.collate import make_micro_batches
 from posttrain.data.formats import Sample, SFTDataset
 from posttrain.data.sampler import EpochSampler
-from posttrain.data.sources import is_data_file, load_rows
+from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.logging import MetricsLogger, make_progress
-from posttrain.train.checkpoint import CheckpointManager, check_identity, read_state, rng_state, set_rng_state
+from posttrain.train.checkpoint import (
+    CheckpointManager,
+    check_identity,
+    find_resume_checkpoint,
+    read_state,
+    rng_state,
+    set_rng_state,
+)
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.model import load_tokenizer
 from posttrain.train.policy import Policy
@@ -40,7 +47,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     console = console or Console()
     transformers.set_seed(cfg.sft.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
-    resume_dir = _checkpoint_to_resume(cfg, ckpt)
+    resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
     identity = _run_identity(cfg)
     if resume_dir is not None:  # before anything is loaded from it
         check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
@@ -128,16 +135,6 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     return result
 
 
-def _checkpoint_to_resume(cfg: SFTRunConfig, ckpt: CheckpointManager) -> Path | None:
-    mode = cfg.checkpointing.resume
-    if mode == "never":
-        return None
-    latest = ckpt.latest()
-    if latest is None and mode == "required":
-        raise ConfigError(f"--resume given but no checkpoint found in {cfg.checkpointing.checkpoint_dir}")
-    return latest
-
-
 def _run_identity(cfg: SFTRunConfig) -> dict:
     """What must match for a checkpoint to continue this run."""
     return {
@@ -150,16 +147,10 @@ def _run_identity(cfg: SFTRunConfig) -> dict:
 
 
 def _validation_samples(cfg: SFTRunConfig, tokenizer) -> list[Sample]:
-    data = cfg.data
-    if data.val_dataset_name:
-        rows = load_rows(data.val_dataset_name, data.val_split or "validation", subset=data.dataset_config,
-                         arithmetic=data.arithmetic, seed=cfg.sft.seed)
-    elif data.val_split and not is_data_file(data.dataset_name):
-        rows = load_rows(data.dataset_name, data.val_split, subset=data.dataset_config,
-                         arithmetic=data.arithmetic, seed=cfg.sft.seed)
-    else:
+    rows = load_validation_rows(cfg.data, seed=cfg.sft.seed)
+    if rows is None:
         return []
-    dataset = SFTDataset(rows, tokenizer, data, cfg.policy.max_total_sequence_length)
+    dataset = SFTDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
     return [dataset[i] for i in range(len(dataset))]
 
 

@@ -100,6 +100,16 @@ class CheckpointManager:
                 shutil.rmtree(path, ignore_errors=True)
 
 
+def find_resume_checkpoint(cfg: CheckpointingConfig, manager: CheckpointManager) -> Path | None:
+    """The checkpoint a run continues from, per `checkpointing.resume`."""
+    if cfg.resume == "never":
+        return None
+    latest = manager.latest()
+    if latest is None and cfg.resume == "required":
+        raise ConfigError(f"--resume given but no checkpoint found in {cfg.checkpoint_dir}")
+    return latest
+
+
 def read_state(path: Path) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
