@@ -20,6 +20,14 @@ def _sft(args: argparse.Namespace) -> None:
     run_sft(load_config(SFTRunConfig, args.config, overrides))
 
 
+def _grpo(args: argparse.Namespace) -> None:
+    from posttrain.config import GRPORunConfig, load_config
+    from posttrain.loops.grpo import run_grpo
+
+    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
+    run_grpo(load_config(GRPORunConfig, args.config, overrides))
+
+
 def _demo(args: argparse.Namespace) -> None:
     from posttrain.demo.run import run_demo
 
@@ -49,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require resuming from the latest checkpoint (by default a checkpoint is resumed if found)")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_num_steps=10")
     sft.set_defaults(func=_sft)
+
+    grpo = sub.add_parser("grpo", help="GRPO reinforcement learning with verifiable rewards, on Ray")
+    grpo.add_argument("--config", help="YAML config file")
+    grpo.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
+    grpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations_per_prompt=8")
+    grpo.set_defaults(func=_grpo)
 
     demo = sub.add_parser("demo", help="train a tiny local model on arithmetic and show it learning")
     demo.add_argument("--workdir", default="runs/demo")

@@ -35,18 +35,18 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
             raise DataError(f"{where}: expected a '{cfg.messages_key}' field or '{cfg.prompt_key}' and "
                             f"'{cfg.completion_key}' fields, found {sorted(row)}")
     if fmt == "messages":
-        messages = _check_messages(row.get(cfg.messages_key), where, cfg.messages_key)
+        messages = check_messages(row.get(cfg.messages_key), where, cfg.messages_key)
     else:
         for key in (cfg.prompt_key, cfg.completion_key):
             if key not in row:
                 raise DataError(f"{where}: missing field '{key}' (found {sorted(row)})")
         prompt, completion = row[cfg.prompt_key], row[cfg.completion_key]
-        messages = (_check_messages(prompt, where, cfg.prompt_key) if isinstance(prompt, list)
-                    else [{"role": "user", "content": _check_text(prompt, where, cfg.prompt_key)}])
+        messages = (check_messages(prompt, where, cfg.prompt_key) if isinstance(prompt, list)
+                    else [{"role": "user", "content": check_text(prompt, where, cfg.prompt_key)}])
         if isinstance(completion, list):
-            messages += _check_messages(completion, where, cfg.completion_key)
+            messages += check_messages(completion, where, cfg.completion_key)
         else:
-            messages.append({"role": "assistant", "content": _check_text(completion, where, cfg.completion_key)})
+            messages.append({"role": "assistant", "content": check_text(completion, where, cfg.completion_key)})
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant message, so nothing to train on")
     if cfg.system_prompt and messages[0]["role"] != "system":
@@ -57,14 +57,14 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
     return messages
 
 
-def _check_text(value: Any, where: str, key: str) -> str:
+def check_text(value: Any, where: str, key: str) -> str:
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string or a list of messages, "
                         f"got {type(value).__name__}")
     return value
 
 
-def _check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
+def check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
     out = []
@@ -155,3 +155,9 @@ class SFTDataset:
             return tokenize_prompt_completion(self.tokenizer, prompt, messages[-1]["content"], self.max_length)
         except DataError as err:
             raise DataError(f"{self.source.describe(index)}: {err}") from err
+
+
+def tokenize_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Prompt ids ending with the assistant header, exactly as training renders the same turn."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -11,17 +11,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.table import Table
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from posttrain.config import SFTRunConfig, load_config
+from posttrain.config import PolicyConfig, SFTRunConfig, load_config
 from posttrain.data.arithmetic import is_correct, make_problems
+from posttrain.data.formats import tokenize_prompt
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.logging import plot_metrics
 from posttrain.loops.sft import run_sft
-from posttrain.rollout.hf import generate_text
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf import HFGenerationBackend
 
 # The demo's recipe, as the dotted overrides a user would type.
 DEMO_OVERRIDES = [
@@ -55,11 +55,11 @@ class DemoResult:
 
 
 def held_out_accuracy(model_dir: Path, problems: list[dict]) -> float:
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    answers = generate_text(model, tokenizer, [[{"role": "user", "content": p["prompt"]}] for p in problems],
-                            max_new_tokens=8)
-    return sum(is_correct(a, p["answer"]) for a, p in zip(answers, problems, strict=True)) / len(problems)
+    """Greedy exact match, through the same generation backend GRPO uses."""
+    backend = HFGenerationBackend(PolicyConfig(model_name=str(model_dir), device="cpu"))
+    prompts = [tokenize_prompt(backend.tokenizer, [{"role": "user", "content": p["prompt"]}]) for p in problems]
+    completions = backend.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.0))
+    return sum(is_correct(c.text, p["answer"]) for c, p in zip(completions, problems, strict=True)) / len(problems)
 
 
 def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = None,

@@ -1,30 +1,97 @@
-"""Generation with Hugging Face `generate` (KV cache, batched, left-padded prompts)."""
+"""Generation with Hugging Face `generate`: batched, KV cache, left-padded prompts."""
 
 from __future__ import annotations
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from posttrain.config import PolicyConfig
+from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams
+from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 
 
-@torch.no_grad()
-def generate_text(model, tokenizer, conversations: list[list[dict[str, str]]], *, max_new_tokens: int,
-                  batch_size: int = 64, temperature: float = 0.0) -> list[str]:
-    """Completions of chat prompts; temperature 0 is greedy decoding."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generated tokens must follow each prompt directly
-    outputs: list[str] = []
-    try:
-        for start in range(0, len(conversations), batch_size):
-            prompts = [tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                       for c in conversations[start : start + batch_size]]
-            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, use_cache=True, **sampling)
-            outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = side
-        model.train(was_training)
-    return outputs
+class StopOnStrings(StoppingCriteria):
+    """Stops a row once its *response* contains a stop string.
+
+    transformers' own `stop_strings` also match text that straddles the prompt (a response "\n"
+    after a prompt ending in "\n" already "ends with" "\n\n"); vLLM looks at the response only,
+    and both backends must agree.
+    """
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_width: int):
+        self.tokenizer, self.stop_strings, self.prompt_width = tokenizer, stop_strings, prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        texts = self.tokenizer.batch_decode(input_ids[:, self.prompt_width:])
+        return torch.tensor([any(s in t for s in self.stop_strings) for t in texts], device=input_ids.device)
+
+
+class HFGenerationBackend(GenerationBackend):
+    """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies."""
+
+    def __init__(self, cfg: PolicyConfig, *, rank: int = 0, world_size: int = 1, weights_path: str | None = None,
+                 device: torch.device | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.device = device or resolve_device(cfg.device)
+        self.tokenizer = load_tokenizer(cfg)
+        # Generation holds no optimizer state, so it runs directly in the compute precision.
+        self.model = load_model(cfg, self.device, path=weights_path, dtype=DTYPES[cfg.precision]).eval()
+        self.batch_size = cfg.generation.batch_size
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict, strict=True)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        out: list[Completion] = []
+        for start in range(0, len(prompts), self.batch_size):
+            out += self._generate_batch(prompts[start : start + self.batch_size], sampling)
+        return out
+
+    def _generate_batch(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        pad = self.tokenizer.pad_token_id
+        width = max(len(p) for p in prompts)
+        input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, prompt in enumerate(prompts):  # left padding: responses start right after each prompt
+            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
+            attention_mask[row, width - len(prompt):] = 1
+        greedy = sampling.temperature == 0
+        result = self.model.generate(
+            input_ids=input_ids.to(self.device),
+            attention_mask=attention_mask.to(self.device),
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else sampling.temperature,
+            top_p=None if greedy else sampling.top_p,
+            top_k=None if greedy else (sampling.top_k or 0),
+            stopping_criteria=StoppingCriteriaList(
+                [StopOnStrings(self.tokenizer, sampling.stop_strings, width)] if sampling.stop_strings else []),
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=pad,
+            use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+        new_tokens = result.sequences[:, width:].cpu()
+        scale = 1.0 if greedy else sampling.temperature
+        logits = torch.stack(result.logits, dim=1).float().cpu() / scale  # [B, new, V], unprocessed logits
+        logprobs = logits.log_softmax(-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        out = []
+        for row in range(len(prompts)):
+            ids, reason = self._trim(new_tokens[row].tolist(), sampling)
+            out.append(Completion(ids, logprobs[row, : len(ids)].tolist(), reason,
+                                  self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return out
+
+    def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:
+        """Cut the padding that follows a finished sequence and say why it finished."""
+        eos = self.tokenizer.eos_token_id
+        if eos in ids:
+            return ids[: ids.index(eos) + 1], "stop"
+        if sampling.stop_strings:
+            for end in range(1, len(ids) + 1):
+                text = self.tokenizer.decode(ids[:end])
+                if any(stop in text for stop in sampling.stop_strings):
+                    return ids[:end], "stop"
+        return ids, "length"

@@ -21,9 +21,25 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
     return torch.cat(pieces).view(targets.shape)
 
 
+@torch.no_grad()
+def token_entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
+    """Entropy of each position's distribution [B, T] (a diagnostic: no gradient)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    pieces = []
+    for start in range(0, flat.shape[0], chunk_size):
+        logp = flat[start : start + chunk_size].float().log_softmax(-1)
+        pieces.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(pieces).view(logits.shape[:-1])
+
+
+def shifted_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Logits predicting tokens 1..T-1 of each row [B, T-1, V], divided by the sampling temperature
+    so that trainer and generator score tokens under the same distribution."""
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False).logits[:, :-1]
+    return logits / temperature if temperature != 1.0 else logits
+
+
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of tokens 1..T-1 of each row and the matching loss mask (both [B, T-1])."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits
-    targets = batch["input_ids"][:, 1:]
-    return token_logprobs(logits[:, :-1], targets), batch["loss_mask"][:, 1:]
+    return token_logprobs(shifted_logits(model, batch), batch["input_ids"][:, 1:]), batch["loss_mask"][:, 1:]

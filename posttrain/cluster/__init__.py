@@ -1,0 +1,5 @@
+"""Ray start-up and worker groups: data-parallel actors of one role, fed shards of a batch."""
+
+from posttrain.cluster.ray_cluster import WorkerGroup, init_ray, shard
+
+__all__ = ["WorkerGroup", "init_ray", "shard"]

@@ -1,0 +1,178 @@
+"""Ray start-up and worker groups: N actors of one role, placed together, fed shards of a batch.
+
+A role (policy, reference, generation, environment) is a `WorkerGroup`. The driver hands it a
+whole batch; the group splits it contiguously across its data-parallel workers and gathers the
+results back in input order, so the training loop reads like single-process code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import ray
+import torch
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from posttrain.config import ClusterConfig, ConfigError
+
+T = TypeVar("T")
+
+
+def init_ray(cfg: ClusterConfig, *, num_cpus: int | None = None) -> None:
+    """Connect to `cfg.address`, or start a local Ray; a no-op when Ray is already running.
+
+    The config is checked first, so a bad config fails the same way whether or not Ray is up.
+    """
+    if cfg.address is None:
+        if cfg.num_nodes > 1:
+            raise ConfigError(f"cluster.num_nodes={cfg.num_nodes} needs cluster.address of a running Ray "
+                              "cluster (start one with `ray start --head` and `ray start --address=...` "
+                              "on the other nodes); without an address only one local node is started")
+        visible = torch.cuda.device_count()
+        if cfg.gpus_per_node > visible:
+            raise ConfigError(f"cluster.gpus_per_node={cfg.gpus_per_node} but torch sees {visible} GPU(s) "
+                              "on this machine; set cluster.gpus_per_node=0 to run on CPU")
+    if ray.is_initialized():
+        return
+    common = {
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,  # actor prints and tracebacks show up in the driver's output
+        "runtime_env": {"env_vars": {"TOKENIZERS_PARALLELISM": "false"}},
+    }
+    if cfg.address is not None:
+        try:
+            ray.init(address=cfg.address, **common)
+        except ConnectionError as err:
+            # New clusters require a token by default, but an explicit address never turns it on here.
+            raise ConnectionError(f"cannot connect to the Ray cluster at cluster.address={cfg.address!r}; "
+                                  "if it uses token authentication (the default for new clusters), set "
+                                  "RAY_AUTH_MODE=token and provide its token (~/.ray/auth_token or "
+                                  f"RAY_AUTH_TOKEN): {err}") from err
+        wanted = cfg.num_nodes * cfg.gpus_per_node
+        found = ray.cluster_resources().get("GPU", 0)
+        if found < wanted:
+            ray.shutdown()  # leave Ray down so a corrected config can retry
+            raise ConfigError(f"cluster.num_nodes x cluster.gpus_per_node = {cfg.num_nodes} x {cfg.gpus_per_node}"
+                              f" = {wanted} GPUs, but the Ray cluster at cluster.address={cfg.address!r} "
+                              f"has {found:g}")
+        return
+    ray.init(
+        # Logical CPUs, not cores: our actors mostly take turns, so a few should fit on a laptop.
+        num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4),
+        num_gpus=cfg.gpus_per_node,
+        include_dashboard=False,
+        **common,
+    )
+
+
+def shard(items: Sequence[T], num_shards: int) -> list[list[T]]:
+    """Contiguous shards whose sizes differ by at most one, larger first; concatenated, they give `items`."""
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    base, extra = divmod(len(items), num_shards)
+    shards, start = [], 0
+    for i in range(num_shards):
+        end = start + base + (i < extra)
+        shards.append(list(items[start:end]))
+        start = end
+    return shards
+
+
+class WorkerGroup:
+    """`num_workers` Ray actors of `actor_cls`, one placement-group bundle each.
+
+    Each actor is built as `actor_cls(*args, rank=i, world_size=num_workers, **kwargs)`, so the
+    class must accept `rank` and `world_size` keyword arguments.
+
+    Every argument is serialized once per worker per call. To send a large object (weights, a
+    batch of tensors) to all workers, `ray.put` it once and pass the returned `ObjectRef`: Ray
+    hands each worker the object itself, read from the shared object store. Only top-level
+    arguments are resolved this way; a ref nested inside a list or dict arrives as a ref.
+
+    Exceptions raised in a worker reach the caller as `ray.exceptions.RayTaskError`, which is
+    also an instance of the original exception class and carries its message and traceback.
+    """
+
+    def __init__(self, actor_cls: type, num_workers: int, *, name: str, args: tuple = (),
+                 kwargs: dict[str, Any] | None = None, num_cpus_per_worker: float = 1.0,
+                 num_gpus_per_worker: float = 0.0, strategy: str = "PACK", ready_timeout_s: float = 60.0):
+        if num_workers < 1:
+            raise ValueError(f"worker group {name!r}: num_workers must be >= 1, got {num_workers}")
+        self.name = name
+        self.num_workers = num_workers
+        bundle = {"CPU": num_cpus_per_worker}
+        if num_gpus_per_worker > 0:
+            bundle["GPU"] = num_gpus_per_worker
+        bundles = [dict(bundle) for _ in range(num_workers)]
+        self._pg = placement_group(bundles, strategy=strategy)
+        self._workers: list[ray.actor.ActorHandle] = []
+        if not self._pg.wait(timeout_seconds=ready_timeout_s):
+            self.shutdown()  # a pending group would otherwise grab resources later
+            raise RuntimeError(f"worker group {name!r}: could not reserve {num_workers} bundle(s) of {bundle} "
+                               f"(strategy {strategy}) within {ready_timeout_s:g}s; Ray has "
+                               f"{ray.available_resources()} available")
+        remote_cls = ray.remote(actor_cls)
+        for rank in range(num_workers):
+            strategy_i = PlacementGroupSchedulingStrategy(placement_group=self._pg,
+                                                          placement_group_bundle_index=rank)
+            options = remote_cls.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
+                                         scheduling_strategy=strategy_i, name=None)
+            self._workers.append(options.remote(*args, rank=rank, world_size=num_workers, **(kwargs or {})))
+
+    def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
+        return [getattr(w, method).remote(*args, **kwargs) for w in self._workers]
+
+    def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """The same call on every worker; results in rank order."""
+        return ray.get(self.call_all_async(method, *args, **kwargs))
+
+    def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
+        if not 0 <= rank < self.num_workers:
+            raise IndexError(f"worker group {self.name!r} has ranks 0..{self.num_workers - 1}, got {rank}")
+        return ray.get(getattr(self._workers[rank], method).remote(*args, **kwargs))
+
+    def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:
+        """`method(*args_per_rank[i])` on worker i, all in flight at once; results in rank order."""
+        if len(args_per_rank) != self.num_workers:
+            raise ValueError(f"worker group {self.name!r} has {self.num_workers} workers, "
+                             f"got arguments for {len(args_per_rank)}")
+        return ray.get([getattr(w, method).remote(*a) for w, a in zip(self._workers, args_per_rank, strict=True)])
+
+    def call_sharded(self, method: str, items: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
+        """`method(shard_i, *args, **kwargs)` on worker i; one result per item, in input order.
+
+        Each worker must return a list as long as its shard. Workers with an empty shard are not called.
+        """
+        shards = shard(items, self.num_workers)
+        calls = [(rank, s) for rank, s in enumerate(shards) if s]
+        refs = [getattr(self._workers[rank], method).remote(s, *args, **kwargs) for rank, s in calls]
+        results: list[Any] = []
+        for (rank, s), out in zip(calls, ray.get(refs), strict=True):
+            if not isinstance(out, list):
+                raise TypeError(f"worker group {self.name!r}: rank {rank} {method}() must return a list "
+                                f"(one result per item), got {type(out).__name__}")
+            if len(out) != len(s):
+                raise ValueError(f"worker group {self.name!r}: rank {rank} {method}() returned {len(out)} "
+                                 f"results for {len(s)} items")
+            results.extend(out)
+        return results
+
+    def shutdown(self) -> None:
+        """Kill the actors and free their bundles; safe to call twice, or after `ray.shutdown()`."""
+        if ray.is_initialized():
+            for worker in self._workers:
+                ray.kill(worker)
+            if self._pg is not None:
+                remove_placement_group(self._pg)
+        self._workers = []
+        self._pg = None
+
+    def __enter__(self) -> WorkerGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()

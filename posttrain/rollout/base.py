@@ -1,0 +1,38 @@
+"""The generation backend interface shared by Hugging Face generate and vLLM."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 1.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int | None = None
+    stop_strings: list[str] | None = None
+
+
+@dataclass
+class Completion:
+    """One response. Log-probs are of the sampled tokens under the temperature-scaled distribution
+    before top-p/top-k filtering: the same quantity the trainer computes."""
+
+    token_ids: list[int]  # ends with EOS when the model stopped by itself
+    logprobs: list[float]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    text: str
+
+
+class GenerationBackend(ABC):
+    @abstractmethod
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        """Complete token-id prompts; one Completion per prompt, in order (so worker groups can shard)."""
+
+    @abstractmethod
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        """Load the trainer's latest weights (same architecture and parameter names)."""

@@ -1,0 +1,191 @@
+"""The GRPO policy worker: one per data-parallel rank, run as a Ray actor.
+
+It turns sampled trajectories into padded micro-batches, scores them with the reference model
+(and, when a rollout is split into several optimizer steps, with the pre-update policy), then
+takes the optimizer steps of the clipped policy-gradient loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from posttrain.algos.grpo import clipped_pg_loss
+from posttrain.config import GRPORunConfig
+from posttrain.train.logprobs import shifted_logits, token_entropy, token_logprobs
+from posttrain.train.model import DTYPES, load_model
+from posttrain.train.policy import Policy
+
+
+@dataclass
+class Trajectory:
+    prompt_ids: list[int]
+    response_ids: list[int]
+    generator_logprobs: list[float]
+    advantage: float
+
+
+@dataclass
+class Minibatch:
+    """The trajectories of one optimizer step on this rank, and the loss normalisers of the whole
+    (all-rank) step, so that per-rank losses add up to the global loss."""
+
+    trajectories: list[Trajectory]
+    global_tokens: float
+    global_sequences: float
+
+
+def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded prompt+response rows; per-token fields sit at the position of their token."""
+    width = max(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
+    size = (len(trajectories), width)
+    input_ids = torch.full(size, pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(size, dtype=torch.long)
+    loss_mask = torch.zeros(size)
+    generator_logprobs = torch.zeros(size)
+    for row, t in enumerate(trajectories):
+        p, n = len(t.prompt_ids), len(t.prompt_ids) + len(t.response_ids)
+        input_ids[row, :n] = torch.tensor(t.prompt_ids + t.response_ids)
+        attention_mask[row, :n] = 1
+        loss_mask[row, p:n] = 1.0
+        generator_logprobs[row, p:n] = torch.tensor(t.generator_logprobs)
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "loss_mask": loss_mask,
+        "generator_logprobs": generator_logprobs,
+        "advantages": torch.tensor([t.advantage for t in trajectories], dtype=torch.float32),
+    }
+
+
+class GRPOPolicyWorker:
+    def __init__(self, cfg: GRPORunConfig, total_optimizer_steps: int, *, rank: int = 0, world_size: int = 1,
+                 weights_path: str | None = None, dist_init_method: str | None = None):
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        group = None
+        if world_size > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method=dist_init_method, rank=rank, world_size=world_size)
+            group = dist.group.WORLD
+        self.policy = Policy(cfg.policy, total_optimizer_steps, weights_path=weights_path, process_group=group)
+        self.reference = None
+        if cfg.loss_fn.reference_policy_kl_penalty > 0:
+            # Always the starting model (policy.model_name), also when resuming from a checkpoint.
+            self.reference = load_model(cfg.policy, self.policy.device, dtype=DTYPES[cfg.policy.precision]).eval()
+            self.reference.requires_grad_(False)
+        self.temperature = cfg.policy.generation.temperature
+
+    # ------------------------------------------------------------------ weights
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights for the generators, in their precision and on the CPU (Ray moves them)."""
+        dtype = DTYPES[self.cfg.policy.precision]
+        return {k: v.detach().to("cpu", dtype) for k, v in self.policy.model.state_dict().items()}
+
+    def save(self, directory: str) -> None:
+        if self.rank == 0:
+            self.policy.save(Path(directory))
+
+    def load_training_state(self, directory: str) -> None:
+        self.policy.load_training_state(Path(directory))
+
+    def export_hf(self, directory: str) -> str:
+        return str(self.policy.export_hf(directory)) if self.rank == 0 else ""
+
+    # ------------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def _score(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self.policy.autocast():
+            logits = shifted_logits(model, batch, self.temperature)
+        return token_logprobs(logits, batch["input_ids"][:, 1:])
+
+    def train(self, minibatches: list[Minibatch]) -> dict[str, float]:
+        """One optimizer step per minibatch; returns metrics summed over ranks (rank 0's view)."""
+        loss_cfg = self.cfg.loss_fn
+        micro_size = self.cfg.policy.train_micro_batch_size
+        pad = self.policy.tokenizer.pad_token_id
+        steps = []
+        start = time.perf_counter()
+        for mb in minibatches:
+            order = sorted(mb.trajectories, key=lambda t: len(t.prompt_ids) + len(t.response_ids))
+            micro = [collate_trajectories(order[i : i + micro_size], pad) for i in range(0, len(order), micro_size)]
+            steps.append((mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro]))
+        # Scores that must come from the weights *before* any update of this rollout.
+        self.policy.model.eval()
+        for _, micro in steps:
+            for batch in micro:
+                if self.reference is not None:
+                    batch["ref_logprobs"] = self._score(self.reference, batch)
+                if len(steps) > 1:
+                    batch["old_logprobs"] = self._score(self.policy.model, batch)
+        logprob_time = time.perf_counter() - start
+
+        sums = torch.zeros(7, device=self.policy.device)  # clipped, ratio, kl, entropy, tokens, |mismatch|, is-weight
+        max_mismatch = torch.zeros((), device=self.policy.device)
+        losses, grad_norms, lrs = [], [], []
+        start = time.perf_counter()
+        for mb, micro in steps:
+            def loss_fn(model, batch, mb=mb):
+                nonlocal max_mismatch
+                logits = shifted_logits(model, batch, self.temperature)
+                logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
+                mask = batch["loss_mask"][:, 1:]
+                old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
+                generator = batch["generator_logprobs"][:, 1:]
+                weights = None
+                if loss_cfg.use_importance_sampling_correction:
+                    weights = torch.exp(old - generator).clamp(max=loss_cfg.importance_sampling_cap)
+                loss, m = clipped_pg_loss(
+                    logprobs, old, batch["advantages"], mask,
+                    ratio_clip_min=loss_cfg.ratio_clip_min, ratio_clip_max=loss_cfg.ratio_clip_max,
+                    dual_clip=loss_cfg.ratio_clip_c, ref_logprobs=batch.get("ref_logprobs"),
+                    kl_coef=loss_cfg.reference_policy_kl_penalty, importance_weights=weights,
+                    normalization=_normalization(self.cfg), global_tokens=mb.global_tokens,
+                    global_sequences=mb.global_sequences,
+                    max_response_length=self.cfg.policy.generation.max_new_tokens,
+                )
+                gap = (old - generator).abs() * mask
+                sums.add_(torch.stack([
+                    m["clipped_tokens"], m["ratio_sum"], m.get("kl_sum", torch.zeros(())).to(sums.device),
+                    (token_entropy(logits) * mask).sum(), m["tokens"], gap.sum(),
+                    ((weights if weights is not None else torch.ones_like(mask)) * mask).sum(),
+                ]).detach())
+                max_mismatch = torch.maximum(max_mismatch, gap.max().detach())
+                return loss
+
+            out = self.policy.train_step(micro, loss_fn)
+            losses.append(out["loss"])
+            grad_norms.append(out["grad_norm"])
+            lrs.append(out["lr"])
+        train_time = time.perf_counter() - start
+        if self.world_size > 1:
+            dist.all_reduce(sums)
+            dist.all_reduce(max_mismatch, op=dist.ReduceOp.MAX)
+        clipped, ratio, kl, entropy, tokens, mismatch, is_weight = (float(x) for x in sums)
+        tokens = max(tokens, 1.0)
+        return {
+            "train/loss": sum(losses) / len(losses),
+            "train/grad_norm": sum(grad_norms) / len(grad_norms),
+            "train/lr": lrs[-1],
+            "train/optimizer_steps": len(steps),
+            "train/clip_fraction": clipped / tokens,
+            "train/ratio_mean": ratio / tokens,
+            "train/kl": kl / tokens,
+            "train/entropy": entropy / tokens,
+            "train/gen_logprob_mismatch": mismatch / tokens,
+            "train/gen_logprob_mismatch_max": float(max_mismatch),
+            "train/importance_weight_mean": is_weight / tokens,
+            "time/logprobs_s": logprob_time,
+            "time/training_s": train_time,
+        }
+
+
+def _normalization(cfg: GRPORunConfig) -> str:
+    if not cfg.loss_fn.token_level_loss:
+        return "sequence"
+    return "dr_grpo" if cfg.loss_fn.constant_normalization else "token"

@@ -1,0 +1,92 @@
+"""The Hugging Face generation backend: sampling controls, finish reasons, log-probs, weight updates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from posttrain.config import PolicyConfig
+from posttrain.data.formats import tokenize_prompt
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.train.grpo_worker import Trajectory, collate_trajectories
+from posttrain.train.logprobs import shifted_logits, token_logprobs
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu")
+    cfg.generation.batch_size = 5  # several generate() calls per request
+    return HFGenerationBackend(cfg)
+
+
+@pytest.fixture(scope="module")
+def prompts(backend):
+    questions = [f"What is {a} + {b}?" for a, b in [(1, 2), (13, 4), (99, 98), (5, 0), (42, 17), (7, 7), (3, 60)]]
+    return [tokenize_prompt(backend.tokenizer, [{"role": "user", "content": q}]) for q in questions]
+
+
+def test_greedy_matches_plain_generate_and_reports_length_finish(backend, prompts, tiny_model_dir):
+    out = backend.generate(prompts, SamplingParams(max_new_tokens=6, temperature=0.0))
+    assert len(out) == len(prompts)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    for prompt, completion in zip(prompts, out, strict=True):
+        expected = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                  eos_token_id=backend.tokenizer.eos_token_id,
+                                  pad_token_id=backend.tokenizer.pad_token_id)[0, len(prompt):].tolist()
+        eos = backend.tokenizer.eos_token_id
+        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+        assert completion.token_ids == expected  # left padding in a batch changes nothing
+        assert completion.finish_reason == ("stop" if expected[-1] == eos else "length")
+        assert len(completion.logprobs) == len(completion.token_ids)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_generator_logprobs_match_the_trainer_forward(backend, prompts, temperature):
+    torch.manual_seed(0)
+    out = backend.generate(prompts * 3, SamplingParams(max_new_tokens=10, temperature=temperature, top_p=0.9))
+    trajectories = [Trajectory(p, c.token_ids, c.logprobs, 0.0) for p, c in zip(prompts * 3, out, strict=True)]
+    batch = collate_trajectories(trajectories, backend.tokenizer.pad_token_id)
+    with torch.no_grad():
+        trainer = token_logprobs(shifted_logits(backend.model, batch, temperature), batch["input_ids"][:, 1:])
+    mask = batch["loss_mask"][:, 1:].bool()
+    generator = batch["generator_logprobs"][:, 1:]
+    assert mask.sum() > 50
+    assert (trainer - generator)[mask].abs().max().item() < 1e-3
+
+
+def test_top_k_one_is_greedy(backend, prompts):
+    greedy = backend.generate(prompts, SamplingParams(max_new_tokens=5, temperature=0.0))
+    top1 = backend.generate(prompts, SamplingParams(max_new_tokens=5, temperature=1.0, top_k=1))
+    assert [c.token_ids for c in greedy] == [c.token_ids for c in top1]
+
+
+def test_stop_strings_end_the_response(backend, prompts):
+    free = backend.generate(prompts[:3], SamplingParams(max_new_tokens=8, temperature=0.0))
+    # stop on the text of each response's first two tokens: generation must end right there, even
+    # though the prompt's last characters plus the first token may already form that text
+    for prompt, completion in zip(prompts[:3], free, strict=True):
+        if len(completion.token_ids) < 3:
+            continue
+        stop = backend.tokenizer.decode(completion.token_ids[:2])
+        [stopped] = backend.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0, stop_strings=[stop]))
+        assert stopped.finish_reason == "stop"
+        assert stop in stopped.text and len(stopped.token_ids) == 2
+
+
+def test_update_weights_changes_what_is_generated(tiny_model_dir, prompts):
+    cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu")
+    backend = HFGenerationBackend(cfg)
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    before = backend.generate(prompts, params)
+    backend.update_weights(other.state_dict())
+    after = backend.generate(prompts, params)
+    reference = HFGenerationBackend(cfg)
+    reference.model = other.eval()
+    assert [c.token_ids for c in after] == [c.token_ids for c in reference.generate(prompts, params)]
+    assert [c.token_ids for c in after] != [c.token_ids for c in before]
