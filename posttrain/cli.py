@@ -31,7 +31,7 @@ def _grpo(args: argparse.Namespace) -> None:
 def _demo(args: argparse.Namespace) -> None:
     from posttrain.demo.run import run_demo
 
-    run_demo(args.workdir, args.overrides)
+    run_demo(args.workdir, args.overrides, with_grpo=not args.sft_only)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -66,7 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="train a tiny local model on arithmetic and show it learning")
     demo.add_argument("--workdir", default="runs/demo")
-    demo.add_argument("overrides", nargs="*", help="dotted overrides of the demo's SFT config")
+    demo.add_argument("overrides", nargs="*",
+                      help="dotted overrides: sft:key=value for the SFT stage, grpo:key=value for GRPO, "
+                           "key=value for both")
+    demo.add_argument("--sft-only", action="store_true", help="stop after the SFT stage")
     demo.set_defaults(func=_demo)
 
     plot = sub.add_parser("plot", help="write PNG curves of a run's metrics.jsonl")

@@ -97,6 +97,9 @@ class ArithmeticTaskConfig:
     operations: list[str] = field(default_factory=lambda: ["+", "-"])
     num_train: int = 4000
     num_val: int = 200
+    # Fraction of training demonstrations whose answer is off by one, as from a sloppy teacher.
+    # Only the `completion` that SFT imitates is wrong; the `answer` a verifier checks stays exact.
+    teacher_error_rate: float = 0.0
 
 
 @dataclass
@@ -248,7 +251,7 @@ class SFTRunConfig:
         _require(s.val_global_batch_size % s.val_micro_batch_size == 0,
                  f"sft.val_global_batch_size ({s.val_global_batch_size}) must be a multiple of "
                  f"sft.val_micro_batch_size ({s.val_micro_batch_size})")
-        _check_common(self.policy, self.cluster, self.checkpointing)
+        _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
 @dataclass
@@ -290,10 +293,12 @@ class GRPORunConfig:
             max_len = shaping.max_response_length or p.generation.max_new_tokens
             _require(0 < shaping.overlong_buffer_length <= max_len,
                      f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
-        _check_common(self.policy, self.cluster, self.checkpointing)
+        _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
-def _check_common(policy: PolicyConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:
+def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:
+    _require(0.0 <= data.arithmetic.teacher_error_rate <= 1.0,
+             f"data.arithmetic.teacher_error_rate must be in [0, 1], got {data.arithmetic.teacher_error_rate}")
     _require(policy.optimizer.lr > 0, f"policy.optimizer.lr must be > 0, got {policy.optimizer.lr}")
     _require(len(policy.optimizer.betas) == 2,
              f"policy.optimizer.betas must have two values, got {policy.optimizer.betas}")

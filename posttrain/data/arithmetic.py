@@ -44,14 +44,15 @@ def make_problems(cfg: ArithmeticTaskConfig, split: str, seed: int = 0) -> list[
         chosen = rng.sample(space, count)
     else:  # more samples than distinct problems: repeat, still only from this split
         chosen = [rng.choice(space) for _ in range(count)]
-    return [_row(a, op, b) for a, op, b in chosen]
+    error_rate = cfg.teacher_error_rate if split == "train" else 0.0
+    return [_row(a, op, b, slip=rng.random() < error_rate) for a, op, b in chosen]
 
 
-def _row(a: int, op: str, b: int) -> dict:
+def _row(a: int, op: str, b: int, slip: bool = False) -> dict:
     answer = _OPS[op](a, b)
     return {
         "prompt": f"What is {a} {op} {b}?",
-        "completion": str(answer),
+        "completion": str(answer + 1 if slip else answer),
         "answer": str(answer),
     }
 
@@ -67,3 +68,4 @@ def extract_answer(text: str) -> str | None:
 
 def is_correct(response: str, answer: str) -> bool:
     return extract_answer(response) == answer.strip()
+

@@ -7,11 +7,13 @@ steps) -> weight sync to the generators -> metrics, validation, atomic checkpoin
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 from rich.console import Console
@@ -152,9 +154,12 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 #    (DAPO), groups whose rewards are all equal are dropped and more prompts are drawn.
                 groups: list[Group] = []
                 sampled: list[Group] = []
-                for _ in range(cfg.grpo.dynamic_sampling_max_gen_batches
-                                         if cfg.grpo.use_dynamic_sampling else 1):
-                    new = rollout([train_prompts[i] for i in sampler.next_batch()], sampling, group_size, timings)
+                for batch in range(cfg.grpo.dynamic_sampling_max_gen_batches
+                                   if cfg.grpo.use_dynamic_sampling else 1):
+                    # Seeded per step, not left to the generators' running RNG: a run resumed from a
+                    # checkpoint then samples exactly what the uninterrupted run did.
+                    params = dataclasses.replace(sampling, seed=_sampling_seed(cfg.grpo.seed, step, batch))
+                    new = rollout([train_prompts[i] for i in sampler.next_batch()], params, group_size, timings)
                     sampled += new
                     if not cfg.grpo.use_dynamic_sampling:
                         groups = new
@@ -219,6 +224,11 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         for group in (policy, generators, envs):
             group.shutdown()
     return result
+
+
+def _sampling_seed(seed: int, step: int, batch: int) -> int:
+    """A distinct sampling seed for each generation batch of each step of a run."""
+    return int(np.random.SeedSequence([seed, step, batch]).generate_state(1, np.uint64)[0])
 
 
 def _rollout_metrics(groups: list[Group]) -> dict[str, float]:

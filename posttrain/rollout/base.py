@@ -15,6 +15,9 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int | None = None
     stop_strings: list[str] | None = None
+    # When set, the backend reseeds its sampler at the start of the call, so the samples are a pure
+    # function of (seed, prompts, weights, worker rank): a resumed run draws what the uninterrupted one did.
+    seed: int | None = None
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -43,6 +44,10 @@ class HFGenerationBackend(GenerationBackend):
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        if sampling.seed is not None:
+            # `generate` samples from the global RNG (this actor's own); each rank draws its own stream.
+            seed = np.random.SeedSequence([sampling.seed, self.rank]).generate_state(1, np.uint64)[0]
+            torch.manual_seed(int(seed))
         out: list[Completion] = []
         for start in range(0, len(prompts), self.batch_size):
             out += self._generate_batch(prompts[start : start + self.batch_size], sampling)

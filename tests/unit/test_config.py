@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import ConfigError, SFTRunConfig, load_config, save_config
+from posttrain.config import ConfigError, GRPORunConfig, SFTRunConfig, load_config, save_config
 
 BASE = ["policy.model_name=x"]
 
@@ -167,3 +167,62 @@ def test_save_config_round_trip_with_dollar_brace(tmp_path):
     cfg.data.system_prompt = "Prices look like ${amount}."
     loaded = load_config(SFTRunConfig, save_config(cfg, tmp_path / "config.yaml"))
     assert loaded.data.system_prompt == "Prices look like ${amount}."
+
+
+# --------------------------------------------------------------------------- GRPO
+
+
+def grpo(*overrides: str) -> GRPORunConfig:
+    return load_config(GRPORunConfig, None, [*BASE, *overrides])
+
+
+def test_grpo_defaults_pass_check():
+    cfg = grpo()
+    assert cfg.grpo.num_generations_per_prompt == 16
+    assert cfg.checkpointing.checkpoint_dir == "results/grpo"
+
+
+def test_grpo_group_needs_two_generations():
+    with pytest.raises(ConfigError, match=r"grpo\.num_generations_per_prompt must be >= 2 .*got 1"):
+        grpo("grpo.num_generations_per_prompt=1")
+
+
+def test_grpo_rollout_must_split_into_whole_optimizer_steps():
+    with pytest.raises(ConfigError, match=r"num_prompts_per_step x grpo\.num_generations_per_prompt \(12\) must be a "
+                                          r"multiple of policy\.train_global_batch_size \(8\)"):
+        grpo("grpo.num_prompts_per_step=3", "grpo.num_generations_per_prompt=4", "policy.train_global_batch_size=8",
+             "policy.train_micro_batch_size=4")
+    cfg = grpo("grpo.num_prompts_per_step=4", "grpo.num_generations_per_prompt=4", "policy.train_global_batch_size=8",
+               "policy.train_micro_batch_size=4")  # two optimizer steps per rollout is fine
+    assert cfg.policy.train_global_batch_size == 8
+
+
+def test_grpo_sampling_temperature_must_be_positive():
+    with pytest.raises(ConfigError, match=r"policy\.generation\.temperature must be > 0"):
+        grpo("policy.generation.temperature=0")
+
+
+def test_grpo_constant_normalization_needs_token_level_loss():
+    with pytest.raises(ConfigError, match=r"loss_fn\.constant_normalization .*needs loss_fn\.token_level_loss=true"):
+        grpo("loss_fn.constant_normalization=true", "loss_fn.token_level_loss=false")
+    assert grpo("loss_fn.constant_normalization=true").loss_fn.constant_normalization is True
+
+
+@pytest.mark.parametrize(("override", "suggestion"), [
+    ("grpo.num_generation_per_prompt=4", "grpo.num_generations_per_prompt"),
+    ("loss_fn.reference_policy_kl=0.1", "loss_fn.reference_policy_kl_penalty"),
+    ("grpo.reward_shaping.overlong_buffer=4", "grpo.reward_shaping.overlong_buffer_length"),
+])
+def test_grpo_unknown_key_suggests_the_closest(override, suggestion):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"unknown config key '{key}'; did you mean '{suggestion}'\?"):
+        grpo(override)
+
+
+@pytest.mark.parametrize("name", ["grpo_tiny", "grpo_math_1B", "grpo_math_8B"])
+def test_grpo_example_configs_load_and_pass_check(name):
+    cfg = load_config(GRPORunConfig, Path(__file__).parents[2] / "examples" / "configs" / f"{name}.yaml")
+    cfg.check()  # (load_config has already run it; explicit here since it is what this test is about)
+    rollout = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt
+    assert rollout % cfg.policy.train_global_batch_size == 0
+    assert cfg.policy.model_name
