@@ -20,6 +20,14 @@ def _sft(args: argparse.Namespace) -> None:
     run_sft(load_config(SFTRunConfig, args.config, overrides))
 
 
+def _dpo(args: argparse.Namespace) -> None:
+    from posttrain.config import DPORunConfig, load_config
+    from posttrain.loops.dpo import run_dpo
+
+    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
+    run_dpo(load_config(DPORunConfig, args.config, overrides))
+
+
 def _grpo(args: argparse.Namespace) -> None:
     from posttrain.config import GRPORunConfig, load_config
     from posttrain.loops.grpo import run_grpo
@@ -57,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="require resuming from the latest checkpoint (by default a checkpoint is resumed if found)")
     sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_num_steps=10")
     sft.set_defaults(func=_sft)
+
+    dpo = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs")
+    dpo.add_argument("--config", help="YAML config file")
+    dpo.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
+    dpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.reference_policy_kl_penalty=0.1")
+    dpo.set_defaults(func=_dpo)
 
     grpo = sub.add_parser("grpo", help="GRPO reinforcement learning with verifiable rewards, on Ray")
     grpo.add_argument("--config", help="YAML config file")

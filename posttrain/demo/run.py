@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.console import Console
@@ -28,9 +28,9 @@ from posttrain.rollout.hf import HFGenerationBackend
 
 # The demo's recipe, as the dotted overrides a user would type. Both stages see the same task.
 TASK_OVERRIDES = [
-    "data.arithmetic.max_operand=49",
+    "data.arithmetic.max_operand=19",
     "data.arithmetic.num_train=40000",
-    "data.arithmetic.num_val=300",
+    "data.arithmetic.num_val=84",  # every held-out problem of this size, none of which SFT or GRPO sees
     "data.arithmetic.teacher_error_rate=0.8",
     "policy.max_total_sequence_length=64",
     "logger.tensorboard_enabled=false",
@@ -55,13 +55,13 @@ SFT_OVERRIDES = [
 GRPO_OVERRIDES = [
     "grpo.num_prompts_per_step=32",
     "grpo.num_generations_per_prompt=8",
-    "grpo.max_num_steps=100",
-    "grpo.val_period=20",
-    "grpo.max_val_samples=300",
+    "grpo.max_num_steps=30",
+    "grpo.val_period=10",
+    "grpo.max_val_samples=84",
     "loss_fn.reference_policy_kl_penalty=0.0",
     "policy.train_global_batch_size=256",
     "policy.train_micro_batch_size=128",
-    "policy.optimizer.lr=1e-4",
+    "policy.optimizer.lr=2e-4",
     "policy.optimizer.weight_decay=0.0",
     "policy.scheduler.name=constant",
     "policy.generation.max_new_tokens=8",
@@ -77,6 +77,7 @@ class DemoResult:
     accuracy_after_sft: float
     accuracy_after_grpo: float | None
     seconds: float
+    grpo_rewards: dict[int, float] = field(default_factory=dict)  # mean training reward per GRPO step
     reward_curve: Path | None = None
 
 
@@ -132,7 +133,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
     console.print(f"Held-out exact-match accuracy after SFT: [bold]{after_sft:.1%}[/]")
     plot_metrics(sft_cfg.logger.log_dir)
 
-    after_grpo, reward_curve = None, None
+    after_grpo, reward_curve, rewards = None, None, {}
     if with_grpo:
         console.rule("GRPO with an exact verifier as the reward")
         grpo_cfg = load_config(GRPORunConfig, None, [
@@ -142,6 +143,7 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
             *TASK_OVERRIDES, *GRPO_OVERRIDES, *grpo_overrides,
         ])
         grpo = run_grpo(grpo_cfg, console=console)
+        rewards = grpo.train_rewards
         after_grpo = held_out_accuracy(grpo.final_model_dir, problems)
         plots = plot_metrics(grpo_cfg.logger.log_dir)
         reward_curve = next((p for p in plots if p.stem == "rollout_reward_mean"), None)
@@ -159,4 +161,4 @@ def run_demo(workdir: str | Path = "runs/demo", overrides: list[str] | None = No
         console.print(f"Reward curve: {reward_curve}")
     seconds = time.perf_counter() - start
     console.print(f"Demo finished in {seconds / 60:.1f} minutes.")
-    return DemoResult(before, after_sft, after_grpo, seconds, reward_curve)
+    return DemoResult(before, after_sft, after_grpo, seconds, rewards, reward_curve)

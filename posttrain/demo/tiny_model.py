@@ -35,11 +35,11 @@ class TinySize:
 
 
 SIZES = {
-    # ~0.2M parameters: unit and e2e tests.
+    # ~0.13M parameters: unit and e2e tests.
     "test": TinySize(64, 2, 4, 2, 192),
-    # ~3M parameters: the demo; learns 2-digit arithmetic in minutes on 2 CPU cores.
+    # ~1.8M parameters: the demo; learns small-number arithmetic in minutes on 2 CPU cores.
     "demo": TinySize(192, 4, 6, 2, 576),
-    # ~15M parameters: a heavier local smoke model.
+    # ~10.5M parameters: a heavier local smoke model.
     "small": TinySize(384, 6, 6, 2, 1152),
 }
 
