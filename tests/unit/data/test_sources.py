@@ -133,3 +133,25 @@ def test_arithmetic_empty_split_is_a_clear_error():
     cfg = ArithmeticTaskConfig(max_operand=2, operations=["+"], num_train=5, num_val=5)
     with pytest.raises(ValueError, match="validation"):
         load_rows("arithmetic", "validation", arithmetic=cfg)
+
+
+def test_sloppy_teacher_slips_only_the_training_completions():
+    cfg = ArithmeticTaskConfig(max_operand=20, num_train=2000, num_val=40, teacher_error_rate=0.8)
+    clean = load_rows("arithmetic", "train", arithmetic=ArithmeticTaskConfig(max_operand=20, num_train=2000)).rows
+    train = load_rows("arithmetic", "train", arithmetic=cfg).rows
+    assert [r["prompt"] for r in train] == [r["prompt"] for r in clean]  # the same problems
+    for row in train:
+        a, op, b = _PROMPT.fullmatch(row["prompt"]).groups()
+        assert row["answer"] == str(_OPS[op](int(a), int(b)))  # what a verifier checks stays exact
+        assert int(row["completion"]) - int(row["answer"]) in (0, 1)
+    slipped = sum(r["completion"] != r["answer"] for r in train) / len(train)
+    assert 0.75 < slipped < 0.85
+    val = load_rows("arithmetic", "validation", arithmetic=cfg).rows
+    assert all(r["completion"] == r["answer"] for r in val)
+
+
+def test_teacher_error_rate_outside_unit_interval_is_a_config_error():
+    from posttrain.config import ConfigError, SFTRunConfig, load_config
+
+    with pytest.raises(ConfigError, match=r"data.arithmetic.teacher_error_rate must be in \[0, 1\], got 1.5"):
+        load_config(SFTRunConfig, None, ["policy.model_name=x", "data.arithmetic.teacher_error_rate=1.5"])
