@@ -104,7 +104,8 @@ class ArithmeticTaskConfig:
 
 @dataclass
 class DataConfig:
-    # "arithmetic" (built-in), a local .jsonl/.json/.parquet file, or a Hugging Face dataset name.
+    # "arithmetic" or "arithmetic_preference" (DPO pairs; built-in), a local .jsonl/.json/.parquet file,
+    # or a Hugging Face dataset name.
     dataset_name: str = "arithmetic"
     dataset_config: str | None = None  # HF dataset subset
     train_split: str = "train"
@@ -293,6 +294,52 @@ class GRPORunConfig:
             max_len = shaping.max_response_length or p.generation.max_new_tokens
             _require(0 < shaping.overlong_buffer_length <= max_len,
                      f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
+        _check_common(self.policy, self.data, self.cluster, self.checkpointing)
+
+
+@dataclass
+class DPOConfig:
+    max_num_epochs: int = 1
+    max_num_steps: int = 100
+    val_period: int = 10  # steps between validations; 0 disables
+    val_batches: int = 0  # 0 means the whole validation set
+    val_global_batch_size: int = 32  # preference pairs
+    val_micro_batch_size: int = 8  # pairs per forward (2x sequences: chosen and rejected)
+    val_at_start: bool = True
+    seed: int = 42
+    reference_policy_kl_penalty: float = 0.05  # beta: scale of the implicit reward log(pi / pi_ref)
+    sft_loss_weight: float = 0.0  # weight of an added NLL term on the chosen replies
+    preference_average_log_probs: bool = False  # preference term on per-token mean log-probs, not sums
+    sft_average_log_probs: bool = False  # SFT term on per-token mean log-probs, not sums
+
+
+@dataclass
+class DPORunConfig:
+    """`policy.train_global_batch_size` and `policy.train_micro_batch_size` count preference pairs."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset_name="arithmetic_preference"))
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=lambda: CheckpointingConfig(checkpoint_dir="results/dpo"))
+
+    def check(self) -> None:
+        p, d = self.policy, self.dpo
+        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
+        _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
+                  "policy.max_total_sequence_length", "dpo.max_num_steps", "dpo.max_num_epochs",
+                  "dpo.val_global_batch_size", "dpo.val_micro_batch_size", "dpo.reference_policy_kl_penalty")
+        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
+                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
+                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
+        _require(d.val_global_batch_size % d.val_micro_batch_size == 0,
+                 f"dpo.val_global_batch_size ({d.val_global_batch_size}) must be a multiple of "
+                 f"dpo.val_micro_batch_size ({d.val_micro_batch_size})")
+        _require(d.sft_loss_weight >= 0, f"dpo.sft_loss_weight must be >= 0, got {d.sft_loss_weight}")
+        _require(not p.sequence_packing.enabled,
+                 "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
+                 "side by side); set it to false")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 

@@ -69,3 +69,14 @@ def extract_answer(text: str) -> str | None:
 def is_correct(response: str, answer: str) -> bool:
     return extract_answer(response) == answer.strip()
 
+
+def make_preference_pairs(cfg: ArithmeticTaskConfig, split: str, seed: int = 0) -> list[dict]:
+    """The same problems (and held-out split) as `make_problems`, as DPO pairs: `chosen` is the
+    exact answer, `rejected` is off by 1 or 2 in either direction (a near miss, not noise)."""
+    rng = random.Random(seed + 2)
+    rows = []
+    for row in make_problems(cfg, split, seed):
+        wrong = int(row["answer"]) + rng.choice((-2, -1, 1, 2))
+        rows.append({"prompt": row["prompt"], "chosen": row["answer"], "rejected": str(wrong),
+                     "answer": row["answer"]})
+    return rows

@@ -79,12 +79,17 @@ def check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
     return out
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int) -> Sample:
-    """Token ids of the rendered conversation, with the mask set on assistant turns only."""
+def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int,
+                          trainable_from: int = 0) -> Sample:
+    """Token ids of the rendered conversation, with the mask set on assistant turns only.
+
+    `trainable_from` leaves assistant turns before that message index out of the mask (DPO trains
+    on the reply, not on assistant turns that are part of its prompt).
+    """
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
-        if msg["role"] != "assistant":
+        if msg["role"] != "assistant" or i < trainable_from:
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
         upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)

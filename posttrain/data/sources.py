@@ -34,7 +34,7 @@ class RowSource:
         return f"{self.name}, row {index}"
 
 
-BUILTIN_TASKS = ("arithmetic",)
+BUILTIN_TASKS = ("arithmetic", "arithmetic_preference")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -51,6 +51,11 @@ def load_rows(
         from posttrain.data.arithmetic import make_problems
 
         return RowSource(make_problems(arithmetic or ArithmeticTaskConfig(), split, seed), f"arithmetic[{split}]")
+    if name == "arithmetic_preference":
+        from posttrain.data.arithmetic import make_preference_pairs
+
+        return RowSource(make_preference_pairs(arithmetic or ArithmeticTaskConfig(), split, seed),
+                         f"arithmetic_preference[{split}]")
     path = Path(name)
     if is_data_file(name):
         if not path.is_file():

@@ -226,3 +226,38 @@ def test_grpo_example_configs_load_and_pass_check(name):
     rollout = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt
     assert rollout % cfg.policy.train_global_batch_size == 0
     assert cfg.policy.model_name
+
+
+# --------------------------------------------------------------------------- DPO
+
+
+def dpo(*overrides: str):
+    from posttrain.config import DPORunConfig
+
+    return load_config(DPORunConfig, None, [*BASE, *overrides])
+
+
+def test_dpo_defaults_pass_check():
+    cfg = dpo()
+    assert cfg.dpo.reference_policy_kl_penalty == 0.05 and cfg.dpo.sft_loss_weight == 0.0
+    assert cfg.data.dataset_name == "arithmetic_preference"
+    assert cfg.checkpointing.checkpoint_dir == "results/dpo"
+
+
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("dpo.reference_policy_kl_penalty=0", r"dpo\.reference_policy_kl_penalty must be > 0"),
+    ("dpo.sft_loss_weight=-1", r"dpo\.sft_loss_weight must be >= 0"),
+    ("dpo.val_micro_batch_size=5", r"dpo\.val_global_batch_size \(32\) must be a multiple"),
+    ("policy.sequence_packing.enabled=true", r"sequence_packing\.enabled is not supported for DPO"),
+    ("dpo.preference_average_logprobs=true", r"did you mean 'dpo\.preference_average_log_probs'"),
+])
+def test_dpo_check_names_the_key(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        dpo(override)
+
+
+def test_dpo_example_config_loads_and_passes_check():
+    from posttrain.config import DPORunConfig
+
+    cfg = load_config(DPORunConfig, Path(__file__).parents[2] / "examples" / "configs" / "dpo_tiny.yaml")
+    assert cfg.data.dataset_name == "arithmetic_preference" and cfg.policy.model_name

@@ -1,0 +1,113 @@
+"""Preference pairs for DPO: a prompt with a chosen and a rejected reply.
+
+Both replies go through the same chat-template tokenization as SFT (`tokenize_conversation`), so
+the two sequences share the prompt's tokens exactly and only the reply's assistant tokens are in
+the loss mask. A row is `prompt` (a string or a list of messages) plus `chosen` and `rejected`
+(each the assistant's reply text, or a list of messages ending in the assistant's turn).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from posttrain.config import DataConfig
+from posttrain.data.collate import pad_batch
+from posttrain.data.formats import (
+    Sample,
+    check_messages,
+    check_text,
+    tokenize_conversation,
+    tokenize_prompt_completion,
+)
+from posttrain.data.sources import DataError, RowSource
+
+CHOSEN_KEY = "chosen"
+REJECTED_KEY = "rejected"
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class PreferencePair:
+    chosen: Sample
+    rejected: Sample
+
+
+def row_to_pair(row: dict[str, Any], cfg: DataConfig, where: str) -> tuple[Messages, Messages, Messages]:
+    """Validate one row: (prompt messages, chosen reply messages, rejected reply messages)."""
+    for key in (cfg.prompt_key, CHOSEN_KEY, REJECTED_KEY):
+        if key not in row:
+            raise DataError(f"{where}: missing field '{key}'; a preference row needs '{cfg.prompt_key}', "
+                            f"'{CHOSEN_KEY}' and '{REJECTED_KEY}' (found {sorted(row)})")
+    prompt = row[cfg.prompt_key]
+    messages = (check_messages(prompt, where, cfg.prompt_key) if isinstance(prompt, list)
+                else [{"role": "user", "content": check_text(prompt, where, cfg.prompt_key)}])
+    if messages[-1]["role"] == "assistant":
+        raise DataError(f"{where}: field '{cfg.prompt_key}' ends with an assistant message; the assistant's "
+                        f"turn belongs in '{CHOSEN_KEY}' and '{REJECTED_KEY}'")
+    if cfg.system_prompt and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+    if messages[0]["role"] == "assistant":
+        raise DataError(f"{where}: the conversation starts with an assistant message; chat templates need a "
+                        "system or user message first (data.system_prompt adds one)")
+    replies = []
+    for key in (CHOSEN_KEY, REJECTED_KEY):
+        value = row[key]
+        reply = (check_messages(value, where, key) if isinstance(value, list)
+                 else [{"role": "assistant", "content": check_text(value, where, key)}])
+        if reply[-1]["role"] != "assistant":
+            raise DataError(f"{where}: field '{key}' must end with the assistant's turn, "
+                            f"but its last message has role {reply[-1]['role']!r}")
+        replies.append(reply)
+    if replies[0] == replies[1]:
+        raise DataError(f"{where}: '{CHOSEN_KEY}' and '{REJECTED_KEY}' are identical, so the pair prefers nothing")
+    return messages, replies[0], replies[1]
+
+
+class PreferenceDataset:
+    """Rows validated up front (so a bad row fails before training), tokenized on access."""
+
+    def __init__(self, source: RowSource, tokenizer, cfg: DataConfig, max_length: int):
+        self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
+        self.chat = cfg.use_chat_template
+        if self.chat and not getattr(tokenizer, "chat_template", None):
+            raise DataError("the tokenizer has no chat template: set policy.tokenizer.chat_template, "
+                            "or data.use_chat_template=false for plain prompt + reply text")
+        self.rows = [row_to_pair(source.rows[i], cfg, source.describe(i)) for i in range(len(source))]
+        if not self.chat:
+            for i, (_, chosen, rejected) in enumerate(self.rows):
+                if len(chosen) > 1 or len(rejected) > 1:
+                    raise DataError(f"{source.describe(i)}: without a chat template (data.use_chat_template="
+                                    "false) each reply must be a single assistant message")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> PreferencePair:
+        prompt, chosen, rejected = self.rows[index]
+        try:
+            return PreferencePair(self._tokenize(prompt, chosen), self._tokenize(prompt, rejected))
+        except DataError as err:
+            raise DataError(f"{self.source.describe(index)}: {err}") from err
+
+    def _tokenize(self, prompt: Messages, reply: Messages) -> Sample:
+        if self.chat:
+            return tokenize_conversation(self.tokenizer, prompt + reply, self.max_length, trainable_from=len(prompt))
+        text = "\n".join(m["content"] for m in prompt)
+        return tokenize_prompt_completion(self.tokenizer, text, reply[-1]["content"], self.max_length)
+
+
+def make_pair_micro_batches(pairs: list[PreferencePair], micro_batch_size: int,
+                            pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """`micro_batch_size` pairs per micro-batch, padded together: rows [chosen_1..n, rejected_1..n],
+    so one forward pass scores both replies (the layout `dpo_objective` expects)."""
+    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen.input_ids),
+                                                        len(pairs[i].rejected.input_ids)))
+    batches = []
+    for start in range(0, len(order), micro_batch_size):
+        chunk = [pairs[i] for i in order[start : start + micro_batch_size]]
+        batches.append(pad_batch([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_token_id))
+    return batches
