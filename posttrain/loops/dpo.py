@@ -26,7 +26,7 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
-    rng_state,
+    save_run_checkpoint,
     set_rng_state,
 )
 from posttrain.train.logprobs import sequence_logprobs
@@ -149,7 +149,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
                 metrics.update(result.val_metrics[step])
             logger.log(metrics, step=step)
             if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
-                _save(ckpt, policy, step, sampler, identity, metrics)
+                save_run_checkpoint(ckpt, step, policy.save, sampler.state_dict(), identity, metrics)
             progress.update(task, advance=1, info=f"loss {out['loss']:.4f} acc {totals['reward_accuracy']:.2f}")
 
     result.steps = step
@@ -177,11 +177,3 @@ def _validation_pairs(cfg: DPORunConfig, tokenizer) -> list[PreferencePair]:
     dataset = PreferenceDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
     return [dataset[i] for i in range(len(dataset))]
 
-
-def _save(ckpt: CheckpointManager, policy: Policy, step: int, sampler: EpochSampler,
-          identity: dict, metrics: dict) -> None:
-    def write(directory: Path) -> None:
-        policy.save(directory)
-        torch.save(rng_state(), directory / "rng.pt")
-
-    ckpt.save(step, {"identity": identity, "sampler": sampler.state_dict(), "metrics": metrics}, write)

@@ -33,7 +33,7 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
-    rng_state,
+    save_run_checkpoint,
     set_rng_state,
 )
 from posttrain.train.grpo_worker import GRPOPolicyWorker, Minibatch, Trajectory
@@ -212,7 +212,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 metrics.update(timings)
                 logger.log(metrics, step=step)
                 if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
-                    _save(ckpt, policy, step, sampler, identity, metrics)
+                    save_run_checkpoint(ckpt, step, lambda d: policy.call_all("save", str(d)), sampler.state_dict(), identity, metrics)
                 progress.update(task, advance=1, info=f"reward {metrics['rollout/reward_mean']:.3f}")
 
         result.steps = step
@@ -254,11 +254,3 @@ def _validation_prompts(cfg: GRPORunConfig, tokenizer, max_prompt_length: int) -
     dataset = PromptDataset(rows, tokenizer, cfg.data, max_prompt_length)
     return [dataset[i] for i in range(min(len(dataset), cfg.grpo.max_val_samples))]
 
-
-def _save(ckpt: CheckpointManager, policy: WorkerGroup, step: int, sampler: EpochSampler, identity: dict,
-          metrics: dict) -> None:
-    def write(directory: Path) -> None:
-        policy.call_all("save", str(directory))
-        torch.save(rng_state(), directory / "rng.pt")
-
-    ckpt.save(step, {"identity": identity, "sampler": sampler.state_dict(), "metrics": metrics}, write)

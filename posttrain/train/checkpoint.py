@@ -121,3 +121,13 @@ def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -
         raise ConfigError(f"checkpoint {path} was written by a different run; refusing to resume.\n  "
                           + "\n  ".join(diffs)
                           + "\nUse another checkpointing.checkpoint_dir, or checkpointing.resume=never.")
+
+
+def save_run_checkpoint(manager: CheckpointManager, step: int, save_model: Callable[[Path], None],
+                        sampler_state: dict[str, Any], identity: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """One training-loop checkpoint: model/optimizer (by `save_model`), RNG, data position, identity."""
+    def write(directory: Path) -> None:
+        save_model(directory)
+        torch.save(rng_state(), directory / "rng.pt")
+
+    manager.save(step, {"identity": identity, "sampler": sampler_state, "metrics": metrics}, write)
