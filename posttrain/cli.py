@@ -28,6 +28,14 @@ def _dpo(args: argparse.Namespace) -> None:
     run_dpo(load_config(DPORunConfig, args.config, overrides))
 
 
+def _rm(args: argparse.Namespace) -> None:
+    from posttrain.config import RMRunConfig, load_config
+    from posttrain.loops.rm import run_rm
+
+    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
+    run_rm(load_config(RMRunConfig, args.config, overrides))
+
+
 def _grpo(args: argparse.Namespace) -> None:
     from posttrain.config import GRPORunConfig, load_config
     from posttrain.loops.grpo import run_grpo
@@ -35,6 +43,18 @@ def _grpo(args: argparse.Namespace) -> None:
     overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
     run_grpo(load_config(GRPORunConfig, args.config, overrides))
 
+
+def _eval(args: argparse.Namespace) -> None:
+    from posttrain.config import EvalRunConfig, load_config
+    from posttrain.loops.eval import run_eval
+
+    run_eval(load_config(EvalRunConfig, args.config, args.overrides))
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from posttrain.train.convert import checkpoint_to_hf
+
+    print(f"wrote Hugging Face model + tokenizer to {checkpoint_to_hf(args.checkpoint, args.out, overwrite=args.overwrite)}")
 
 def _demo(args: argparse.Namespace) -> None:
     from posttrain.demo.run import run_demo
@@ -72,11 +92,28 @@ def build_parser() -> argparse.ArgumentParser:
     dpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.reference_policy_kl_penalty=0.1")
     dpo.set_defaults(func=_dpo)
 
+    rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on chosen/rejected pairs")
+    rm.add_argument("--config", help="YAML config file")
+    rm.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
+    rm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rm.max_num_steps=50")
+    rm.set_defaults(func=_rm)
+
     grpo = sub.add_parser("grpo", help="GRPO reinforcement learning with verifiable rewards, on Ray")
     grpo.add_argument("--config", help="YAML config file")
     grpo.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
     grpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations_per_prompt=8")
     grpo.set_defaults(func=_grpo)
+
+    ev = sub.add_parser("eval", help="pass@k / maj@k of a model on a math benchmark (MATH-500, AIME 2024, GSM8K)")
+    ev.add_argument("--config", help="YAML config file")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.model_name=results/sft/final_model")
+    ev.set_defaults(func=_eval)
+
+    convert = sub.add_parser("convert", help="export a training checkpoint as a Hugging Face model folder")
+    convert.add_argument("checkpoint", help="a step_N checkpoint, or a checkpoint_dir (its latest checkpoint)")
+    convert.add_argument("out", help="output folder (model + tokenizer, loadable by from_pretrained)")
+    convert.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    convert.set_defaults(func=_convert)
 
     demo = sub.add_parser("demo", help="train a tiny local model on arithmetic and show it learning")
     demo.add_argument("--workdir", default="runs/demo")

@@ -100,6 +100,9 @@ class ArithmeticTaskConfig:
     # Fraction of training demonstrations whose answer is off by one, as from a sloppy teacher.
     # Only the `completion` that SFT imitates is wrong; the `answer` a verifier checks stays exact.
     teacher_error_rate: float = 0.0
+    # Preference pairs (arithmetic_preference): the rejected reply is a near miss (off by 1 or 2) or the
+    # result of the wrong operation (a - b for a + b; a + b for a - b and a * b), which is easier to judge.
+    rejected: Literal["near_miss", "wrong_operation"] = "near_miss"
 
 
 @dataclass
@@ -176,10 +179,12 @@ class LossConfig:
 
 @dataclass
 class EnvConfig:
-    name: Literal["math"] = "math"
+    name: Literal["math", "reward_model"] = "math"
     reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
     error_reward: float = 0.0  # reward given when the reward function raises
     num_workers: int = 1  # environment actors
+    reward_model_path: str | None = None  # env.name=reward_model: a folder exported by `posttrain rm`
+    reward_model_batch_size: int = 32  # sequences per reward-model forward pass
 
 
 @dataclass
@@ -294,6 +299,10 @@ class GRPORunConfig:
             max_len = shaping.max_response_length or p.generation.max_new_tokens
             _require(0 < shaping.overlong_buffer_length <= max_len,
                      f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
+        if self.env.name == "reward_model":
+            _require(bool(self.env.reward_model_path),
+                     "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
+            _positive(self, "env.reward_model_batch_size")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -341,6 +350,114 @@ class DPORunConfig:
                  "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
                  "side by side); set it to false")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
+
+
+@dataclass
+class RMConfig:
+    max_num_epochs: int = 1
+    max_num_steps: int = 100
+    val_period: int = 10  # steps between validations; 0 disables
+    val_batches: int = 0  # 0 means the whole validation set
+    val_global_batch_size: int = 32  # preference pairs
+    val_micro_batch_size: int = 8  # pairs per forward (2x sequences: chosen and rejected)
+    val_at_start: bool = True
+    seed: int = 42
+
+
+@dataclass
+class RMRunConfig:
+    """A Bradley-Terry reward model on preference pairs; batch sizes count pairs, as in DPO."""
+
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(dataset_name="arithmetic_preference"))
+    rm: RMConfig = field(default_factory=RMConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpointing: CheckpointingConfig = field(default_factory=lambda: CheckpointingConfig(checkpoint_dir="results/rm"))
+
+    def check(self) -> None:
+        p, r = self.policy, self.rm
+        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
+        _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
+                  "policy.max_total_sequence_length", "rm.max_num_steps", "rm.max_num_epochs",
+                  "rm.val_global_batch_size", "rm.val_micro_batch_size")
+        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
+                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
+                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
+        _require(r.val_global_batch_size % r.val_micro_batch_size == 0,
+                 f"rm.val_global_batch_size ({r.val_global_batch_size}) must be a multiple of "
+                 f"rm.val_micro_batch_size ({r.val_micro_batch_size})")
+        _require(not p.sequence_packing.enabled,
+                 "policy.sequence_packing.enabled is not supported for reward models (each sequence is scored "
+                 "at its last token, so sequences are padded, not packed); set it to false")
+        _check_common(self.policy, self.data, self.cluster, self.checkpointing)
+
+
+@dataclass
+class EvalGenerationConfig(GenerationConfig):
+    """`policy.generation` plus the model fields `HFGenerationBackend` needs; eval generates in-process."""
+
+    model_name: str = ""  # HF hub name or local path (e.g. a `posttrain convert` output); required
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    precision: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    device: str = "auto"
+    trust_remote_code: bool = False
+    temperature: float = 0.0  # greedy, as NeMo RL's eval defaults; sample (> 0) when num_tests_per_prompt > 1
+
+    def to_policy_config(self) -> PolicyConfig:
+        """The PolicyConfig the generation backend is built from (no training fields are used)."""
+        gen_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)}
+        return PolicyConfig(model_name=self.model_name, tokenizer=self.tokenizer, precision=self.precision,
+                            device=self.device, trust_remote_code=self.trust_remote_code,
+                            generation=GenerationConfig(**gen_fields))
+
+
+@dataclass
+class EvalDataConfig:
+    # A benchmark (HF name or short alias: HuggingFaceH4/MATH-500 or math500, HuggingFaceH4/aime_2024 or
+    # aime2024, openai/gsm8k or gsm8k), a local .jsonl/.json/.parquet file, or another HF dataset.
+    dataset_name: str = "HuggingFaceH4/MATH-500"
+    dataset_config: str | None = None  # HF subset; null: the benchmark's own (gsm8k: main)
+    split: str | None = None  # null: the benchmark's own split, else "test"
+    prompt_key: str | None = None  # null: the benchmark's column, else "prompt"
+    answer_key: str | None = None  # null: the benchmark's column, else "answer"
+    system_prompt: str | None = "Solve the problem step by step and put the final answer in \\boxed{}."
+    max_samples: int | None = None  # evaluate only the first N problems; null: all
+
+
+@dataclass
+class EvalConfig:
+    num_tests_per_prompt: int = 1  # samples per problem (n of pass@k)
+    k_values: list[int] = field(default_factory=lambda: [1])  # pass@k and maj@k for each k <= num_tests_per_prompt
+    seed: int = 42
+    save_path: str | None = "results/eval/report.json"  # the JSON report; null disables writing it
+
+
+@dataclass
+class EvalRunConfig:
+    generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def check(self) -> None:
+        g, d, e = self.generation, self.data, self.eval
+        _require(bool(g.model_name), "generation.model_name is required (a Hugging Face name or a local path)")
+        _positive(self, "generation.max_new_tokens", "generation.batch_size", "eval.num_tests_per_prompt")
+        _require(g.num_workers == 1, f"generation.num_workers must be 1 (eval generates in-process), got "
+                                     f"{g.num_workers}")
+        _require(g.temperature >= 0, f"generation.temperature must be >= 0 (0 is greedy), got {g.temperature}")
+        _require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
+        _require(g.top_k is None or g.top_k > 0, f"generation.top_k must be > 0 or null, got {g.top_k}")
+        _require(not (g.temperature == 0 and e.num_tests_per_prompt > 1),
+                 f"generation.temperature=0 (greedy) makes all {e.num_tests_per_prompt} samples of a problem "
+                 "identical; set generation.temperature > 0 or eval.num_tests_per_prompt=1")
+        _require(bool(e.k_values), "eval.k_values must list at least one k")
+        for k in e.k_values:
+            _require(1 <= k <= e.num_tests_per_prompt,
+                     f"eval.k_values: each k must be in [1, eval.num_tests_per_prompt={e.num_tests_per_prompt}], "
+                     f"got {k}")
+        _require(d.max_samples is None or d.max_samples > 0, f"data.max_samples must be > 0 or null, got "
+                                                               f"{d.max_samples}")
 
 
 def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:

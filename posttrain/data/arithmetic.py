@@ -71,12 +71,19 @@ def is_correct(response: str, answer: str) -> bool:
 
 
 def make_preference_pairs(cfg: ArithmeticTaskConfig, split: str, seed: int = 0) -> list[dict]:
-    """The same problems (and held-out split) as `make_problems`, as DPO pairs: `chosen` is the
-    exact answer, `rejected` is off by 1 or 2 in either direction (a near miss, not noise)."""
+    """The same problems (and held-out split) as `make_problems`, as preference pairs: `chosen` is the
+    exact answer; `rejected` is off by 1 or 2 (`near_miss`), or the wrong operation's result
+    (`wrong_operation`; off by one where both operations agree, as for b = 0)."""
     rng = random.Random(seed + 2)
     rows = []
     for row in make_problems(cfg, split, seed):
-        wrong = int(row["answer"]) + rng.choice((-2, -1, 1, 2))
+        answer = int(row["answer"])
+        if cfg.rejected == "near_miss":
+            wrong = answer + rng.choice((-2, -1, 1, 2))
+        else:
+            a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+            wrong = _OPS["-" if op == "+" else "+"](int(a), int(b))
+            wrong = wrong if wrong != answer else answer + 1
         rows.append({"prompt": row["prompt"], "chosen": row["answer"], "rejected": str(wrong),
                      "answer": row["answer"]})
     return rows

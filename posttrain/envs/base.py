@@ -46,8 +46,9 @@ class Environment(ABC):
 def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> Environment:
     # Imported here: the environment modules import this one for the base class.
     from posttrain.envs.math_env import MathEnvironment
+    from posttrain.envs.reward_model_env import RewardModelEnvironment
 
-    environments: dict[str, type[Environment]] = {"math": MathEnvironment}
+    environments: dict[str, type[Environment]] = {"math": MathEnvironment, "reward_model": RewardModelEnvironment}
     if cfg.name not in environments:
         raise ConfigError(f"env.name: unknown environment {cfg.name!r}; valid names: {sorted(environments)}")
     return environments[cfg.name](cfg, rank=rank, world_size=world_size)

@@ -20,17 +20,19 @@ from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_de
 from posttrain.train.optim import build_optimizer, build_scheduler
 
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model, like `load_model`
 
 
 class Policy:
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, tokenizer=None,
                  weights_path: str | Path | None = None, device: torch.device | None = None,
-                 process_group: dist.ProcessGroup | None = None):
+                 process_group: dist.ProcessGroup | None = None, model_loader: ModelLoader = load_model):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.process_group = process_group
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
-        self.model = load_model(cfg, self.device, path=str(weights_path) if weights_path else None)
+        # `model_loader` swaps the causal LM for another head (the reward model's scalar score).
+        self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, total_steps)
 

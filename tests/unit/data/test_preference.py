@@ -131,6 +131,18 @@ def test_arithmetic_preference_pairs():
     assert train == make_preference_pairs(cfg, "train", seed=3)  # deterministic
 
 
+def test_wrong_operation_pairs_reject_the_other_operations_result():
+    cfg = ArithmeticTaskConfig(max_operand=9, operations=["+", "-", "*"], num_train=200, num_val=20,
+                               rejected="wrong_operation")
+    for row in make_preference_pairs(cfg, "train", seed=1):
+        a, op, b = row["prompt"].removeprefix("What is ").removesuffix("?").split()
+        a, b = int(a), int(b)
+        other = a - b if op == "+" else a + b
+        expected = other if str(other) != row["chosen"] else str(int(row["chosen"]) + 1)
+        assert row["rejected"] == str(expected) and row["rejected"] != row["chosen"]
+    assert make_preference_pairs(cfg, "train", seed=1)[0]["prompt"] == make_problems(cfg, "train", seed=1)[0]["prompt"]
+
+
 def test_teacher_errors_do_not_leak_into_chosen():
     cfg = ArithmeticTaskConfig(num_train=100, teacher_error_rate=1.0)
     assert all(r["chosen"] == r["answer"] for r in make_preference_pairs(cfg, "train"))

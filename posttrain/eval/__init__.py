@@ -1,0 +1,1 @@
+"""Evaluation: sample-based metrics (pure functions) and benchmark loaders."""

@@ -1,0 +1,174 @@
+"""Reward-model training, top to bottom.
+
+preference pairs -> micro-batches of [chosen; rejected] rows -> one scalar score per row (a
+sequence-classification head on the policy backbone) -> Bradley-Terry loss -> optimizer step ->
+validation -> logs -> atomic checkpoint; resumes exactly from the latest checkpoint. The final
+model is exported in Hugging Face format, loadable with AutoModelForSequenceClassification and by
+the `reward_model` environment of GRPO.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+from rich.console import Console
+
+from posttrain.algos.rm import rm_objective
+from posttrain.config import RMRunConfig, save_config, to_dict
+from posttrain.data.preference import PreferenceDataset, PreferencePair, make_pair_micro_batches
+from posttrain.data.sampler import EpochSampler
+from posttrain.data.sources import load_rows, load_validation_rows
+from posttrain.logging import MetricsLogger, make_progress
+from posttrain.train.checkpoint import (
+    CheckpointManager,
+    check_identity,
+    find_resume_checkpoint,
+    read_state,
+    save_run_checkpoint,
+    set_rng_state,
+)
+from posttrain.train.model import load_tokenizer
+from posttrain.train.policy import Policy
+from posttrain.train.reward_model import has_reward_head, load_reward_model, sequence_scores
+
+METRICS = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected")
+
+
+@dataclass
+class RMResult:
+    steps: int
+    train_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    val_metrics: dict[int, dict[str, float]] = field(default_factory=dict)
+    final_model_dir: Path | None = None
+
+
+def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int | None = None) -> RMResult:
+    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming)."""
+    console = console or Console()
+    transformers.set_seed(cfg.rm.seed)
+    ckpt = CheckpointManager(cfg.checkpointing)
+    resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
+    identity = _run_identity(cfg)
+    if resume_dir is not None:  # before anything is loaded from it
+        check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
+
+    # ---- data
+    tokenizer = load_tokenizer(cfg.policy)
+    max_len = cfg.policy.max_total_sequence_length
+    data = cfg.data
+    train_rows = load_rows(data.dataset_name, data.train_split, subset=data.dataset_config,
+                           arithmetic=data.arithmetic, seed=cfg.rm.seed)
+    train_set = PreferenceDataset(train_rows, tokenizer, data, max_len)
+    val_pairs = _validation_pairs(cfg, tokenizer)
+    sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.rm.seed, data.shuffle)
+    total_steps = min(cfg.rm.max_num_steps, cfg.rm.max_num_epochs * sampler.batches_per_epoch)
+
+    # ---- model, optimizer, resume
+    loader = functools.partial(load_reward_model, pad_token_id=tokenizer.pad_token_id)
+    policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer, model_loader=loader,
+                    weights_path=resume_dir / "model" if resume_dir else None)
+    step = 0
+    if resume_dir is not None:
+        state = read_state(resume_dir)
+        policy.load_training_state(resume_dir)
+        sampler.load_state_dict(state["sampler"])
+        set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
+        step = state["step"]
+        console.print(f"[bold]Resumed[/] from {resume_dir} at step {step}")
+    elif not has_reward_head(cfg.policy.model_name, cfg.policy.trust_remote_code):
+        console.print(f"Reward head: {cfg.policy.model_name} is not a sequence-classification model; "
+                      "its backbone is kept and the scalar `score` head is newly initialised")
+
+    log_dir = Path(cfg.logger.log_dir)
+    save_config(cfg, log_dir / "config.yaml")
+    console.print(f"RM: {cfg.policy.model_name} ({policy.num_parameters / 1e6:.2f}M parameters) on "
+                  f"{policy.device}; {len(train_set)} training pairs, {len(val_pairs)} validation pairs, "
+                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs")
+
+    def micro_batches(pairs: list[PreferencePair], size: int) -> list[dict[str, torch.Tensor]]:
+        # The loss mask is not needed: a reward model scores whole sequences.
+        return [{k: v for k, v in batch.items() if k != "loss_mask"}
+                for batch in make_pair_micro_batches(pairs, size, tokenizer.pad_token_id)]
+
+    def loss_of(num_pairs: int, totals: dict[str, float]):
+        """The loss callback for Policy; it also adds each micro-batch's metrics into `totals`."""
+        def fn(model, batch):
+            loss, metrics = rm_objective(sequence_scores(model, batch), num_pairs)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + float(value)
+            return loss
+        return fn
+
+    if cfg.rm.val_batches:
+        val_pairs = val_pairs[: cfg.rm.val_batches * cfg.rm.val_global_batch_size]
+    val_batches = micro_batches(val_pairs, cfg.rm.val_micro_batch_size) if val_pairs else []
+
+    def validate() -> dict[str, float]:
+        totals: dict[str, float] = {}
+        totals["loss"] = policy.evaluate(val_batches, loss_of(len(val_pairs), totals))
+        return {f"val/{name}": totals[name] for name in METRICS}
+
+    result = RMResult(steps=step)
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console) as logger, make_progress(console) as progress:
+        if val_pairs and cfg.rm.val_at_start and step == 0:
+            result.val_metrics[0] = validate()
+            logger.log(result.val_metrics[0], step=0)
+        task = progress.add_task("RM", total=total_steps, completed=step, info="")
+        while step < total_steps and (stop_at_step is None or step < stop_at_step):
+            step += 1
+            start = time.perf_counter()
+            pairs = [train_set[i] for i in sampler.next_batch()]
+            totals: dict[str, float] = {}
+            out = policy.train_step(micro_batches(pairs, cfg.policy.train_micro_batch_size),
+                                    loss_of(len(pairs), totals))
+            elapsed = time.perf_counter() - start
+            metrics = {
+                "train/loss": out["loss"],
+                **{f"train/{name}": totals[name] for name in METRICS[1:]},
+                "train/grad_norm": out["grad_norm"],
+                "train/lr": out["lr"],
+                "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids)
+                                            for p in pairs) / elapsed,
+                "train/step_time_s": elapsed,
+                "train/truncated_fraction": sum(p.chosen.truncated or p.rejected.truncated for p in pairs) / len(pairs),
+                "train/epoch": sampler.epoch,
+            }
+            result.train_metrics[step] = {k: v for k, v in metrics.items() if k.removeprefix("train/") in METRICS}
+            if val_pairs and ((cfg.rm.val_period and step % cfg.rm.val_period == 0) or step == total_steps):
+                result.val_metrics[step] = validate()
+                metrics.update(result.val_metrics[step])
+            logger.log(metrics, step=step)
+            if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
+                save_run_checkpoint(ckpt, step, policy.save, sampler.state_dict(), identity, metrics)
+            progress.update(task, advance=1, info=f"loss {out['loss']:.4f} acc {totals['accuracy']:.2f}")
+
+    result.steps = step
+    if step == total_steps:
+        result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
+        console.print(f"Exported the final reward model to {result.final_model_dir}")
+    return result
+
+
+def _run_identity(cfg: RMRunConfig) -> dict:
+    """What must match for a checkpoint to continue this run."""
+    return {
+        "model_name": cfg.policy.model_name,
+        "data": to_dict(cfg.data),
+        "train_global_batch_size": cfg.policy.train_global_batch_size,
+        "max_total_sequence_length": cfg.policy.max_total_sequence_length,
+        "seed": cfg.rm.seed,
+    }
+
+
+def _validation_pairs(cfg: RMRunConfig, tokenizer) -> list[PreferencePair]:
+    rows = load_validation_rows(cfg.data, seed=cfg.rm.seed)
+    if rows is None:
+        return []
+    dataset = PreferenceDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
+    return [dataset[i] for i in range(len(dataset))]
+
