@@ -320,6 +320,9 @@ class DPOConfig:
     sft_loss_weight: float = 0.0  # weight of an added NLL term on the chosen replies
     preference_average_log_probs: bool = False  # preference term on per-token mean log-probs, not sums
     sft_average_log_probs: bool = False  # SFT term on per-token mean log-probs, not sums
+    # Score the tokens chosen and rejected share (the prompt) once per pair, not twice: the same
+    # log-probs with fewer tokens. Needs SDPA or eager attention; other models fall back to padding.
+    share_prompt_prefix: bool = True
 
 
 @dataclass

@@ -111,3 +111,77 @@ def make_pair_micro_batches(pairs: list[PreferencePair], micro_batch_size: int,
         chunk = [pairs[i] for i in order[start : start + micro_batch_size]]
         batches.append(pad_batch([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_token_id))
     return batches
+
+
+def make_shared_prefix_micro_batches(pairs: list[PreferencePair], micro_batch_size: int,
+                                     pad_token_id: int) -> list[dict[str, torch.Tensor]]:
+    """`micro_batch_size` pairs per micro-batch, one row per pair with the prompt scored once.
+
+    A row holds the tokens chosen and rejected share (the prompt, and any common start of the two
+    replies) once, then the rest of the chosen sequence, then the rest of the rejected one. A custom
+    attention mask lets the rejected tokens see the shared part but not the chosen reply, and both
+    continue the shared part's positions, so every token has exactly the context it has in its own
+    sequence: per-token log-probs equal those of `make_pair_micro_batches`, while the prompt costs
+    one forward instead of two. `shared_prefix_logprobs` reads them back as rows
+    [chosen_1..n, rejected_1..n], the layout `dpo_objective` expects.
+    """
+    order = sorted(range(len(pairs)), key=lambda i: _shared_row_length(pairs[i]))
+    return [_shared_prefix_batch([pairs[i] for i in order[start : start + micro_batch_size]], pad_token_id)
+            for start in range(0, len(order), micro_batch_size)]
+
+
+def _shared_length(pair: PreferencePair) -> int:
+    n = 0
+    for a, b in zip(pair.chosen.input_ids, pair.rejected.input_ids, strict=False):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _shared_row_length(pair: PreferencePair) -> int:
+    return len(pair.chosen.input_ids) + len(pair.rejected.input_ids) - _shared_length(pair)
+
+
+_PREFIX, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+
+
+def _shared_prefix_batch(pairs: list[PreferencePair], pad_token_id: int) -> dict[str, torch.Tensor]:
+    n = len(pairs)
+    width = max(_shared_row_length(p) for p in pairs)
+    span = max(len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected)) - 1  # predicted tokens per sequence
+    input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    segment = torch.full((n, width), _PAD, dtype=torch.long)
+    # For sequence s (chosen rows first) and its token t+1: the target, its loss-mask bit, and the
+    # flat index (row * width + column) of the position whose logits predict it.
+    targets = torch.zeros((2 * n, span), dtype=torch.long)
+    target_mask = torch.zeros((2 * n, span), dtype=torch.float32)
+    source_index = torch.zeros((2 * n, span), dtype=torch.long)
+    for row, pair in enumerate(pairs):
+        chosen, rejected = pair.chosen.input_ids, pair.rejected.input_ids
+        shared = _shared_length(pair)
+        c, r = len(chosen) - shared, len(rejected) - shared  # tokens after the shared part
+        input_ids[row, : shared + c] = torch.tensor(chosen)
+        input_ids[row, shared + c : shared + c + r] = torch.tensor(rejected[shared:], dtype=torch.long)
+        position_ids[row, : shared + c] = torch.arange(shared + c)
+        position_ids[row, shared + c : shared + c + r] = torch.arange(shared, shared + r)
+        segment[row, :shared] = _PREFIX
+        segment[row, shared : shared + c] = _CHOSEN
+        segment[row, shared + c : shared + c + r] = _REJECTED
+        # A token at index j of the chosen sequence sits in column j; of the rejected one, in column
+        # j below the shared length and j + c after it.
+        j = torch.arange(len(chosen) - 1)
+        source_index[row, : len(j)] = row * width + j
+        j = torch.arange(len(rejected) - 1)
+        source_index[n + row, : len(j)] = row * width + torch.where(j < shared, j, j + c)
+        for s, sample in ((row, pair.chosen), (n + row, pair.rejected)):
+            targets[s, : len(sample.input_ids) - 1] = torch.tensor(sample.input_ids[1:], dtype=torch.long)
+            target_mask[s, : len(sample.input_ids) - 1] = torch.tensor(sample.loss_mask[1:], dtype=torch.float32)
+    query, key = segment[:, :, None], segment[:, None, :]
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    sees = ((key == _PREFIX) & (query != _PAD)) | ((key == query) & (query != _PAD))
+    # Padding attends to itself only: a row with nothing to attend to would produce NaN.
+    attention_mask = (causal & sees) | torch.eye(width, dtype=torch.bool)
+    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask[:, None],
+            "targets": targets, "target_mask": target_mask, "source_index": source_index}

@@ -8,6 +8,7 @@ starting model, no grad) -> sigmoid DPO loss (+ optional SFT term) -> optimizer 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +18,12 @@ from rich.console import Console
 
 from posttrain.algos.dpo import dpo_objective
 from posttrain.config import DPORunConfig, save_config, to_dict
-from posttrain.data.preference import PreferenceDataset, PreferencePair, make_pair_micro_batches
+from posttrain.data.preference import (
+    PreferenceDataset,
+    PreferencePair,
+    make_pair_micro_batches,
+    make_shared_prefix_micro_batches,
+)
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.logging import MetricsLogger, make_progress
@@ -29,7 +35,7 @@ from posttrain.train.checkpoint import (
     save_run_checkpoint,
     set_rng_state,
 )
-from posttrain.train.logprobs import sequence_logprobs
+from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs, supports_shared_prefix
 from posttrain.train.model import load_model, load_tokenizer
 from posttrain.train.policy import Policy
 
@@ -44,8 +50,12 @@ class DPOResult:
     final_model_dir: Path | None = None
 
 
-def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int | None = None) -> DPOResult:
-    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming)."""
+def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int | None = None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> DPOResult:
+    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming).
+
+    `on_step(step, metrics)` is called at the end of every training step (benchmarks time steps with it).
+    """
     console = console or Console()
     transformers.set_seed(cfg.dpo.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
@@ -86,20 +96,26 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
                   f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs, "
                   f"beta {cfg.dpo.reference_policy_kl_penalty}")
 
+    # The prompt once per pair (rows [shared; rest of chosen; rest of rejected]), or padded
+    # [chosen; rejected] rows where the attention implementation cannot take the custom mask.
+    shared = cfg.dpo.share_prompt_prefix and supports_shared_prefix(policy.model)
+    make_batches = make_shared_prefix_micro_batches if shared else make_pair_micro_batches
+    logprobs_of = shared_prefix_logprobs if shared else sequence_logprobs
+
     @torch.no_grad()
     def micro_batches(pairs: list[PreferencePair], size: int) -> list[dict[str, torch.Tensor]]:
-        """Padded [chosen; rejected] micro-batches carrying the reference model's per-token log-probs."""
-        batches = make_pair_micro_batches(pairs, size, tokenizer.pad_token_id)
+        """Micro-batches of `size` pairs carrying the reference model's per-token log-probs."""
+        batches = make_batches(pairs, size, tokenizer.pad_token_id)
         for batch in batches:
             with policy.autocast():
-                ref, _ = sequence_logprobs(reference, {k: v.to(policy.device) for k, v in batch.items()})
+                ref, _ = logprobs_of(reference, {k: v.to(policy.device) for k, v in batch.items()})
             batch["reference_logprobs"] = ref
         return batches
 
     def loss_of(num_pairs: int, totals: dict[str, float]):
         """The loss callback for Policy; it also adds each micro-batch's metrics into `totals`."""
         def fn(model, batch):
-            logprobs, mask = sequence_logprobs(model, batch)
+            logprobs, mask = logprobs_of(model, batch)
             loss, metrics = dpo_objective(logprobs, batch["reference_logprobs"], mask, cfg.dpo, num_pairs)
             for name, value in metrics.items():
                 totals[name] = totals.get(name, 0.0) + float(value)
@@ -151,6 +167,8 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
             if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
                 save_run_checkpoint(ckpt, step, policy.save, sampler.state_dict(), identity, metrics)
             progress.update(task, advance=1, info=f"loss {out['loss']:.4f} acc {totals['reward_accuracy']:.2f}")
+            if on_step is not None:
+                on_step(step, metrics)
 
     result.steps = step
     if step == total_steps:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,8 +59,12 @@ class GRPOResult:
     final_model_dir: Path | None = None
 
 
-def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: int | None = None) -> GRPOResult:
-    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming)."""
+def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: int | None = None,
+             on_step: Callable[[int, dict[str, float]], None] | None = None) -> GRPOResult:
+    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming).
+
+    `on_step(step, metrics)` is called at the end of every step (benchmarks time steps with it).
+    """
     console = console or Console()
     transformers.set_seed(cfg.grpo.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
@@ -214,6 +219,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
                     save_run_checkpoint(ckpt, step, lambda d: policy.call_all("save", str(d)), sampler.state_dict(), identity, metrics)
                 progress.update(task, advance=1, info=f"reward {metrics['rollout/reward_mean']:.3f}")
+                if on_step is not None:
+                    on_step(step, metrics)
 
         result.steps = step
         if step == total_steps:

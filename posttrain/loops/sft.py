@@ -7,6 +7,7 @@ data -> micro-batches (padded or packed) -> per-token NLL on assistant tokens ->
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,8 +43,12 @@ class SFTResult:
     final_model_dir: Path | None = None
 
 
-def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int | None = None) -> SFTResult:
-    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming)."""
+def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int | None = None,
+            on_step: Callable[[int, dict[str, float]], None] | None = None) -> SFTResult:
+    """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming).
+
+    `on_step(step, metrics)` is called at the end of every training step (benchmarks time steps with it).
+    """
     console = console or Console()
     transformers.set_seed(cfg.sft.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
@@ -127,6 +132,8 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
             if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
                 save_run_checkpoint(ckpt, step, policy.save, sampler.state_dict(), identity, metrics)
             progress.update(task, advance=1, info=f"loss {out['loss']:.4f}")
+            if on_step is not None:
+                on_step(step, metrics)
 
     result.steps = step
     if step == total_steps:

@@ -1,6 +1,7 @@
 """The GRPO policy worker: one per data-parallel rank, run as a Ray actor.
 
-It turns sampled trajectories into padded micro-batches, scores them with the reference model
+It turns sampled trajectories into micro-batches (each group's responses packed after one copy
+of their prompt), scores them with the reference model
 (and, when a rollout is split into several optimizer steps, with the pre-update policy), then
 takes the optimizer steps of the clipped policy-gradient loss.
 """
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from posttrain.algos.grpo import clipped_pg_loss
 from posttrain.config import GRPORunConfig
-from posttrain.train.logprobs import shifted_logits, token_entropy, token_logprobs
+from posttrain.train.logprobs import packed_logits, supports_shared_prefix, token_entropy, token_logprobs
 from posttrain.train.model import DTYPES, load_model
 from posttrain.train.policy import Policy
 
@@ -39,27 +40,83 @@ class Minibatch:
     global_sequences: float
 
 
-def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded prompt+response rows; per-token fields sit at the position of their token."""
-    width = max(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
-    size = (len(trajectories), width)
-    input_ids = torch.full(size, pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros(size, dtype=torch.long)
-    loss_mask = torch.zeros(size)
-    generator_logprobs = torch.zeros(size)
-    for row, t in enumerate(trajectories):
-        p, n = len(t.prompt_ids), len(t.prompt_ids) + len(t.response_ids)
-        input_ids[row, :n] = torch.tensor(t.prompt_ids + t.response_ids)
-        attention_mask[row, :n] = 1
-        loss_mask[row, p:n] = 1.0
-        generator_logprobs[row, p:n] = torch.tensor(t.generator_logprobs)
+def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
+                         share_prompts: bool = True) -> dict[str, torch.Tensor]:
+    """Rows for one forward pass, with per-token fields laid out [trajectory, response token].
+
+    With `share_prompts`, the responses to one prompt (consecutive trajectories with the same
+    prompt, as a GRPO group arrives) are packed after a single copy of it: a custom attention mask
+    lets each response see the prompt and its own earlier tokens only, and its positions continue
+    the prompt's, so every token has exactly the context it has in its own sequence. The prompt,
+    most of the tokens in a group, then costs one forward and backward instead of G. Without it
+    (attention kernels that take no custom mask), each trajectory is its own right-padded row.
+    `source_index` holds, for each response token, the flat (row * width + column) index of the
+    position whose logits predict it.
+    """
+    groups: list[list[Trajectory]] = []
+    for t in trajectories:
+        if share_prompts and groups and groups[-1][0].prompt_ids == t.prompt_ids:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    width = max(len(g[0].prompt_ids) + sum(len(t.response_ids) for t in g) for g in groups)
+    span = max(len(t.response_ids) for t in trajectories)
+    input_ids = torch.full((len(groups), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(groups), width), dtype=torch.long)
+    segment = torch.full((len(groups), width), _PAD, dtype=torch.long)  # _PROMPT, k for response k, or _PAD
+    per_token = (len(trajectories), span)
+    source_index = torch.zeros(per_token, dtype=torch.long)
+    targets = torch.zeros(per_token, dtype=torch.long)
+    loss_mask = torch.zeros(per_token)
+    generator_logprobs = torch.zeros(per_token)
+    i = 0
+    for row, group in enumerate(groups):
+        p = len(group[0].prompt_ids)
+        input_ids[row, :p] = torch.tensor(group[0].prompt_ids)
+        position_ids[row, :p] = torch.arange(p)
+        segment[row, :p] = _PROMPT
+        column = p
+        for k, t in enumerate(group, start=1):
+            r = len(t.response_ids)
+            input_ids[row, column : column + r] = torch.tensor(t.response_ids)
+            position_ids[row, column : column + r] = torch.arange(p, p + r)
+            segment[row, column : column + r] = k
+            # response token j is predicted by the token before it: the prompt's last one for j = 0
+            predictors = torch.tensor([p - 1, *range(column, column + r - 1)][:r], dtype=torch.long)
+            source_index[i, :r] = row * width + predictors
+            targets[i, :r] = torch.tensor(t.response_ids)
+            loss_mask[i, :r] = 1.0
+            generator_logprobs[i, :r] = torch.tensor(t.generator_logprobs)
+            column += r
+            i += 1
+    if share_prompts:
+        query, key = segment[:, :, None], segment[:, None, :]
+        sees = (query != _PAD) & ((key == _PROMPT) | (key == query))
+        causal = torch.ones(width, width, dtype=torch.bool).tril()
+        # Padding attends to itself only: a row with nothing to attend to would produce NaN.
+        attention_mask = ((sees & causal) | torch.eye(width, dtype=torch.bool))[:, None]
+    else:
+        attention_mask = (segment != _PAD).long()
     return {
         "input_ids": input_ids,
+        "position_ids": position_ids,
         "attention_mask": attention_mask,
+        "source_index": source_index,
+        "targets": targets,
         "loss_mask": loss_mask,
         "generator_logprobs": generator_logprobs,
         "advantages": torch.tensor([t.advantage for t in trajectories], dtype=torch.float32),
     }
+
+
+_PROMPT, _PAD = 0, -1
+
+
+def response_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
+    """Logits predicting each response token [N, span, V] of a `collate_trajectories` batch, divided
+    by the sampling temperature so that trainer and generator score tokens alike."""
+    picked = packed_logits(model, batch)[batch["source_index"]]
+    return picked / temperature if temperature != 1.0 else picked
 
 
 class GRPOPolicyWorker:
@@ -101,19 +158,22 @@ class GRPOPolicyWorker:
     @torch.no_grad()
     def _score(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.policy.autocast():
-            logits = shifted_logits(model, batch, self.temperature)
-        return token_logprobs(logits, batch["input_ids"][:, 1:])
+            logits = response_logits(model, batch, self.temperature)
+        return token_logprobs(logits, batch["targets"])
 
     def train(self, minibatches: list[Minibatch]) -> dict[str, float]:
         """One optimizer step per minibatch; returns metrics summed over ranks (rank 0's view)."""
         loss_cfg = self.cfg.loss_fn
         micro_size = self.cfg.policy.train_micro_batch_size
         pad = self.policy.tokenizer.pad_token_id
+        share = supports_shared_prefix(self.policy.model)
         steps = []
         start = time.perf_counter()
         for mb in minibatches:
-            order = sorted(mb.trajectories, key=lambda t: len(t.prompt_ids) + len(t.response_ids))
-            micro = [collate_trajectories(order[i : i + micro_size], pad) for i in range(0, len(order), micro_size)]
+            # In arrival order, so that a group's responses stay together and share their prompt.
+            order = mb.trajectories
+            micro = [collate_trajectories(order[i : i + micro_size], pad, share)
+                     for i in range(0, len(order), micro_size)]
             steps.append((mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro]))
         # Scores that must come from the weights *before* any update of this rollout.
         self.policy.model.eval()
@@ -132,11 +192,11 @@ class GRPOPolicyWorker:
         for mb, micro in steps:
             def loss_fn(model, batch, mb=mb):
                 nonlocal max_mismatch
-                logits = shifted_logits(model, batch, self.temperature)
-                logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
-                mask = batch["loss_mask"][:, 1:]
+                logits = response_logits(model, batch, self.temperature)
+                logprobs = token_logprobs(logits, batch["targets"])
+                mask = batch["loss_mask"]
                 old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
-                generator = batch["generator_logprobs"][:, 1:]
+                generator = batch["generator_logprobs"]
                 weights = None
                 if loss_cfg.use_importance_sampling_correction:
                     weights = torch.exp(old - generator).clamp(max=loss_cfg.importance_sampling_cap)

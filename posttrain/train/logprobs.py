@@ -43,3 +43,41 @@ def shifted_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs of tokens 1..T-1 of each row and the matching loss mask (both [B, T-1])."""
     return token_logprobs(shifted_logits(model, batch), batch["input_ids"][:, 1:]), batch["loss_mask"][:, 1:]
+
+
+def supports_shared_prefix(model) -> bool:
+    """Whether `model` takes the custom 4-D attention mask of shared-prefix rows: SDPA or eager
+    attention (flash-attention kernels take no arbitrary mask) and no sliding-window layers
+    (transformers uses a custom 4-D mask as it is, so a window would be silently dropped)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return all(kind == "full_attention" for kind in layer_types)
+    return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
+
+
+def packed_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Logits [rows * width, V] of rows packed with explicit positions, flattened so that a
+    `source_index` picks each sequence's predicting positions. The mask is either 2-D padding or
+    the boolean 4-D mask of shared-prefix rows."""
+    mask = batch["attention_mask"]
+    if mask.dim() == 4 and model.config._attn_implementation == "eager":  # eager adds the mask to the scores
+        blocked = torch.finfo(model.dtype).min
+        mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, blocked)
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
+                   use_cache=False).logits
+    return logits.reshape(-1, logits.shape[-1])
+
+
+def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor],
+                           chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probs [S, T-1] and loss mask of the S sequences packed in `batch` by
+    `make_shared_prefix_micro_batches`: one forward over the packed rows, then each sequence's
+    tokens gathered from the positions that predict them."""
+    flat = packed_logits(model, batch)
+    lse = torch.cat([torch.logsumexp(flat[start : start + chunk_size].float(), dim=-1)
+                     for start in range(0, flat.shape[0], chunk_size)])
+    source = batch["source_index"]
+    return flat[source, batch["targets"]].float() - lse[source], batch["target_mask"]

@@ -77,6 +77,16 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
             assert resumed.train_metrics[step][key] == pytest.approx(value, abs=1e-6), (step, key)
 
 
+def test_shared_prompt_rows_train_exactly_like_padded_rows(tiny_model_dir, tmp_path):
+    # Scoring the prompt once per pair is a layout change only: same metrics, step for step.
+    steps = ["dpo.max_num_steps=3", "dpo.val_period=0", "dpo.val_at_start=false", "checkpointing.enabled=false"]
+    shared = run_dpo(_cfg(tiny_model_dir, tmp_path / "shared", *steps))
+    padded = run_dpo(_cfg(tiny_model_dir, tmp_path / "padded", *steps, "dpo.share_prompt_prefix=false"))
+    for step in (1, 2, 3):
+        for key, value in padded.train_metrics[step].items():
+            assert shared.train_metrics[step][key] == pytest.approx(value, abs=1e-4), (step, key)
+
+
 def test_cli_runs_the_example_config(tiny_model_dir, tmp_path):
     code = main(["dpo", "--config", "examples/configs/dpo_tiny.yaml", f"policy.model_name={tiny_model_dir}",
                  "dpo.max_num_steps=2", "data.arithmetic.num_train=64", "data.arithmetic.num_val=16",

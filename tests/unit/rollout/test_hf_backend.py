@@ -10,8 +10,8 @@ from posttrain.config import PolicyConfig
 from posttrain.data.formats import tokenize_prompt
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
-from posttrain.train.grpo_worker import Trajectory, collate_trajectories
-from posttrain.train.logprobs import shifted_logits, token_logprobs
+from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logits
+from posttrain.train.logprobs import token_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +45,15 @@ def test_greedy_matches_plain_generate_and_reports_length_finish(backend, prompt
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generator_logprobs_match_the_trainer_forward(backend, prompts, temperature):
     torch.manual_seed(0)
-    out = backend.generate(prompts * 3, SamplingParams(max_new_tokens=10, temperature=temperature, top_p=0.9))
-    trajectories = [Trajectory(p, c.token_ids, c.logprobs, 0.0) for p, c in zip(prompts * 3, out, strict=True)]
+    grouped = [p for p in prompts for _ in range(3)]  # as GRPO groups arrive: the trainer packs them
+    out = backend.generate(grouped, SamplingParams(max_new_tokens=10, temperature=temperature, top_p=0.9))
+    trajectories = [Trajectory(p, c.token_ids, c.logprobs, 0.0) for p, c in zip(grouped, out, strict=True)]
     batch = collate_trajectories(trajectories, backend.tokenizer.pad_token_id)
+    assert batch["input_ids"].shape[0] == len(prompts)
     with torch.no_grad():
-        trainer = token_logprobs(shifted_logits(backend.model, batch, temperature), batch["input_ids"][:, 1:])
-    mask = batch["loss_mask"][:, 1:].bool()
-    generator = batch["generator_logprobs"][:, 1:]
+        trainer = token_logprobs(response_logits(backend.model, batch, temperature), batch["targets"])
+    mask = batch["loss_mask"].bool()
+    generator = batch["generator_logprobs"]
     assert mask.sum() > 50
     assert (trainer - generator)[mask].abs().max().item() < 1e-3
 

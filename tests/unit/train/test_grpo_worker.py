@@ -7,38 +7,72 @@ import torch
 
 from posttrain.config import GRPORunConfig, load_config
 from posttrain.data.formats import tokenize_prompt
-from posttrain.train.grpo_worker import GRPOPolicyWorker, Minibatch, Trajectory, collate_trajectories
-from posttrain.train.logprobs import shifted_logits, token_logprobs
+from posttrain.train.grpo_worker import (
+    GRPOPolicyWorker,
+    Minibatch,
+    Trajectory,
+    collate_trajectories,
+    response_logits,
+)
+from posttrain.train.logprobs import token_logprobs
 
 PAD = 0
 
 
-def test_collate_puts_per_token_fields_at_their_token():
+def test_collate_packs_a_groups_responses_after_one_copy_of_its_prompt():
     trajectories = [
         Trajectory([5, 6, 7], [8, 9], [-0.1, -0.2], advantage=1.5),
-        Trajectory([5], [10, 11, 12], [-0.3, -0.4, -0.5], advantage=-0.5),
-        Trajectory([1, 2], [3], [-0.6], advantage=0.0),
+        Trajectory([5, 6, 7], [10], [-0.3], advantage=-0.5),
+        Trajectory([1, 2], [3, 4, 11], [-0.4, -0.5, -0.6], advantage=0.0),
     ]
     batch = collate_trajectories(trajectories, PAD)
-    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 10, 11, 12, PAD], [1, 2, 3, PAD, PAD]]
-    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]
-    # Response tokens only, at the response's own positions (not shifted, not the prompt, not padding).
-    assert batch["loss_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 1, 1, 1, 0], [0, 0, 1, 0, 0]]
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10], [1, 2, 3, 4, 11, PAD]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 3], [0, 1, 2, 3, 4, 0]]
+    seen = batch["attention_mask"][0, 0].int().tolist()
+    assert seen[5] == [1, 1, 1, 0, 0, 1]  # the second response sees the prompt and itself, not the first
+    assert seen[4] == [1, 1, 1, 1, 1, 0]
+    assert batch["attention_mask"][1, 0, 5].int().tolist() == [0, 0, 0, 0, 0, 1]  # padding sees itself only
+    # Per-token fields: one row per trajectory; each token is predicted from the column before it
+    # in its own sequence (the prompt's last token for the first response token).
+    assert batch["targets"].tolist() == [[8, 9, 0], [10, 0, 0], [3, 4, 11]]
+    assert batch["source_index"].tolist() == [[2, 3, 0], [2, 0, 0], [6 + 1, 6 + 2, 6 + 3]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
     torch.testing.assert_close(batch["generator_logprobs"], torch.tensor(
-        [[0, 0, 0, -0.1, -0.2], [0, -0.3, -0.4, -0.5, 0], [0, 0, -0.6, 0, 0]]))
+        [[-0.1, -0.2, 0], [-0.3, 0, 0], [-0.4, -0.5, -0.6]]))
     assert batch["advantages"].tolist() == [1.5, -0.5, 0.0]
-    assert batch["advantages"].dtype == torch.float32
-    assert batch["input_ids"].dtype == torch.long
 
 
-def test_collate_aligns_with_the_shifted_logprobs_the_loss_uses():
-    """loss_mask[:, 1:] and generator_logprobs[:, 1:] must line up with token_logprobs(shifted logits)."""
-    batch = collate_trajectories([Trajectory([4, 5], [6, 7], [-1.0, -2.0], 1.0)], PAD)
-    targets = batch["input_ids"][:, 1:]
-    mask = batch["loss_mask"][:, 1:].bool()
-    assert targets[mask].tolist() == [6, 7]
-    assert batch["generator_logprobs"][:, 1:][mask].tolist() == [-1.0, -2.0]
-    assert batch["input_ids"][:, :-1][mask].tolist() == [5, 6]  # each target is predicted from its predecessor
+def test_collate_without_sharing_gives_one_padded_row_per_trajectory():
+    trajectories = [Trajectory([5, 6], [8, 9], [-0.1, -0.2], 1.0), Trajectory([5, 6], [10], [-0.3], -1.0)]
+    batch = collate_trajectories(trajectories, PAD, share_prompts=False)
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 9], [5, 6, 10, PAD]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+    assert batch["source_index"].tolist() == [[1, 2], [4 + 1, 0]]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(tiny_model_dir, attention):
+    """Packing is an exact rewrite: per-token log-probs and the loss gradient match unpacked rows."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation=attention)
+    g = torch.Generator().manual_seed(0)
+    def ids(n):
+        return torch.randint(3, 200, (n,), generator=g).tolist()
+    trajectories = [Trajectory(prompt, ids(r), [0.0] * r, a)
+                    for prompt in (ids(9), ids(4)) for r, a in ((3, 1.0), (1, -1.0), (5, 0.5))]
+    results = []
+    for share in (True, False):
+        model.zero_grad()
+        batch = collate_trajectories(trajectories, PAD, share_prompts=share)
+        logprobs = token_logprobs(response_logits(model, batch, 0.7), batch["targets"]) * batch["loss_mask"]
+        (logprobs.sum(-1) * batch["advantages"]).sum().backward()
+        results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()]))
+    (packed, packed_grads), (plain, plain_grads) = results
+    assert collate_trajectories(trajectories, PAD)["input_ids"].shape[0] == 2  # really packed
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+    for a, b in zip(packed_grads, plain_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.fixture
@@ -58,9 +92,9 @@ def _response_logprobs(worker: GRPOPolicyWorker, trajectories: list[Trajectory])
     """Per-token log-probs of each response under the worker's current weights and temperature."""
     batch = collate_trajectories(trajectories, worker.policy.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = shifted_logits(worker.policy.model.eval(), batch, worker.temperature)
-        logprobs = token_logprobs(logits, batch["input_ids"][:, 1:])
-    mask = batch["loss_mask"][:, 1:].bool()
+        logits = response_logits(worker.policy.model.eval(), batch, worker.temperature)
+        logprobs = token_logprobs(logits, batch["targets"])
+    mask = batch["loss_mask"].bool()
     return [row[m].tolist() for row, m in zip(logprobs, mask, strict=True)]
 
 

@@ -89,3 +89,7 @@ def test_frozen_params_are_left_out():
     ids = {id(p) for g in opt.param_groups for p in g["params"]}
     assert id(model[0].weight) not in ids
     assert id(model[2].weight) in ids
+
+
+def test_cpu_parameters_get_the_fused_adamw():
+    assert build_optimizer(tiny_model(), OptimizerConfig()).defaults["fused"]

@@ -1,0 +1,190 @@
+"""SFT throughput, posttrain vs Hugging Face TRL's SFTTrainer, on identical tokens and settings.
+
+    python -m bench.sft_vs_trl [--size demo] [--steps 30] [--repeats 3] [--micro-batch 8] ...
+
+Both train the same locally built tiny model on the built-in arithmetic task, batch for batch:
+TRL gets posttrain's rows as a conversational prompt/completion dataset *in the order posttrain's
+sampler draws them* (read sequentially), so every optimizer step sees the same 32 sequences. The
+tokens are checked to be identical (same chat template, loss on the assistant reply and its
+end-of-turn marker only, same truncation), and so are global batch, micro-batch, AdamW settings,
+linear LR decay without warm-up, gradient clipping, fp32 on CPU and seed. The final losses should
+therefore agree closely: speed must not be bought with different math.
+
+Throughput counts the non-pad tokens (prompt + reply) of each step's sequences, the same count
+for both, over the steady-state steps (see bench/common.py).
+
+TRL settings beyond its defaults, and why: `use_cpu=True, bf16=False` (fp32, as posttrain);
+`activation_checkpointing=False` (TRL turns gradient checkpointing on by default; posttrain does not, so this is the
+like-for-like and faster choice for TRL); `train_sampling_strategy="sequential"` (the shared batch
+order above); `logging_steps=1`, `save_strategy="no"`, `eval_strategy="no"`, `report_to="none"`
+and no console progress output, as for posttrain. Everything else (fused AdamW, no packing,
+padding to the longest sequence of each micro-batch, chunked log-prob LM head) is TRL's default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from rich.console import Console
+
+from bench.common import (
+    StepClock,
+    add_common_args,
+    alternate,
+    fresh,
+    machine_info,
+    print_machine_info,
+    print_summary,
+    quiet_hf,
+    summarize,
+    torch_threads,
+    train_trl,
+)
+from posttrain.config import SFTRunConfig, load_config
+from posttrain.data.formats import Sample, SFTDataset
+from posttrain.data.sampler import EpochSampler
+from posttrain.data.sources import load_rows
+from posttrain.demo.tiny_model import save_tiny_model
+from posttrain.loops.sft import run_sft
+from posttrain.train.model import load_tokenizer
+
+METRICS = ["first_loss", "final_loss"]
+POSTTRAIN_SETTINGS = ("defaults (padded micro-batches sorted by length, no packing; fused AdamW) with the "
+                      "shared settings above, no validation, checkpointing off, tensorboard off, quiet console")
+TRL_SETTINGS = ("SFTConfig defaults (optim adamw_torch_fused, packing off, padding to the longest in the micro-batch, "
+                "completion-only loss) except use_cpu=True, bf16=False, activation_checkpointing=False, "
+                "train_sampling_strategy='sequential', logging_steps=1, save/eval off, no console output")
+
+
+def posttrain_config(args: argparse.Namespace, model_dir: Path, out: Path) -> SFTRunConfig:
+    return load_config(SFTRunConfig, None, [
+        f"policy.model_name={model_dir}",
+        "policy.device=cpu",
+        "policy.precision=float32",
+        f"policy.train_global_batch_size={args.global_batch}",
+        f"policy.train_micro_batch_size={args.micro_batch}",
+        f"policy.max_total_sequence_length={args.max_length}",
+        f"policy.optimizer.lr={args.lr}",
+        "policy.optimizer.weight_decay=0.0",  # TRL's default
+        "policy.scheduler.name=linear",  # = TRL's default: linear to 0, no warm-up
+        "policy.scheduler.warmup_steps=0",
+        "policy.scheduler.min_lr_ratio=0.0",
+        "policy.max_grad_norm=1.0",
+        "data.dataset_name=arithmetic",
+        "data.val_split=null",  # no validation, as no eval for TRL
+        f"sft.max_num_steps={args.steps}",
+        "sft.max_num_epochs=1000",
+        f"sft.seed={args.seed}",
+        "logger.tensorboard_enabled=false",
+        "logger.console_period=0",
+        f"logger.log_dir={out / 'logs'}",
+        "checkpointing.enabled=false",
+        "checkpointing.resume=never",
+        f"checkpointing.checkpoint_dir={out / 'ckpt'}",
+    ])
+
+
+def step_batches(cfg: SFTRunConfig, steps: int) -> tuple[list[dict], list[list[Sample]]]:
+    """The rows posttrain trains on, step by step, and their posttrain tokenization."""
+    tokenizer = load_tokenizer(cfg.policy)
+    rows = load_rows(cfg.data.dataset_name, cfg.data.train_split, arithmetic=cfg.data.arithmetic, seed=cfg.sft.seed)
+    dataset = SFTDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
+    sampler = EpochSampler(len(dataset), cfg.policy.train_global_batch_size, cfg.sft.seed, cfg.data.shuffle)
+    ordered_rows, batches = [], []
+    for _ in range(steps):
+        indices = sampler.next_batch()
+        ordered_rows += [rows.rows[i] for i in indices]
+        batches.append([dataset[i] for i in indices])
+    return ordered_rows, batches
+
+
+def run_posttrain(cfg: SFTRunConfig, tokens_per_step: list[int], warmup: int) -> dict:
+    clock = StepClock()
+    result = run_sft(cfg, console=Console(quiet=True), on_step=lambda step, metrics: clock.tick())
+    losses = result.train_losses
+    return {"rate": clock.rate(tokens_per_step, warmup), "unit": "tokens/s",
+            "first_loss": losses[min(losses)], "final_loss": losses[max(losses)]}
+
+
+def run_trl(args: argparse.Namespace, model_dir: Path, out: Path, rows: list[dict],
+            samples: list[Sample], tokens_per_step: list[int]) -> dict:
+    import datasets
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    conversational = datasets.Dataset.from_list([
+        {"prompt": [{"role": "user", "content": row["prompt"]}],
+         "completion": [{"role": "assistant", "content": row["completion"]}]}
+        for row in rows
+    ])
+    config = SFTConfig(
+        output_dir=str(out), max_steps=args.steps, seed=args.seed,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.global_batch // args.micro_batch,
+        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_length=args.max_length, packing=False,
+        use_cpu=True, bf16=False, activation_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+        train_sampling_strategy="sequential",
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+    )
+    trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=conversational,
+                         processing_class=AutoTokenizer.from_pretrained(model_dir))
+    check_same_tokens(trainer.train_dataset, samples)
+    clock, history = train_trl(trainer)
+    losses = [entry["loss"] for entry in history if "loss" in entry]
+    return {"rate": clock.rate(tokens_per_step, args.warmup), "unit": "tokens/s",
+            "first_loss": losses[0], "final_loss": losses[-1]}
+
+
+def check_same_tokens(trl_dataset, samples: list[Sample]) -> None:
+    """TRL's prepared sequences must be posttrain's, token for token and target for target."""
+    if len(trl_dataset) != len(samples):
+        raise AssertionError(f"TRL has {len(trl_dataset)} rows, posttrain {len(samples)}")
+    for i, (theirs, ours) in enumerate(zip(trl_dataset, samples, strict=True)):
+        targets = [int(label != -100) for label in theirs["labels"]]
+        if theirs["input_ids"] != ours.input_ids or targets != ours.loss_mask:
+            raise AssertionError(f"row {i}: TRL and posttrain tokenize differently:\n"
+                                 f"  TRL       {theirs['input_ids']} targets {targets}\n"
+                                 f"  posttrain {ours.input_ids} targets {ours.loss_mask}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = add_common_args(argparse.ArgumentParser(description=__doc__.split("\n")[0]), lr=1e-3)
+    args = parser.parse_args(argv)
+    if args.global_batch % args.micro_batch:
+        parser.error("--global-batch must be a multiple of --micro-batch")
+    quiet_hf()
+    with tempfile.TemporaryDirectory(prefix="bench-sft-") as tmp, torch_threads(args.threads):
+        work = Path(args.workdir or tmp)
+        model_dir = save_tiny_model(work / "model", size=args.size)
+        cfg = posttrain_config(args, model_dir, work / "posttrain")
+        rows, batches = step_batches(cfg, args.steps)
+        samples = [s for batch in batches for s in batch]
+        tokens_per_step = [sum(len(s.input_ids) for s in batch) for batch in batches]
+
+        info = machine_info()
+        print("SFT: posttrain vs TRL SFTTrainer")
+        print_machine_info(info)
+        print(f"  setup         tiny '{args.size}' model (qwen2), arithmetic task, {args.steps} steps of "
+              f"{args.global_batch} sequences (micro-batch {args.micro_batch}), lr {args.lr} linear decay, "
+              f"max length {args.max_length}, fp32, seed {args.seed}; timed steps {args.warmup + 1}..{args.steps}")
+        print(f"  tokens        {sum(tokens_per_step)} non-pad tokens in all, "
+              f"{sum(sum(s.loss_mask) for s in samples)} of them trained on; TRL's tokenization is checked to "
+              "be posttrain's before each TRL run")
+        print(f"  posttrain     {POSTTRAIN_SETTINGS}")
+        print(f"  TRL           {TRL_SETTINGS}")
+        runs = alternate({
+            "posttrain": lambda: run_posttrain(posttrain_config(args, model_dir, fresh(work, "posttrain")),
+                                               tokens_per_step, args.warmup),
+            "trl": lambda: run_trl(args, model_dir, fresh(work, "trl"), rows, samples, tokens_per_step),
+        }, args.repeats)
+    summary = summarize(runs, "posttrain", "trl", METRICS)
+    print("Result (training tokens/s: non-pad tokens of the timed steps / their wall time):")
+    print_summary(summary, "posttrain", "trl", METRICS)
+    return {"machine": info, **summary}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""The TRL side-by-side benchmarks run end to end (1 step, tiny model): both libraries report."""
+
+import importlib
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl", reason="trl is not installed (dev extra)")
+
+ROOT = Path(__file__).resolve().parents[3]
+SMOKE = ["--size", "test", "--steps", "1", "--repeats", "1", "--global-batch", "8", "--micro-batch", "4"]
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))  # `bench` is a folder of scripts at the repository root
+    return lambda name: importlib.import_module(f"bench.{name}")
+
+
+@pytest.mark.parametrize("name, unit, metrics", [
+    ("sft_vs_trl", "tokens/s", ["first_loss", "final_loss"]),
+    ("dpo_vs_trl", "pairs/s", ["final_loss", "final_reward_accuracy"]),
+])
+def test_benchmark_reports_both_libraries(bench, capsys, name, unit, metrics):
+    summary = bench(name).main(SMOKE)
+    out = capsys.readouterr().out
+    for lib in ("posttrain", "trl"):
+        result = summary[lib]
+        assert result["unit"] == unit and result["median_rate"] > 0 and len(result["rates"]) == 1
+        for metric in metrics:
+            assert result[metric] == pytest.approx(summary["posttrain"][metric], abs=1e-3)  # same math
+        assert f"{lib} " in out
+    assert summary["ratio"] > 0 and "ratio posttrain/trl" in out
+    assert summary["machine"]["trl"] != "not installed"
+
+
+def test_grpo_benchmark_reports_both_libraries(bench, capsys):
+    summary = bench("grpo_vs_trl").main(["--size", "test", "--sft-steps", "0", "--steps", "2", "--warmup", "1",
+                                         "--repeats", "1", "--prompts", "2", "--generations", "2",
+                                         "--micro-batch", "4"])
+    out = capsys.readouterr().out
+    for lib in ("posttrain", "trl"):
+        result = summary[lib]
+        assert len(result["seconds_per_step"]) == 1 and result["median_seconds_per_step"] > 0
+        assert 0.0 <= result["reward_start"] <= 1.0 and 0.0 <= result["reward_end"] <= 1.0
+        assert f"{lib} " in out
+    assert summary["ratio"] > 0 and "step time posttrain/trl" in out
