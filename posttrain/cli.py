@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny-model", help="build the tiny local tokenizer + model (no network)")
     tiny.add_argument("out")
-    tiny.add_argument("--size", default="test", choices=["test", "demo", "small"])
+    tiny.add_argument("--size", default="test", choices=["test", "demo", "small", "0.5b"])
     tiny.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
     tiny.set_defaults(func=_tiny_model)
     return parser

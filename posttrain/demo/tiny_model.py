@@ -41,6 +41,8 @@ SIZES = {
     "demo": TinySize(192, 4, 6, 2, 576),
     # ~10.5M parameters: a heavier local smoke model.
     "small": TinySize(384, 6, 6, 2, 1152),
+    # ~0.48B parameters (Qwen2.5-0.5B-like compute, tiny vocabulary): GPU benchmarks (bench/gpu_grpo.py).
+    "0.5b": TinySize(1536, 18, 12, 2, 4608),
 }
 
 

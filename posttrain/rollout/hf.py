@@ -63,6 +63,7 @@ class HFGenerationBackend(GenerationBackend):
             attention_mask[row, width - len(prompt):] = 1
         greedy = sampling.temperature == 0
         result = self.model.generate(
+            past_key_values=self._shared_prompt_cache(prompts, input_ids, attention_mask),
             input_ids=input_ids.to(self.device),
             attention_mask=attention_mask.to(self.device),
             max_new_tokens=sampling.max_new_tokens,
@@ -88,6 +89,30 @@ class HFGenerationBackend(GenerationBackend):
             out.append(Completion(ids, logprobs[row, : len(ids)].tolist(), reason,
                                   self.tokenizer.decode(ids, skip_special_tokens=True)))
         return out
+
+    def _shared_prompt_cache(self, prompts: list[list[int]], input_ids: torch.Tensor,
+                             attention_mask: torch.Tensor):
+        """The KV cache of all but the last prompt column, computed once per distinct prompt.
+
+        GRPO asks for G samples of every prompt, and prefill (the prompt's forward pass) is most
+        of the cost when responses are short: each distinct prompt is run once and its cache
+        copied to its G rows. `generate` then runs only the last column and the new tokens, with
+        the positions it derives from the attention mask, which the prefill uses too. None when
+        every prompt is distinct.
+        """
+        first_row: dict[tuple[int, ...], int] = {}
+        source = [first_row.setdefault(tuple(p), len(first_row)) for p in prompts]
+        if len(first_row) == len(prompts) or input_ids.shape[1] < 2:
+            return None
+        unique = torch.tensor([source.index(i) for i in range(len(first_row))])
+        ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                           position_ids=positions.to(self.device), use_cache=True).past_key_values
+        if not hasattr(cache, "batch_select_indices"):  # a cache type that cannot be copied across rows
+            return None
+        cache.batch_select_indices(torch.tensor(source, device=self.device))
+        return cache
 
     def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:
         """Cut the padding that follows a finished sequence and say why it finished."""

@@ -45,3 +45,12 @@ def test_grpo_benchmark_reports_both_libraries(bench, capsys):
         assert 0.0 <= result["reward_start"] <= 1.0 and 0.0 <= result["reward_end"] <= 1.0
         assert f"{lib} " in out
     assert summary["ratio"] > 0 and "step time posttrain/trl" in out
+
+
+def test_gpu_benchmark_runs_on_cpu(bench, capsys):
+    result = bench("gpu_grpo").main(["--device", "cpu", "--size", "test", "--steps", "2", "--prompts", "2",
+                                     "--generations", "2", "--max-new-tokens", "4", "--micro-batch", "4"])
+    assert result["generation_tokens_per_s"] > 0 and result["training_tokens_per_s"] > 0
+    assert result["weight_sync_s"] > 0 and result["mfu"] is None  # no peak FLOP/s for a CPU
+    assert 0 < result["parameters"] < 1e6
+    assert "weight sync" in capsys.readouterr().out

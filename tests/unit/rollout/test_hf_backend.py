@@ -42,6 +42,28 @@ def test_greedy_matches_plain_generate_and_reports_length_finish(backend, prompt
         assert len(completion.logprobs) == len(completion.token_ids)
 
 
+def test_repeated_prompts_share_one_prefill_and_give_the_same_completions(backend, prompts):
+    """GRPO's G copies of a prompt are prefilled once (a cache copied to each row): the greedy
+    tokens and log-probs are those of generating every row on its own."""
+    repeated = [p for p in prompts[:3] for _ in range(3)] + [prompts[4]]  # uneven groups, one batch
+    saved = backend.batch_size
+    backend.batch_size = len(repeated)
+    try:
+        pad = backend.tokenizer.pad_token_id
+        width = max(len(p) for p in repeated)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in repeated])
+        mask = (torch.arange(width) >= torch.tensor([width - len(p) for p in repeated])[:, None]).long()
+        assert backend._shared_prompt_cache(repeated, ids, mask) is not None  # the shared path is taken
+        shared = backend.generate(repeated, SamplingParams(max_new_tokens=6, temperature=0.0))
+    finally:
+        backend.batch_size = saved
+    alone = {tuple(p): backend.generate([p], SamplingParams(max_new_tokens=6, temperature=0.0))[0] for p in prompts}
+    for prompt, completion in zip(repeated, shared, strict=True):
+        expected = alone[tuple(prompt)]
+        assert completion.token_ids == expected.token_ids
+        assert completion.logprobs == pytest.approx(expected.logprobs, abs=1e-4)
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_generator_logprobs_match_the_trainer_forward(backend, prompts, temperature):
     torch.manual_seed(0)
