@@ -61,7 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="demo", help="tiny model size: test, demo or small")
     parser.add_argument("--sft-steps", type=int, default=300, help="SFT steps before GRPO (0: the random model)")
-    parser.add_argument("--steps", type=int, default=10, help="GRPO steps per run")
+    parser.add_argument("--steps", type=int, default=20, help="GRPO steps per run")
     parser.add_argument("--warmup", type=int, default=2, help="leading steps left out of the timing")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each library, alternating")
     parser.add_argument("--prompts", type=int, default=32, help="prompts per step")
@@ -123,6 +123,7 @@ def posttrain_config(args: argparse.Namespace, model_dir: Path, out: Path) -> GR
         "loss_fn.ratio_clip_max=0.2",
         "loss_fn.token_level_loss=true",
         "logger.console_period=0",
+        "logger.tensorboard_enabled=false",  # TRL reports nowhere either (report_to="none")
         f"logger.log_dir={out / 'logs'}",
         f"checkpointing.checkpoint_dir={out / 'checkpoints'}",
         "checkpointing.enabled=false",
