@@ -4,10 +4,13 @@ Both replies go through the same chat-template tokenization as SFT (`tokenize_co
 the two sequences share the prompt's tokens exactly and only the reply's assistant tokens are in
 the loss mask. A row is `prompt` (a string or a list of messages) plus `chosen` and `rejected`
 (each the assistant's reply text, or a list of messages ending in the assistant's turn).
+HelpSteer3-style rows (`context`, `response1`, `response2`, `overall_preference`, as in
+`nvidia/HelpSteer3`) are recognised and turned into such pairs.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,12 +31,29 @@ CHOSEN_KEY = "chosen"
 REJECTED_KEY = "rejected"
 
 Messages = list[dict[str, str]]
+HELPSTEER_KEYS = ("context", "response1", "response2", "overall_preference")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class PreferencePair:
     chosen: Sample
     rejected: Sample
+
+
+def from_helpsteer(row: dict[str, Any], cfg: DataConfig, where: str) -> dict[str, Any] | None:
+    """A HelpSteer3 row as prompt/chosen/rejected, or None for a tie (it prefers neither response).
+
+    `overall_preference` runs from -3 (response1 much better) to 3 (response2 much better).
+    """
+    score = row["overall_preference"]
+    if isinstance(score, bool) or not isinstance(score, int) or not -3 <= score <= 3:
+        raise DataError(f"{where}: 'overall_preference' must be an integer from -3 to 3, got {score!r}")
+    if score == 0:
+        return None
+    better, worse = ("response1", "response2") if score < 0 else ("response2", "response1")
+    return {cfg.prompt_key: row["context"], CHOSEN_KEY: row[better], REJECTED_KEY: row[worse]}
 
 
 def row_to_pair(row: dict[str, Any], cfg: DataConfig, where: str) -> tuple[Messages, Messages, Messages]:
@@ -76,12 +96,29 @@ class PreferenceDataset:
         if self.chat and not getattr(tokenizer, "chat_template", None):
             raise DataError("the tokenizer has no chat template: set policy.tokenizer.chat_template, "
                             "or data.use_chat_template=false for plain prompt + reply text")
-        self.rows = [row_to_pair(source.rows[i], cfg, source.describe(i)) for i in range(len(source))]
+        self.rows: list[tuple[Messages, Messages, Messages]] = []
+        self.source_rows: list[int] = []  # the source row of each pair, for error messages
+        ties = 0
+        for i in range(len(source)):
+            row, where = source.rows[i], source.describe(i)
+            if all(key in row for key in HELPSTEER_KEYS) and CHOSEN_KEY not in row:
+                row = from_helpsteer(row, cfg, where)
+                if row is None:
+                    ties += 1
+                    continue
+            self.rows.append(row_to_pair(row, cfg, where))
+            self.source_rows.append(i)
+        if ties:
+            log.warning("%s: left out %d HelpSteer3 rows with overall_preference 0 (a tie prefers neither "
+                        "response); %d pairs remain", source.name, ties, len(self.rows))
+        if not self.rows:
+            raise DataError(f"{source.name}: no preference pairs (every row is a tie)")
+        self.num_ties = ties
         if not self.chat:
             for i, (_, chosen, rejected) in enumerate(self.rows):
                 if len(chosen) > 1 or len(rejected) > 1:
-                    raise DataError(f"{source.describe(i)}: without a chat template (data.use_chat_template="
-                                    "false) each reply must be a single assistant message")
+                    raise DataError(f"{source.describe(self.source_rows[i])}: without a chat template "
+                                    "(data.use_chat_template=false) each reply must be a single assistant message")
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -91,7 +128,7 @@ class PreferenceDataset:
         try:
             return PreferencePair(self._tokenize(prompt, chosen), self._tokenize(prompt, rejected))
         except DataError as err:
-            raise DataError(f"{self.source.describe(index)}: {err}") from err
+            raise DataError(f"{self.source.describe(self.source_rows[index])}: {err}") from err
 
     def _tokenize(self, prompt: Messages, reply: Messages) -> Sample:
         if self.chat:

@@ -155,3 +155,31 @@ def test_builtin_task_loads_with_validation_split():
     assert len(train) == 10 and len(val) == 4
     assert set(train.rows[0]) == {"prompt", "chosen", "rejected", "answer"}
     assert val.describe(1) == "arithmetic_preference[validation], row 1"
+
+
+def _helpsteer(score, context=None):
+    return {"domain": "general", "language": "english",
+            "context": context or [{"role": "user", "content": "Name a prime."},
+                                   {"role": "assistant", "content": "Which size?"},
+                                   {"role": "user", "content": "Small."}],
+            "response1": "2", "response2": "9", "overall_preference": score,
+            "individual_preference": [{"score": score, "reasoning": "-"}]}
+
+
+def test_helpsteer3_rows_become_pairs_and_ties_are_left_out_with_a_warning(tmp_path, tokenizer, caplog):
+    path = write_jsonl(tmp_path / "hs3.jsonl", [_helpsteer(-2), _helpsteer(0), _helpsteer(3)])
+    data = PreferenceDataset(load_rows(str(path), "train"), tokenizer, DataConfig(dataset_name=str(path)), 128)
+    assert len(data) == 2 and data.num_ties == 1
+    assert "left out 1 HelpSteer3 rows with overall_preference 0" in caplog.text
+    prompt, chosen, rejected = data.rows[0]
+    assert [m["content"] for m in prompt] == ["Name a prime.", "Which size?", "Small."]  # the whole context
+    assert (chosen[-1]["content"], rejected[-1]["content"]) == ("2", "9")  # negative: response1 is better
+    _, chosen, rejected = data.rows[1]
+    assert (chosen[-1]["content"], rejected[-1]["content"]) == ("9", "2")  # positive: response2 is better
+    assert masked_text(tokenizer, data[1].chosen).startswith("9")
+
+
+def test_helpsteer3_bad_preference_names_the_line(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "hs3.jsonl", [_helpsteer(1), _helpsteer("high")])
+    with pytest.raises(DataError, match=r"hs3.jsonl, line 2: 'overall_preference' must be an integer from -3 to 3"):
+        PreferenceDataset(load_rows(str(path), "train"), tokenizer, DataConfig(dataset_name=str(path)), 128)
