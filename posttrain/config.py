@@ -251,12 +251,7 @@ class SFTRunConfig:
         _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
                   "policy.max_total_sequence_length", "sft.max_num_steps", "sft.max_num_epochs",
                   "sft.val_global_batch_size", "sft.val_micro_batch_size")
-        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
-                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
-                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
-        _require(s.val_global_batch_size % s.val_micro_batch_size == 0,
-                 f"sft.val_global_batch_size ({s.val_global_batch_size}) must be a multiple of "
-                 f"sft.val_micro_batch_size ({s.val_micro_batch_size})")
+        _check_batch_sizes(p, "sft", s.val_global_batch_size, s.val_micro_batch_size)
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -284,9 +279,7 @@ class GRPORunConfig:
         _require(rollout % p.train_global_batch_size == 0,
                  f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt ({rollout}) must be a multiple of "
                  f"policy.train_global_batch_size ({p.train_global_batch_size}); each multiple is one optimizer step")
-        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
-                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
-                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
+        _check_batch_sizes(p)
         _require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
         _require(loss.reference_policy_kl_penalty >= 0, "loss_fn.reference_policy_kl_penalty must be >= 0")
@@ -342,12 +335,7 @@ class DPORunConfig:
         _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
                   "policy.max_total_sequence_length", "dpo.max_num_steps", "dpo.max_num_epochs",
                   "dpo.val_global_batch_size", "dpo.val_micro_batch_size", "dpo.reference_policy_kl_penalty")
-        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
-                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
-                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
-        _require(d.val_global_batch_size % d.val_micro_batch_size == 0,
-                 f"dpo.val_global_batch_size ({d.val_global_batch_size}) must be a multiple of "
-                 f"dpo.val_micro_batch_size ({d.val_micro_batch_size})")
+        _check_batch_sizes(p, "dpo", d.val_global_batch_size, d.val_micro_batch_size)
         _require(d.sft_loss_weight >= 0, f"dpo.sft_loss_weight must be >= 0, got {d.sft_loss_weight}")
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
@@ -384,12 +372,7 @@ class RMRunConfig:
         _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
                   "policy.max_total_sequence_length", "rm.max_num_steps", "rm.max_num_epochs",
                   "rm.val_global_batch_size", "rm.val_micro_batch_size")
-        _require(p.train_global_batch_size % p.train_micro_batch_size == 0,
-                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
-                 f"policy.train_micro_batch_size ({p.train_micro_batch_size})")
-        _require(r.val_global_batch_size % r.val_micro_batch_size == 0,
-                 f"rm.val_global_batch_size ({r.val_global_batch_size}) must be a multiple of "
-                 f"rm.val_micro_batch_size ({r.val_micro_batch_size})")
+        _check_batch_sizes(p, "rm", r.val_global_batch_size, r.val_micro_batch_size)
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for reward models (each sequence is scored "
                  "at its last token, so sequences are padded, not packed); set it to false")
@@ -461,6 +444,16 @@ class EvalRunConfig:
                      f"got {k}")
         _require(d.max_samples is None or d.max_samples > 0, f"data.max_samples must be > 0 or null, got "
                                                                f"{d.max_samples}")
+
+
+def _check_batch_sizes(policy: PolicyConfig, section: str | None = None, val_global: int = 1,
+                       val_micro: int = 1) -> None:
+    """Global batches split into whole micro-batches, in training and (for `section`) validation."""
+    _require(policy.train_global_batch_size % policy.train_micro_batch_size == 0,
+             f"policy.train_global_batch_size ({policy.train_global_batch_size}) must be a multiple of "
+             f"policy.train_micro_batch_size ({policy.train_micro_batch_size})")
+    _require(val_global % val_micro == 0, f"{section}.val_global_batch_size ({val_global}) must be a multiple "
+                                          f"of {section}.val_micro_batch_size ({val_micro})")
 
 
 def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:

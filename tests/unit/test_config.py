@@ -4,7 +4,15 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.config import ConfigError, GRPORunConfig, SFTRunConfig, load_config, save_config
+from posttrain.config import (
+    ConfigError,
+    DPORunConfig,
+    GRPORunConfig,
+    RMRunConfig,
+    SFTRunConfig,
+    load_config,
+    save_config,
+)
 
 BASE = ["policy.model_name=x"]
 
@@ -105,6 +113,13 @@ def test_optional_accepts_null():
 def test_missing_model_name():
     with pytest.raises(ConfigError, match=r"policy\.model_name is required"):
         load_config(SFTRunConfig, None, [])
+
+
+@pytest.mark.parametrize("run, section", [(SFTRunConfig, "sft"), (DPORunConfig, "dpo"), (RMRunConfig, "rm")])
+def test_validation_batch_must_be_multiple_of_its_micro_batch(run, section):
+    with pytest.raises(ConfigError, match=rf"{section}\.val_global_batch_size \(6\) must be a multiple of "
+                                          rf"{section}\.val_micro_batch_size \(4\)"):
+        load_config(run, None, [*BASE, f"{section}.val_global_batch_size=6", f"{section}.val_micro_batch_size=4"])
 
 
 def test_global_batch_must_be_multiple_of_micro_batch():
@@ -232,7 +247,6 @@ def test_grpo_example_configs_load_and_pass_check(name):
 
 
 def dpo(*overrides: str):
-    from posttrain.config import DPORunConfig
 
     return load_config(DPORunConfig, None, [*BASE, *overrides])
 
@@ -257,7 +271,6 @@ def test_dpo_check_names_the_key(override, pattern):
 
 
 def test_dpo_example_config_loads_and_passes_check():
-    from posttrain.config import DPORunConfig
 
     cfg = load_config(DPORunConfig, Path(__file__).parents[2] / "examples" / "configs" / "dpo_tiny.yaml")
     assert cfg.data.dataset_name == "arithmetic_preference" and cfg.policy.model_name
