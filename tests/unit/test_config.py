@@ -247,7 +247,6 @@ def test_grpo_example_configs_load_and_pass_check(name):
 
 
 def dpo(*overrides: str):
-
     return load_config(DPORunConfig, None, [*BASE, *overrides])
 
 
