@@ -118,7 +118,7 @@ def test_step_from_a_thread():
 def test_make_environment():
     env = make_environment(EnvConfig(), rank=1, world_size=2)
     assert isinstance(env, MathEnvironment) and (env.rank, env.world_size) == (1, 2)
-    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math'\]"):
+    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'reward_model'\]"):
         make_environment(EnvConfig(name="chess"))  # type: ignore[arg-type]
 
 
