@@ -171,9 +171,8 @@ class GRPOPolicyWorker:
         start = time.perf_counter()
         for mb in minibatches:
             # In arrival order, so that a group's responses stay together and share their prompt.
-            order = mb.trajectories
-            micro = [collate_trajectories(order[i : i + micro_size], pad, share)
-                     for i in range(0, len(order), micro_size)]
+            ts = mb.trajectories
+            micro = [collate_trajectories(ts[i : i + micro_size], pad, share) for i in range(0, len(ts), micro_size)]
             steps.append((mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro]))
         # Scores that must come from the weights *before* any update of this rollout.
         self.policy.model.eval()
