@@ -8,44 +8,41 @@ import sys
 from rich.console import Console
 from rich.markup import escape
 
-from posttrain.config import ConfigError
+from posttrain.config import (
+    ConfigError,
+    DPORunConfig,
+    EvalRunConfig,
+    GRPORunConfig,
+    RMRunConfig,
+    SFTRunConfig,
+    load_config,
+)
 from posttrain.data.sources import DataError
 
+# command -> (help, run config class, "module:function" of its loop, an override example)
+TRAINING_COMMANDS = {
+    "sft": ("supervised fine-tuning", SFTRunConfig, "posttrain.loops.sft:run_sft", "sft.max_num_steps=10"),
+    "dpo": ("direct preference optimisation on chosen/rejected pairs", DPORunConfig, "posttrain.loops.dpo:run_dpo",
+            "dpo.reference_policy_kl_penalty=0.1"),
+    "rm": ("train a Bradley-Terry reward model on chosen/rejected pairs", RMRunConfig, "posttrain.loops.rm:run_rm",
+           "rm.max_num_steps=50"),
+    "grpo": ("GRPO reinforcement learning with verifiable rewards, on Ray", GRPORunConfig,
+             "posttrain.loops.grpo:run_grpo", "grpo.num_generations_per_prompt=8"),
+}
 
-def _sft(args: argparse.Namespace) -> None:
-    from posttrain.config import SFTRunConfig, load_config
-    from posttrain.loops.sft import run_sft
 
+def _train(args: argparse.Namespace) -> None:
+    """The loop is imported on use: `posttrain --help` should not wait for torch."""
+    import importlib
+
+    _, config_class, loop, _ = TRAINING_COMMANDS[args.command]
+    module, _, function = loop.partition(":")
     overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
-    run_sft(load_config(SFTRunConfig, args.config, overrides))
-
-
-def _dpo(args: argparse.Namespace) -> None:
-    from posttrain.config import DPORunConfig, load_config
-    from posttrain.loops.dpo import run_dpo
-
-    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
-    run_dpo(load_config(DPORunConfig, args.config, overrides))
-
-
-def _rm(args: argparse.Namespace) -> None:
-    from posttrain.config import RMRunConfig, load_config
-    from posttrain.loops.rm import run_rm
-
-    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
-    run_rm(load_config(RMRunConfig, args.config, overrides))
-
-
-def _grpo(args: argparse.Namespace) -> None:
-    from posttrain.config import GRPORunConfig, load_config
-    from posttrain.loops.grpo import run_grpo
-
-    overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
-    run_grpo(load_config(GRPORunConfig, args.config, overrides))
+    run_cfg = load_config(config_class, args.config, overrides)
+    getattr(importlib.import_module(module), function)(run_cfg)
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from posttrain.config import EvalRunConfig, load_config
     from posttrain.loops.eval import run_eval
 
     run_eval(load_config(EvalRunConfig, args.config, args.overrides))
@@ -79,30 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    sft = sub.add_parser("sft", help="supervised fine-tuning")
-    sft.add_argument("--config", help="YAML config file")
-    sft.add_argument("--resume", action="store_true",
-                     help="require resuming from the latest checkpoint (by default a checkpoint is resumed if found)")
-    sft.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sft.max_num_steps=10")
-    sft.set_defaults(func=_sft)
-
-    dpo = sub.add_parser("dpo", help="direct preference optimisation on chosen/rejected pairs")
-    dpo.add_argument("--config", help="YAML config file")
-    dpo.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    dpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. dpo.reference_policy_kl_penalty=0.1")
-    dpo.set_defaults(func=_dpo)
-
-    rm = sub.add_parser("rm", help="train a Bradley-Terry reward model on chosen/rejected pairs")
-    rm.add_argument("--config", help="YAML config file")
-    rm.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    rm.add_argument("overrides", nargs="*", help="dotted overrides, e.g. rm.max_num_steps=50")
-    rm.set_defaults(func=_rm)
-
-    grpo = sub.add_parser("grpo", help="GRPO reinforcement learning with verifiable rewards, on Ray")
-    grpo.add_argument("--config", help="YAML config file")
-    grpo.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint")
-    grpo.add_argument("overrides", nargs="*", help="dotted overrides, e.g. grpo.num_generations_per_prompt=8")
-    grpo.set_defaults(func=_grpo)
+    for name, (help_text, _, _, example) in TRAINING_COMMANDS.items():
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--config", help="YAML config file")
+        command.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint "
+                                                                   "(by default a checkpoint is resumed if found)")
+        command.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
+        command.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="pass@k / maj@k of a model on a math benchmark (MATH-500, AIME 2024, GSM8K)")
     ev.add_argument("--config", help="YAML config file")
