@@ -126,15 +126,23 @@ class DataConfig:
 
 
 @dataclass
-class SFTConfig:
+class LoopConfig:
+    """Length, validation cadence and seed of the SFT, DPO and RM loops; batch sizes count the
+    loop's unit (sequences for SFT, preference pairs for DPO and RM)."""
+
     max_num_epochs: int = 1
     max_num_steps: int = 100
     val_period: int = 10  # steps between validations; 0 disables
     val_batches: int = 0  # 0 means the whole validation set
     val_global_batch_size: int = 32
-    val_micro_batch_size: int = 8
+    val_micro_batch_size: int = 8  # DPO/RM: pairs per forward (2x sequences: chosen and rejected)
     val_at_start: bool = True
     seed: int = 42
+
+
+@dataclass
+class SFTConfig(LoopConfig):
+    pass
 
 
 @dataclass
@@ -246,12 +254,7 @@ class SFTRunConfig:
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
 
     def check(self) -> None:
-        p, s = self.policy, self.sft
-        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
-        _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
-                  "policy.max_total_sequence_length", "sft.max_num_steps", "sft.max_num_epochs",
-                  "sft.val_global_batch_size", "sft.val_micro_batch_size")
-        _check_batch_sizes(p, "sft", s.val_global_batch_size, s.val_micro_batch_size)
+        _check_loop(self, "sft")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -300,15 +303,7 @@ class GRPORunConfig:
 
 
 @dataclass
-class DPOConfig:
-    max_num_epochs: int = 1
-    max_num_steps: int = 100
-    val_period: int = 10  # steps between validations; 0 disables
-    val_batches: int = 0  # 0 means the whole validation set
-    val_global_batch_size: int = 32  # preference pairs
-    val_micro_batch_size: int = 8  # pairs per forward (2x sequences: chosen and rejected)
-    val_at_start: bool = True
-    seed: int = 42
+class DPOConfig(LoopConfig):
     reference_policy_kl_penalty: float = 0.05  # beta: scale of the implicit reward log(pi / pi_ref)
     sft_loss_weight: float = 0.0  # weight of an added NLL term on the chosen replies
     preference_average_log_probs: bool = False  # preference term on per-token mean log-probs, not sums
@@ -331,11 +326,8 @@ class DPORunConfig:
 
     def check(self) -> None:
         p, d = self.policy, self.dpo
-        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
-        _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
-                  "policy.max_total_sequence_length", "dpo.max_num_steps", "dpo.max_num_epochs",
-                  "dpo.val_global_batch_size", "dpo.val_micro_batch_size", "dpo.reference_policy_kl_penalty")
-        _check_batch_sizes(p, "dpo", d.val_global_batch_size, d.val_micro_batch_size)
+        _check_loop(self, "dpo")
+        _positive(self, "dpo.reference_policy_kl_penalty")
         _require(d.sft_loss_weight >= 0, f"dpo.sft_loss_weight must be >= 0, got {d.sft_loss_weight}")
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
@@ -344,15 +336,8 @@ class DPORunConfig:
 
 
 @dataclass
-class RMConfig:
-    max_num_epochs: int = 1
-    max_num_steps: int = 100
-    val_period: int = 10  # steps between validations; 0 disables
-    val_batches: int = 0  # 0 means the whole validation set
-    val_global_batch_size: int = 32  # preference pairs
-    val_micro_batch_size: int = 8  # pairs per forward (2x sequences: chosen and rejected)
-    val_at_start: bool = True
-    seed: int = 42
+class RMConfig(LoopConfig):
+    pass
 
 
 @dataclass
@@ -367,12 +352,8 @@ class RMRunConfig:
     checkpointing: CheckpointingConfig = field(default_factory=lambda: CheckpointingConfig(checkpoint_dir="results/rm"))
 
     def check(self) -> None:
-        p, r = self.policy, self.rm
-        _require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
-        _positive(self, "policy.train_global_batch_size", "policy.train_micro_batch_size",
-                  "policy.max_total_sequence_length", "rm.max_num_steps", "rm.max_num_epochs",
-                  "rm.val_global_batch_size", "rm.val_micro_batch_size")
-        _check_batch_sizes(p, "rm", r.val_global_batch_size, r.val_micro_batch_size)
+        p = self.policy
+        _check_loop(self, "rm")
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for reward models (each sequence is scored "
                  "at its last token, so sequences are padded, not packed); set it to false")
@@ -446,14 +427,23 @@ class EvalRunConfig:
                                                                f"{d.max_samples}")
 
 
-def _check_batch_sizes(policy: PolicyConfig, section: str | None = None, val_global: int = 1,
-                       val_micro: int = 1) -> None:
-    """Global batches split into whole micro-batches, in training and (for `section`) validation."""
+def _check_batch_sizes(policy: PolicyConfig) -> None:
     _require(policy.train_global_batch_size % policy.train_micro_batch_size == 0,
              f"policy.train_global_batch_size ({policy.train_global_batch_size}) must be a multiple of "
              f"policy.train_micro_batch_size ({policy.train_micro_batch_size})")
-    _require(val_global % val_micro == 0, f"{section}.val_global_batch_size ({val_global}) must be a multiple "
-                                          f"of {section}.val_micro_batch_size ({val_micro})")
+
+
+def _check_loop(run, section: str) -> None:
+    """What SFT, DPO and RM require alike: a model, positive sizes, batches of whole micro-batches."""
+    loop: LoopConfig = getattr(run, section)
+    _require(bool(run.policy.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
+    _positive(run, "policy.train_global_batch_size", "policy.train_micro_batch_size",
+              "policy.max_total_sequence_length", f"{section}.max_num_steps", f"{section}.max_num_epochs",
+              f"{section}.val_global_batch_size", f"{section}.val_micro_batch_size")
+    _check_batch_sizes(run.policy)
+    _require(loop.val_global_batch_size % loop.val_micro_batch_size == 0,
+             f"{section}.val_global_batch_size ({loop.val_global_batch_size}) must be a multiple of "
+             f"{section}.val_micro_batch_size ({loop.val_micro_batch_size})")
 
 
 def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:
