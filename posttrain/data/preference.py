@@ -25,7 +25,7 @@ from posttrain.data.formats import (
     tokenize_conversation,
     tokenize_prompt_completion,
 )
-from posttrain.data.sources import DataError, RowSource
+from posttrain.data.sources import DataError, RowSource, load_validation_rows
 
 CHOSEN_KEY = "chosen"
 REJECTED_KEY = "rejected"
@@ -135,6 +135,15 @@ class PreferenceDataset:
             return tokenize_conversation(self.tokenizer, prompt + reply, self.max_length, trainable_from=len(prompt))
         text = "\n".join(m["content"] for m in prompt)
         return tokenize_prompt_completion(self.tokenizer, text, reply[-1]["content"], self.max_length)
+
+
+def load_validation_pairs(data: DataConfig, tokenizer, max_length: int, seed: int) -> list[PreferencePair]:
+    """Every validation pair, tokenized once (validation reuses them); [] without a validation set."""
+    rows = load_validation_rows(data, seed=seed)
+    if rows is None:
+        return []
+    dataset = PreferenceDataset(rows, tokenizer, data, max_length)
+    return [dataset[i] for i in range(len(dataset))]
 
 
 def make_pair_micro_batches(pairs: list[PreferencePair], micro_batch_size: int,

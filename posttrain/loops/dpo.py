@@ -21,17 +21,19 @@ from posttrain.config import DPORunConfig, save_config, to_dict
 from posttrain.data.preference import (
     PreferenceDataset,
     PreferencePair,
+    load_validation_pairs,
     make_pair_micro_batches,
     make_shared_prefix_micro_batches,
 )
 from posttrain.data.sampler import EpochSampler
-from posttrain.data.sources import load_rows, load_validation_rows
+from posttrain.data.sources import load_rows
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
     find_resume_checkpoint,
     read_state,
+    run_identity,
     save_run_checkpoint,
     set_rng_state,
 )
@@ -60,7 +62,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     transformers.set_seed(cfg.dpo.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
     resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
-    identity = _run_identity(cfg)
+    identity = run_identity(cfg.policy, cfg.data, cfg.dpo.seed)
     if resume_dir is not None:  # before anything is loaded from it
         check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
 
@@ -71,7 +73,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     train_rows = load_rows(data.dataset_name, data.train_split, subset=data.dataset_config,
                            arithmetic=data.arithmetic, seed=cfg.dpo.seed)
     train_set = PreferenceDataset(train_rows, tokenizer, data, max_len)
-    val_pairs = _validation_pairs(cfg, tokenizer)
+    val_pairs = load_validation_pairs(data, tokenizer, max_len, cfg.dpo.seed)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.dpo.seed, data.shuffle)
     total_steps = min(cfg.dpo.max_num_steps, cfg.dpo.max_num_epochs * sampler.batches_per_epoch)
 
@@ -175,23 +177,4 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
         result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
         console.print(f"Exported the final model to {result.final_model_dir}")
     return result
-
-
-def _run_identity(cfg: DPORunConfig) -> dict:
-    """What must match for a checkpoint to continue this run."""
-    return {
-        "model_name": cfg.policy.model_name,
-        "data": to_dict(cfg.data),
-        "train_global_batch_size": cfg.policy.train_global_batch_size,
-        "max_total_sequence_length": cfg.policy.max_total_sequence_length,
-        "seed": cfg.dpo.seed,
-    }
-
-
-def _validation_pairs(cfg: DPORunConfig, tokenizer) -> list[PreferencePair]:
-    rows = load_validation_rows(cfg.data, seed=cfg.dpo.seed)
-    if rows is None:
-        return []
-    dataset = PreferenceDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
-    return [dataset[i] for i in range(len(dataset))]
 

@@ -20,15 +20,21 @@ from rich.console import Console
 
 from posttrain.algos.rm import rm_objective
 from posttrain.config import RMRunConfig, save_config, to_dict
-from posttrain.data.preference import PreferenceDataset, PreferencePair, make_pair_micro_batches
+from posttrain.data.preference import (
+    PreferenceDataset,
+    PreferencePair,
+    load_validation_pairs,
+    make_pair_micro_batches,
+)
 from posttrain.data.sampler import EpochSampler
-from posttrain.data.sources import load_rows, load_validation_rows
+from posttrain.data.sources import load_rows
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
     find_resume_checkpoint,
     read_state,
+    run_identity,
     save_run_checkpoint,
     set_rng_state,
 )
@@ -53,7 +59,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
     transformers.set_seed(cfg.rm.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
     resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
-    identity = _run_identity(cfg)
+    identity = run_identity(cfg.policy, cfg.data, cfg.rm.seed)
     if resume_dir is not None:  # before anything is loaded from it
         check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
 
@@ -64,7 +70,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
     train_rows = load_rows(data.dataset_name, data.train_split, subset=data.dataset_config,
                            arithmetic=data.arithmetic, seed=cfg.rm.seed)
     train_set = PreferenceDataset(train_rows, tokenizer, data, max_len)
-    val_pairs = _validation_pairs(cfg, tokenizer)
+    val_pairs = load_validation_pairs(data, tokenizer, max_len, cfg.rm.seed)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.rm.seed, data.shuffle)
     total_steps = min(cfg.rm.max_num_steps, cfg.rm.max_num_epochs * sampler.batches_per_epoch)
 
@@ -152,23 +158,4 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
         result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
         console.print(f"Exported the final reward model to {result.final_model_dir}")
     return result
-
-
-def _run_identity(cfg: RMRunConfig) -> dict:
-    """What must match for a checkpoint to continue this run."""
-    return {
-        "model_name": cfg.policy.model_name,
-        "data": to_dict(cfg.data),
-        "train_global_batch_size": cfg.policy.train_global_batch_size,
-        "max_total_sequence_length": cfg.policy.max_total_sequence_length,
-        "seed": cfg.rm.seed,
-    }
-
-
-def _validation_pairs(cfg: RMRunConfig, tokenizer) -> list[PreferencePair]:
-    rows = load_validation_rows(cfg.data, seed=cfg.rm.seed)
-    if rows is None:
-        return []
-    dataset = PreferenceDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
-    return [dataset[i] for i in range(len(dataset))]
 

@@ -27,6 +27,7 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
+    run_identity,
     save_run_checkpoint,
     set_rng_state,
 )
@@ -53,7 +54,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     transformers.set_seed(cfg.sft.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
     resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
-    identity = _run_identity(cfg)
+    identity = run_identity(cfg.policy, cfg.data, cfg.sft.seed)
     if resume_dir is not None:  # before anything is loaded from it
         check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
 
@@ -140,17 +141,6 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
         result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
         console.print(f"Exported the final model to {result.final_model_dir}")
     return result
-
-
-def _run_identity(cfg: SFTRunConfig) -> dict:
-    """What must match for a checkpoint to continue this run."""
-    return {
-        "model_name": cfg.policy.model_name,
-        "data": to_dict(cfg.data),
-        "train_global_batch_size": cfg.policy.train_global_batch_size,
-        "max_total_sequence_length": cfg.policy.max_total_sequence_length,
-        "seed": cfg.sft.seed,
-    }
 
 
 def _validation_samples(cfg: SFTRunConfig, tokenizer) -> list[Sample]:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from posttrain.config import CheckpointingConfig, ConfigError
+from posttrain.config import CheckpointingConfig, ConfigError, DataConfig, PolicyConfig, to_dict
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
@@ -131,3 +131,14 @@ def save_run_checkpoint(manager: CheckpointManager, step: int, save_model: Calla
         torch.save(rng_state(), directory / "rng.pt")
 
     manager.save(step, {"identity": identity, "sampler": sampler_state, "metrics": metrics}, write)
+
+
+def run_identity(policy: PolicyConfig, data: DataConfig, seed: int) -> dict[str, Any]:
+    """What must match for a checkpoint to continue an SFT, DPO or RM run."""
+    return {
+        "model_name": policy.model_name,
+        "data": to_dict(data),
+        "train_global_batch_size": policy.train_global_batch_size,
+        "max_total_sequence_length": policy.max_total_sequence_length,
+        "seed": seed,
+    }
