@@ -91,3 +91,20 @@ def make_micro_batches(
         pad_batch([samples[i] for i in order[start : start + micro_batch_size]], pad_token_id)
         for start in range(0, len(order), micro_batch_size)
     ]
+
+
+# Column labels of shared-prefix rows: the prefix every sequence of the row continues, padding,
+# and (any other value) the number of the sequence a column belongs to.
+SHARED_PREFIX, PADDING = 0, -1
+
+
+def shared_prefix_attention_mask(segment: torch.Tensor) -> torch.Tensor:
+    """The boolean [rows, 1, width, width] mask of rows labelled by `segment` [rows, width]: a token
+    sees the shared prefix and the earlier tokens of its own sequence, never another sequence, so
+    it has the context it has in a row of its own. Padding sees only itself (a row with nothing to
+    attend to would give NaN)."""
+    width = segment.shape[1]
+    query, key = segment[:, :, None], segment[:, None, :]
+    sees = (query != PADDING) & ((key == SHARED_PREFIX) | (key == query))
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    return ((sees & causal) | torch.eye(width, dtype=torch.bool))[:, None]

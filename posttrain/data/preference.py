@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.data.collate import pad_batch
+from posttrain.data.collate import PADDING, SHARED_PREFIX, pad_batch, shared_prefix_attention_mask
 from posttrain.data.formats import (
     Sample,
     check_messages,
@@ -189,7 +189,7 @@ def _shared_row_length(pair: PreferencePair) -> int:
     return len(pair.chosen.input_ids) + len(pair.rejected.input_ids) - _shared_length(pair)
 
 
-_PREFIX, _CHOSEN, _REJECTED, _PAD = 0, 1, 2, 3
+_CHOSEN, _REJECTED = 1, 2  # sequence numbers in a shared-prefix row
 
 
 def _shared_prefix_batch(pairs: list[PreferencePair], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -198,7 +198,7 @@ def _shared_prefix_batch(pairs: list[PreferencePair], pad_token_id: int) -> dict
     span = max(len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected)) - 1  # predicted tokens per sequence
     input_ids = torch.full((n, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
-    segment = torch.full((n, width), _PAD, dtype=torch.long)
+    segment = torch.full((n, width), PADDING, dtype=torch.long)
     # For sequence s (chosen rows first) and its token t+1: the target, its loss-mask bit, and the
     # flat index (row * width + column) of the position whose logits predict it.
     targets = torch.zeros((2 * n, span), dtype=torch.long)
@@ -212,7 +212,7 @@ def _shared_prefix_batch(pairs: list[PreferencePair], pad_token_id: int) -> dict
         input_ids[row, shared + c : shared + c + r] = torch.tensor(rejected[shared:], dtype=torch.long)
         position_ids[row, : shared + c] = torch.arange(shared + c)
         position_ids[row, shared + c : shared + c + r] = torch.arange(shared, shared + r)
-        segment[row, :shared] = _PREFIX
+        segment[row, :shared] = SHARED_PREFIX
         segment[row, shared : shared + c] = _CHOSEN
         segment[row, shared + c : shared + c + r] = _REJECTED
         # A token at index j of the chosen sequence sits in column j; of the rejected one, in column
@@ -224,10 +224,6 @@ def _shared_prefix_batch(pairs: list[PreferencePair], pad_token_id: int) -> dict
         for s, sample in ((row, pair.chosen), (n + row, pair.rejected)):
             targets[s, : len(sample.input_ids) - 1] = torch.tensor(sample.input_ids[1:], dtype=torch.long)
             target_mask[s, : len(sample.input_ids) - 1] = torch.tensor(sample.loss_mask[1:], dtype=torch.float32)
-    query, key = segment[:, :, None], segment[:, None, :]
-    causal = torch.ones(width, width, dtype=torch.bool).tril()
-    sees = ((key == _PREFIX) & (query != _PAD)) | ((key == query) & (query != _PAD))
-    # Padding attends to itself only: a row with nothing to attend to would produce NaN.
-    attention_mask = (causal & sees) | torch.eye(width, dtype=torch.bool)
-    return {"input_ids": input_ids, "position_ids": position_ids, "attention_mask": attention_mask[:, None],
+    return {"input_ids": input_ids, "position_ids": position_ids,
+            "attention_mask": shared_prefix_attention_mask(segment),
             "targets": targets, "target_mask": target_mask, "source_index": source_index}

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from posttrain.algos.grpo import clipped_pg_loss
 from posttrain.config import GRPORunConfig
+from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
 from posttrain.train.logprobs import packed_logits, supports_shared_prefix, token_entropy, token_logprobs
 from posttrain.train.model import DTYPES, load_model
 from posttrain.train.policy import Policy
@@ -63,7 +64,7 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
     span = max(len(t.response_ids) for t in trajectories)
     input_ids = torch.full((len(groups), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(groups), width), dtype=torch.long)
-    segment = torch.full((len(groups), width), _PAD, dtype=torch.long)  # _PROMPT, k for response k, or _PAD
+    segment = torch.full((len(groups), width), PADDING, dtype=torch.long)  # or SHARED_PREFIX, or k for response k
     per_token = (len(trajectories), span)
     source_index = torch.zeros(per_token, dtype=torch.long)
     targets = torch.zeros(per_token, dtype=torch.long)
@@ -74,7 +75,7 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
         p = len(group[0].prompt_ids)
         input_ids[row, :p] = torch.tensor(group[0].prompt_ids)
         position_ids[row, :p] = torch.arange(p)
-        segment[row, :p] = _PROMPT
+        segment[row, :p] = SHARED_PREFIX
         column = p
         for k, t in enumerate(group, start=1):
             r = len(t.response_ids)
@@ -90,13 +91,9 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
             column += r
             i += 1
     if share_prompts:
-        query, key = segment[:, :, None], segment[:, None, :]
-        sees = (query != _PAD) & ((key == _PROMPT) | (key == query))
-        causal = torch.ones(width, width, dtype=torch.bool).tril()
-        # Padding attends to itself only: a row with nothing to attend to would produce NaN.
-        attention_mask = ((sees & causal) | torch.eye(width, dtype=torch.bool))[:, None]
+        attention_mask = shared_prefix_attention_mask(segment)
     else:
-        attention_mask = (segment != _PAD).long()
+        attention_mask = (segment != PADDING).long()
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
@@ -108,8 +105,6 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
         "advantages": torch.tensor([t.advantage for t in trajectories], dtype=torch.float32),
     }
 
-
-_PROMPT, _PAD = 0, -1
 
 
 def response_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
