@@ -100,11 +100,17 @@ class HFGenerationBackend(GenerationBackend):
         the positions it derives from the attention mask, which the prefill uses too. None when
         every prompt is distinct.
         """
-        first_row: dict[tuple[int, ...], int] = {}
-        source = [first_row.setdefault(tuple(p), len(first_row)) for p in prompts]
-        if len(first_row) == len(prompts) or input_ids.shape[1] < 2:
+        unique_of: dict[tuple[int, ...], int] = {}  # prompt -> its number among the distinct ones
+        first_rows: list[int] = []
+        source = []
+        for row, prompt in enumerate(prompts):
+            if tuple(prompt) not in unique_of:
+                unique_of[tuple(prompt)] = len(first_rows)
+                first_rows.append(row)
+            source.append(unique_of[tuple(prompt)])
+        if len(first_rows) == len(prompts) or input_ids.shape[1] < 2:
             return None
-        unique = torch.tensor([source.index(i) for i in range(len(first_row))])
+        unique = torch.tensor(first_rows)
         ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
