@@ -186,3 +186,51 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def posttrain_overrides(args: argparse.Namespace, model_dir: Path, out: Path) -> list[str]:
+    """posttrain settings the SFT and DPO benchmarks share, set to TRL's defaults where they differ."""
+    return [
+        f"policy.model_name={model_dir}",
+        "policy.device=cpu",
+        "policy.precision=float32",
+        f"policy.train_global_batch_size={args.global_batch}",
+        f"policy.train_micro_batch_size={args.micro_batch}",
+        f"policy.max_total_sequence_length={args.max_length}",
+        f"policy.optimizer.lr={args.lr}",
+        "policy.optimizer.weight_decay=0.0",  # TRL's default
+        "policy.scheduler.name=linear",  # = TRL's default: linear to 0, no warm-up
+        "policy.scheduler.warmup_steps=0",
+        "policy.scheduler.min_lr_ratio=0.0",
+        "policy.max_grad_norm=1.0",
+        "data.val_split=null",  # no validation, as no eval for TRL
+        "logger.tensorboard_enabled=false",
+        "logger.console_period=0",
+        f"logger.log_dir={out / 'logs'}",
+        "checkpointing.enabled=false",
+        "checkpointing.resume=never",
+        f"checkpointing.checkpoint_dir={out / 'ckpt'}",
+    ]
+
+
+def trl_arguments(args: argparse.Namespace, out: Path) -> dict:
+    """TRL TrainingArguments the SFT and DPO benchmarks share: the same batches, schedule and
+    precision as posttrain, posttrain's batch order, and no saving, evaluation or reporting."""
+    return dict(
+        output_dir=str(out), max_steps=args.steps, seed=args.seed,
+        per_device_train_batch_size=args.micro_batch,
+        gradient_accumulation_steps=args.global_batch // args.micro_batch,
+        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+        max_length=args.max_length,
+        use_cpu=True, bf16=False, activation_checkpointing=False, model_init_kwargs={"dtype": "float32"},
+        train_sampling_strategy="sequential",
+        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+    )
+
+
+def sampled_indices(size: int, cfg, seed: int, steps: int) -> list[list[int]]:
+    """The dataset indices posttrain's sampler draws for each of the first `steps` steps."""
+    from posttrain.data.sampler import EpochSampler
+
+    sampler = EpochSampler(size, cfg.policy.train_global_batch_size, seed, cfg.data.shuffle)
+    return [sampler.next_batch() for _ in range(steps)]

@@ -35,16 +35,18 @@ from bench.common import (
     alternate,
     fresh,
     machine_info,
+    posttrain_overrides,
     print_machine_info,
     print_summary,
     quiet_hf,
+    sampled_indices,
     summarize,
     torch_threads,
     train_trl,
+    trl_arguments,
 )
 from posttrain.config import SFTRunConfig, load_config
 from posttrain.data.formats import Sample, SFTDataset
-from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.sft import run_sft
@@ -60,29 +62,11 @@ TRL_SETTINGS = ("SFTConfig defaults (optim adamw_torch_fused, packing off, paddi
 
 def posttrain_config(args: argparse.Namespace, model_dir: Path, out: Path) -> SFTRunConfig:
     return load_config(SFTRunConfig, None, [
-        f"policy.model_name={model_dir}",
-        "policy.device=cpu",
-        "policy.precision=float32",
-        f"policy.train_global_batch_size={args.global_batch}",
-        f"policy.train_micro_batch_size={args.micro_batch}",
-        f"policy.max_total_sequence_length={args.max_length}",
-        f"policy.optimizer.lr={args.lr}",
-        "policy.optimizer.weight_decay=0.0",  # TRL's default
-        "policy.scheduler.name=linear",  # = TRL's default: linear to 0, no warm-up
-        "policy.scheduler.warmup_steps=0",
-        "policy.scheduler.min_lr_ratio=0.0",
-        "policy.max_grad_norm=1.0",
+        *posttrain_overrides(args, model_dir, out),
         "data.dataset_name=arithmetic",
-        "data.val_split=null",  # no validation, as no eval for TRL
         f"sft.max_num_steps={args.steps}",
         "sft.max_num_epochs=1000",
         f"sft.seed={args.seed}",
-        "logger.tensorboard_enabled=false",
-        "logger.console_period=0",
-        f"logger.log_dir={out / 'logs'}",
-        "checkpointing.enabled=false",
-        "checkpointing.resume=never",
-        f"checkpointing.checkpoint_dir={out / 'ckpt'}",
     ])
 
 
@@ -91,10 +75,8 @@ def step_batches(cfg: SFTRunConfig, steps: int) -> tuple[list[dict], list[list[S
     tokenizer = load_tokenizer(cfg.policy)
     rows = load_rows(cfg.data.dataset_name, cfg.data.train_split, arithmetic=cfg.data.arithmetic, seed=cfg.sft.seed)
     dataset = SFTDataset(rows, tokenizer, cfg.data, cfg.policy.max_total_sequence_length)
-    sampler = EpochSampler(len(dataset), cfg.policy.train_global_batch_size, cfg.sft.seed, cfg.data.shuffle)
     ordered_rows, batches = [], []
-    for _ in range(steps):
-        indices = sampler.next_batch()
+    for indices in sampled_indices(len(dataset), cfg, cfg.sft.seed, steps):
         ordered_rows += [rows.rows[i] for i in indices]
         batches.append([dataset[i] for i in indices])
     return ordered_rows, batches
@@ -119,16 +101,7 @@ def run_trl(args: argparse.Namespace, model_dir: Path, out: Path, rows: list[dic
          "completion": [{"role": "assistant", "content": row["completion"]}]}
         for row in rows
     ])
-    config = SFTConfig(
-        output_dir=str(out), max_steps=args.steps, seed=args.seed,
-        per_device_train_batch_size=args.micro_batch,
-        gradient_accumulation_steps=args.global_batch // args.micro_batch,
-        learning_rate=args.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_length=args.max_length, packing=False,
-        use_cpu=True, bf16=False, activation_checkpointing=False, model_init_kwargs={"dtype": "float32"},
-        train_sampling_strategy="sequential",
-        logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
-    )
+    config = SFTConfig(**trl_arguments(args, out), packing=False)
     trainer = SFTTrainer(model=str(model_dir), args=config, train_dataset=conversational,
                          processing_class=AutoTokenizer.from_pretrained(model_dir))
     check_same_tokens(trainer.train_dataset, samples)
