@@ -9,8 +9,8 @@ of the *global* batch, so micro-batching leaves gradients and metrics unchanged.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
+from posttrain.algos.rm import rm_loss
 from posttrain.config import DPOConfig
 
 
@@ -32,17 +32,10 @@ def dpo_loss(
 
     `num_pairs` is the global batch's pair count (default N); loss and metrics are sums divided by it.
     """
-    n = float(num_pairs if num_pairs is not None else policy_chosen.numel())
-    rewards_chosen = beta * (policy_chosen - reference_chosen)
-    rewards_rejected = beta * (policy_rejected - reference_rejected)
-    margin = rewards_chosen - rewards_rejected
-    loss = -F.logsigmoid(margin).sum() / n
-    metrics = {
-        "rewards_chosen": rewards_chosen.detach().sum() / n,
-        "rewards_rejected": rewards_rejected.detach().sum() / n,
-        "reward_accuracy": (margin.detach() > 0).float().sum() / n,  # ties (step 0) count as wrong
-        "margin": margin.detach().sum() / n,
-    }
+    # The Bradley-Terry loss of a reward model, with DPO's implicit reward beta * log(pi / pi_ref).
+    loss, metrics = rm_loss(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected),
+                            num_pairs)
+    metrics["reward_accuracy"] = metrics.pop("accuracy")  # ties (step 0) count as wrong
     return loss, metrics
 
 
