@@ -53,8 +53,10 @@ from posttrain.loops.sft import run_sft
 from posttrain.train.model import load_tokenizer
 
 METRICS = ["first_loss", "final_loss"]
-POSTTRAIN_SETTINGS = ("defaults (padded micro-batches sorted by length, no packing; fused AdamW) with the "
-                      "shared settings above, no validation, checkpointing off, tensorboard off, quiet console")
+POSTTRAIN_SETTINGS = ("defaults (padded micro-batches sorted by length, fused AdamW, LM head on target positions "
+                      "only) with the shared settings above, and dynamic batching on (micro-batches of up to "
+                      "micro-batch x max length padded tokens, the memory bound of the fixed micro-batch); "
+                      "no validation, checkpointing off, tensorboard off, quiet console")
 TRL_SETTINGS = ("SFTConfig defaults (optim adamw_torch_fused, packing off, padding to the longest in the micro-batch, "
                 "completion-only loss) except use_cpu=True, bf16=False, activation_checkpointing=False, "
                 "train_sampling_strategy='sequential', logging_steps=1, save/eval off, no console output")
@@ -64,6 +66,7 @@ def posttrain_config(args: argparse.Namespace, model_dir: Path, out: Path) -> SF
     return load_config(SFTRunConfig, None, [
         *posttrain_overrides(args, model_dir, out),
         "data.dataset_name=arithmetic",
+        "policy.dynamic_batching.enabled=true",
         f"sft.max_num_steps={args.steps}",
         "sft.max_num_epochs=1000",
         f"sft.seed={args.seed}",

@@ -60,6 +60,17 @@ class SequencePackingConfig:
 
 
 @dataclass
+class DynamicBatchingConfig:
+    """Micro-batches filled up to a token budget, counted with padding, instead of a fixed number of
+    sequences (NeMo RL's dynamic batching): short sequences share one forward pass, while a
+    micro-batch never holds more padded tokens than `train_micro_batch_size` full-length ones."""
+
+    enabled: bool = False
+    # Padded tokens per micro-batch; None means train_micro_batch_size * max_total_sequence_length.
+    train_mb_tokens: int | None = None
+
+
+@dataclass
 class GenerationConfig:
     backend: Literal["hf"] = "hf"
     max_new_tokens: int = 512
@@ -86,6 +97,7 @@ class PolicyConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     sequence_packing: SequencePackingConfig = field(default_factory=SequencePackingConfig)
+    dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
@@ -254,7 +266,16 @@ class SFTRunConfig:
     checkpointing: CheckpointingConfig = field(default_factory=CheckpointingConfig)
 
     def check(self) -> None:
+        p = self.policy
         _check_loop(self, "sft")
+        _require(not (p.sequence_packing.enabled and p.dynamic_batching.enabled),
+                 "policy.sequence_packing.enabled and policy.dynamic_batching.enabled are two ways of filling a "
+                 "micro-batch; enable one of them")
+        for key in ("sequence_packing", "dynamic_batching"):
+            budget = getattr(p, key).train_mb_tokens
+            _require(budget is None or budget >= p.max_total_sequence_length,
+                     f"policy.{key}.train_mb_tokens ({budget}) must be at least policy.max_total_sequence_length "
+                     f"({p.max_total_sequence_length}), or null, so that the longest sequence fits a micro-batch")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -285,6 +306,10 @@ class GRPORunConfig:
         _check_batch_sizes(p)
         _require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
+        for key in ("sequence_packing", "dynamic_batching"):
+            _require(not getattr(p, key).enabled,
+                     f"policy.{key}.enabled is an SFT option; GRPO already packs each group's responses after "
+                     "one copy of their prompt; set it to false")
         _require(loss.reference_policy_kl_penalty >= 0, "loss_fn.reference_policy_kl_penalty must be >= 0")
         _require(loss.ratio_clip_min >= 0 and loss.ratio_clip_max >= 0, "loss_fn.ratio_clip_min/max must be >= 0")
         _require(loss.ratio_clip_c is None or loss.ratio_clip_c > 1, "loss_fn.ratio_clip_c must be > 1 (or null)")
@@ -332,6 +357,8 @@ class DPORunConfig:
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
                  "side by side); set it to false")
+        _require(not p.dynamic_batching.enabled,
+                 "policy.dynamic_batching.enabled is implemented for SFT only so far; set it to false")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -357,6 +384,8 @@ class RMRunConfig:
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for reward models (each sequence is scored "
                  "at its last token, so sequences are padded, not packed); set it to false")
+        _require(not p.dynamic_batching.enabled,
+                 "policy.dynamic_batching.enabled is implemented for SFT only so far; set it to false")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 

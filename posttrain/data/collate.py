@@ -72,12 +72,15 @@ def make_micro_batches(
     micro_batch_size: int,
     pad_token_id: int,
     pack: tuple[int, int] | None = None,
+    token_budget: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """Split one global batch into micro-batches.
+    """Split one global batch into micro-batches of `micro_batch_size` padded sequences.
 
     `pack=(row_tokens, micro_batch_tokens)` switches on packing: sequences are packed into rows of
     at most `row_tokens`, and rows are stacked while the micro-batch stays within its token budget
     (attention cost grows with the square of the row length, so rows are kept short).
+    `token_budget` switches on dynamic batching: a micro-batch takes as many sequences as fit in
+    that many padded tokens, so short sequences need fewer forward passes.
     """
     if pack is not None:
         row_tokens, budget = pack
@@ -87,10 +90,26 @@ def make_micro_batches(
     # Sorting by length before chunking keeps padding small; the loss is normalised per global batch,
     # so the order does not change the result.
     order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    return [
-        pad_batch([samples[i] for i in order[start : start + micro_batch_size]], pad_token_id)
-        for start in range(0, len(order), micro_batch_size)
-    ]
+    if token_budget is None:
+        groups = [order[start : start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+    else:
+        groups = fill_token_budget([len(samples[i].input_ids) for i in order], token_budget)
+        groups = [[order[k] for k in group] for group in groups]
+    return [pad_batch([samples[i] for i in group], pad_token_id) for group in groups]
+
+
+def fill_token_budget(ascending_lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Consecutive groups of positions in `ascending_lengths` whose padded size (count x the
+    longest, which is the last) stays within `token_budget`."""
+    groups: list[list[int]] = []
+    for k, n in enumerate(ascending_lengths):
+        if n > token_budget:
+            raise ValueError(f"a sequence of {n} tokens does not fit a micro-batch of {token_budget} tokens")
+        if groups and (len(groups[-1]) + 1) * n <= token_budget:
+            groups[-1].append(k)
+        else:
+            groups.append([k])
+    return groups
 
 
 # Column labels of shared-prefix rows: the prefix every sequence of the row continues, padding,

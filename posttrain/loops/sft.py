@@ -68,9 +68,12 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     val_samples = _validation_samples(cfg, tokenizer)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.sft.seed, data.shuffle)
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
-    pack = None
+    pack = train_budget = val_budget = None
     if cfg.policy.sequence_packing.enabled:
         pack = (max_len, cfg.policy.sequence_packing.train_mb_tokens or cfg.policy.train_micro_batch_size * max_len)
+    if cfg.policy.dynamic_batching.enabled:
+        train_budget = cfg.policy.dynamic_batching.train_mb_tokens or cfg.policy.train_micro_batch_size * max_len
+        val_budget = cfg.sft.val_micro_batch_size * max_len
 
     # ---- model, optimizer, resume
     policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer,
@@ -98,7 +101,8 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
         if cfg.sft.val_batches:
             samples = samples[: cfg.sft.val_batches * cfg.sft.val_global_batch_size]
         n = sum(sum(s.loss_mask[1:]) for s in samples)
-        batches = make_micro_batches(samples, cfg.sft.val_micro_batch_size, tokenizer.pad_token_id)
+        batches = make_micro_batches(samples, cfg.sft.val_micro_batch_size, tokenizer.pad_token_id,
+                                     token_budget=val_budget)
         return policy.evaluate(batches, loss_of(n))
 
     result = SFTResult(steps=step)
@@ -113,7 +117,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
             samples: list[Sample] = [train_set[i] for i in sampler.next_batch()]
             num_targets = sum(sum(s.loss_mask[1:]) for s in samples)
             micro_batches = make_micro_batches(samples, cfg.policy.train_micro_batch_size,
-                                               tokenizer.pad_token_id, pack)
+                                               tokenizer.pad_token_id, pack, train_budget)
             out = policy.train_step(micro_batches, loss_of(num_targets))
             elapsed = time.perf_counter() - start
             metrics = {
@@ -121,6 +125,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
                 "train/num_target_tokens": num_targets,
+                "train/num_micro_batches": len(micro_batches),
                 "train/tokens_per_sec": sum(len(s.input_ids) for s in samples) / elapsed,
                 "train/step_time_s": elapsed,
                 "train/truncated_fraction": sum(s.truncated for s in samples) / len(samples),

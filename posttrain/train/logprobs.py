@@ -6,6 +6,8 @@ vocabulary in float32: each chunk of positions computes `logit[target] - logsume
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -14,7 +16,7 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int 
     flat_logits = logits.reshape(-1, logits.shape[-1])
     flat_targets = targets.reshape(-1)
     pieces = []
-    for start in range(0, flat_logits.shape[0], chunk_size):
+    for start in range(0, max(flat_logits.shape[0], 1), chunk_size):  # no positions: one empty piece
         chunk = flat_logits[start : start + chunk_size].float()
         picked = chunk.gather(-1, flat_targets[start : start + chunk_size, None]).squeeze(-1)
         pieces.append(picked - torch.logsumexp(chunk, dim=-1))
@@ -32,17 +34,25 @@ def token_entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
     return torch.cat(pieces).view(logits.shape[:-1])
 
 
-def shifted_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Logits predicting tokens 1..T-1 of each row [B, T-1, V], divided by the sampling temperature
-    so that trainer and generator score tokens under the same distribution."""
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False).logits[:, :-1]
-    return logits / temperature if temperature != 1.0 else logits
-
-
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of tokens 1..T-1 of each row and the matching loss mask (both [B, T-1])."""
-    return token_logprobs(shifted_logits(model, batch), batch["input_ids"][:, 1:]), batch["loss_mask"][:, 1:]
+    """Log-probs and loss mask [B, K] of the K columns of tokens 1..T-1 where some row has a target.
+
+    The LM head and the softmax run only at the positions that predict those columns: prompt-only
+    columns (most of a typical SFT batch) get no logits at all, which saves the largest matmul of a
+    big-vocabulary model. Every caller sums masked log-probs, so the left-out columns change nothing.
+    """
+    loss_mask = batch["loss_mask"][:, 1:]
+    predictors = loss_mask.any(dim=0).nonzero().squeeze(-1)  # position t predicts token t + 1
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    logits = model(**inputs, use_cache=False, **_only_positions(model, predictors)).logits
+    if logits.shape[1] != predictors.numel():  # a model without `logits_to_keep` returns every position
+        logits = logits[:, predictors]
+    return token_logprobs(logits, batch["input_ids"][:, predictors + 1]), loss_mask[:, predictors]
+
+
+def _only_positions(model, positions: torch.Tensor) -> dict[str, torch.Tensor]:
+    """transformers' `logits_to_keep` (a tensor of positions), where the model's forward takes it."""
+    return {"logits_to_keep": positions} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 
 def supports_shared_prefix(model) -> bool:

@@ -68,6 +68,20 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_model_dir, tmp_pat
     assert resumed.train_losses[5] == pytest.approx(first.train_losses[5], abs=1e-6)
 
 
+def test_dynamic_batching_trains_the_same_run_in_fewer_forward_passes(tiny_model_dir, tmp_path):
+    steps = ["sft.max_num_steps=4", "sft.val_period=2", "checkpointing.enabled=false"]
+    fixed = run_sft(_cfg(tiny_model_dir, tmp_path / "fixed", *steps))
+    dynamic = run_sft(_cfg(tiny_model_dir, tmp_path / "dynamic", *steps, "policy.dynamic_batching.enabled=true"))
+    for step in range(1, 5):
+        assert dynamic.train_losses[step] == pytest.approx(fixed.train_losses[step], abs=1e-5)
+    for step in (0, 2, 4):
+        assert dynamic.val_losses[step] == pytest.approx(fixed.val_losses[step], abs=1e-5)
+    # 32 arithmetic chats of ~22 tokens: two fixed micro-batches of 16, or one within 16 x 48 padded tokens
+    for run, expected in (("fixed", 2), ("dynamic", 1)):
+        counts = {r["train/num_micro_batches"] for r in _logged(tmp_path / run / "logs") if "train/loss" in r}
+        assert counts == {expected}
+
+
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_model_dir, tmp_path):
     run_sft(_cfg(tiny_model_dir, tmp_path, "sft.max_num_steps=2", "checkpointing.save_period=2"))
     with pytest.raises(ConfigError, match="data"):

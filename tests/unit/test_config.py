@@ -184,6 +184,34 @@ def test_save_config_round_trip_with_dollar_brace(tmp_path):
     assert loaded.data.system_prompt == "Prices look like ${amount}."
 
 
+@pytest.mark.parametrize(("overrides", "pattern"), [
+    (["policy.sequence_packing.enabled=true", "policy.dynamic_batching.enabled=true"],
+     r"sequence_packing\.enabled and policy\.dynamic_batching\.enabled are two ways .* enable one of them"),
+    (["policy.max_total_sequence_length=64", "policy.dynamic_batching.train_mb_tokens=32"],
+     r"policy\.dynamic_batching\.train_mb_tokens \(32\) must be at least policy\.max_total_sequence_length \(64\)"),
+    (["policy.max_total_sequence_length=64", "policy.sequence_packing.train_mb_tokens=10"],
+     r"policy\.sequence_packing\.train_mb_tokens \(10\) must be at least"),
+])
+def test_sft_micro_batch_filling_is_checked(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(SFTRunConfig, None, [*BASE, *overrides])
+    cfg = load_config(SFTRunConfig, None, [*BASE, "policy.max_total_sequence_length=64",
+                                           "policy.dynamic_batching.enabled=true",
+                                           "policy.dynamic_batching.train_mb_tokens=64"])
+    assert cfg.policy.dynamic_batching.train_mb_tokens == 64  # a budget of one full-length sequence is fine
+
+
+@pytest.mark.parametrize("run", [DPORunConfig, RMRunConfig, GRPORunConfig])
+def test_dynamic_batching_is_rejected_where_it_is_not_implemented(run):
+    with pytest.raises(ConfigError, match=r"policy\.dynamic_batching\.enabled is (implemented for SFT only|an SFT option)"):
+        load_config(run, None, [*BASE, "policy.dynamic_batching.enabled=true"])
+
+
+def test_grpo_rejects_sequence_packing_instead_of_ignoring_it():
+    with pytest.raises(ConfigError, match=r"policy\.sequence_packing\.enabled is an SFT option; GRPO already packs"):
+        load_config(GRPORunConfig, None, [*BASE, "policy.sequence_packing.enabled=true"])
+
+
 # --------------------------------------------------------------------------- GRPO
 
 

@@ -1,6 +1,9 @@
+import pytest
 import torch
 
-from posttrain.train.logprobs import token_logprobs
+from posttrain.config import PolicyConfig
+from posttrain.train.logprobs import sequence_logprobs, token_logprobs
+from posttrain.train.model import load_model
 
 
 def test_chunked_logprobs_equal_full_log_softmax():
@@ -15,3 +18,66 @@ def test_chunked_logprobs_equal_full_log_softmax():
 def test_logprobs_are_float32_for_bfloat16_logits():
     logits = torch.randn(2, 3, 10).to(torch.bfloat16)
     assert token_logprobs(logits, torch.zeros(2, 3, dtype=torch.long)).dtype == torch.float32
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_model_dir):
+    return load_model(PolicyConfig(model_name=str(tiny_model_dir)), torch.device("cpu"))
+
+
+def _full_logprobs(model, batch):
+    """Reference: logits at every position, log_softmax over the whole vocabulary."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    return logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+
+
+def test_sequence_logprobs_score_only_target_columns_and_match_the_full_forward(tiny_model):
+    torch.manual_seed(0)
+    input_ids = torch.randint(3, 400, (2, 9))
+    attention_mask = torch.ones(2, 9, dtype=torch.long)
+    attention_mask[1, 7:] = 0
+    loss_mask = torch.zeros(2, 9)
+    loss_mask[0, 5:] = 1  # tokens 5..8 of row 0, 3..6 of row 1: columns 2..7 of the shifted [2, 8] layout
+    loss_mask[1, 3:7] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    head_inputs = []
+    hook = tiny_model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_inputs.append(args[0]))
+    with torch.no_grad():
+        logprobs, mask = sequence_logprobs(tiny_model, batch)
+        hook.remove()
+        expected = _full_logprobs(tiny_model, batch)
+    assert head_inputs[0].shape[:2] == (2, 6)  # the LM head ran on the 6 predicting positions only
+    assert logprobs.shape == mask.shape == (2, 6)
+    torch.testing.assert_close(mask, loss_mask[:, 1:][:, 2:])
+    torch.testing.assert_close(logprobs, expected[:, 2:], rtol=1e-5, atol=1e-5)
+
+
+def test_sequence_logprobs_without_logits_to_keep(tiny_model):
+    """A model whose forward has no `logits_to_keep` returns every position; the columns are picked after."""
+
+    class NoLogitsToKeep(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache)
+
+    input_ids = torch.randint(3, 400, (1, 6))
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones(1, 6, dtype=torch.long),
+             "loss_mask": torch.tensor([[0.0, 0, 0, 1, 1, 0]])}
+    with torch.no_grad():
+        plain, _ = sequence_logprobs(NoLogitsToKeep(tiny_model), batch)
+        kept, _ = sequence_logprobs(tiny_model, batch)
+        expected = _full_logprobs(tiny_model, batch)
+    torch.testing.assert_close(plain, kept)
+    torch.testing.assert_close(plain, expected[:, 2:4], rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_without_targets_gives_a_zero_loss_that_backpropagates(tiny_model):
+    batch = {"input_ids": torch.randint(3, 400, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "loss_mask": torch.zeros(2, 5)}
+    logprobs, mask = sequence_logprobs(tiny_model, batch)
+    loss = -(logprobs * mask).sum()
+    loss.backward()
+    assert logprobs.shape == (2, 0) and loss.item() == 0.0

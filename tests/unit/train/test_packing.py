@@ -1,11 +1,11 @@
-"""Packed and padded micro-batches must give the same loss and gradients."""
+"""Packed, dynamically batched and padded micro-batches must give the same loss and gradients."""
 
 import pytest
 import torch
 
 from posttrain.algos.sft import nll_loss
 from posttrain.config import PolicyConfig
-from posttrain.data.collate import make_micro_batches, pack_sequences
+from posttrain.data.collate import fill_token_budget, make_micro_batches, pack_sequences
 from posttrain.data.formats import Sample
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.model import load_model, load_tokenizer
@@ -46,6 +46,28 @@ def test_packed_equals_padded(model_and_samples, pack):
     packed_loss, packed_grads = _loss_and_grads(model, packed, num_targets)
     assert abs(packed_loss - padded_loss) < 1e-5
     torch.testing.assert_close(packed_grads, padded_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("budget", [30, 64, 1000])
+def test_dynamic_batches_equal_fixed_ones(model_and_samples, budget):
+    model, pad, samples = model_and_samples
+    num_targets = sum(sum(s.loss_mask[1:]) for s in samples)
+    fixed_loss, fixed_grads = _loss_and_grads(model, make_micro_batches(samples, 1, pad), num_targets)
+    dynamic = make_micro_batches(samples, 1, pad, token_budget=budget)
+    assert all(b["input_ids"].numel() <= budget for b in dynamic)
+    assert len(dynamic) < len(samples)  # short sequences really share micro-batches
+    assert sum(b["input_ids"].shape[0] for b in dynamic) == len(samples)
+    dynamic_loss, dynamic_grads = _loss_and_grads(model, dynamic, num_targets)
+    assert abs(dynamic_loss - fixed_loss) < 1e-5
+    torch.testing.assert_close(dynamic_grads, fixed_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_fill_token_budget_counts_padding():
+    # [2, 3] pads to 6 <= 7; adding 4 would pad to 12; [4] then [6] (4 + 6 pads to 12 > 7)
+    assert fill_token_budget([2, 3, 4, 6], 7) == [[0, 1], [2], [3]]
+    assert fill_token_budget([2, 2, 2, 2], 8) == [[0, 1, 2, 3]]
+    with pytest.raises(ValueError, match="does not fit a micro-batch of 7 tokens"):
+        fill_token_budget([3, 8], 7)
 
 
 def test_micro_batch_size_does_not_change_the_loss(model_and_samples):
