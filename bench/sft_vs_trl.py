@@ -13,6 +13,10 @@ therefore agree closely: speed must not be bought with different math.
 Throughput counts the non-pad tokens (prompt + reply) of each step's sequences, the same count
 for both, over the steady-state steps (see bench/common.py).
 
+posttrain runs with one setting beyond its defaults: `policy.dynamic_batching.enabled=true`, which
+fills each micro-batch with length-sorted sequences up to micro-batch x max length padded tokens
+(the memory bound of the fixed micro-batch) instead of a fixed count; the math is unchanged.
+
 TRL settings beyond its defaults, and why: `use_cpu=True, bf16=False` (fp32, as posttrain);
 `activation_checkpointing=False` (TRL turns gradient checkpointing on by default; posttrain does not, so this is the
 like-for-like and faster choice for TRL); `train_sampling_strategy="sequential"` (the shared batch
