@@ -27,6 +27,49 @@ class StopOnStrings(StoppingCriteria):
         return torch.tensor([any(s in t for s in self.stop_strings) for t in texts], device=input_ids.device)
 
 
+class SampledTokenLogprobs:
+    """Log-probs of the sampled tokens under the raw logits / temperature, gathered step by step.
+
+    `output_logits=True` would hold a [B, V] tensor per new token until `generate` returns
+    (gigabytes with a 150K vocabulary and long responses). Hooks on the model instead keep one
+    step's log-softmax until the next forward pass, whose input is the token sampled from it.
+    Use as a context manager around `generate` (the hooks are removed on exit), then `of(new_tokens)`.
+    """
+
+    def __init__(self, model, temperature: float):
+        self.model, self.temperature = model, temperature
+        self.pending: torch.Tensor | None = None  # [B, V] of the last forward, its token not yet seen
+        self.picked: list[torch.Tensor] = []
+        self.hooks: list = []
+
+    def __enter__(self) -> SampledTokenLogprobs:
+        self.hooks = [self.model.register_forward_pre_hook(self._on_input, with_kwargs=True),
+                      self.model.register_forward_hook(self._on_output, with_kwargs=True)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+    def _on_input(self, module, args, kwargs) -> None:
+        if self.pending is not None:
+            sampled = kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+            self.picked.append(self.pending.gather(-1, sampled[:, -1:]).squeeze(-1))
+            self.pending = None
+
+    def _on_output(self, module, args, kwargs, output) -> None:
+        self.pending = (output.logits[:, -1].float() / self.temperature).log_softmax(-1)
+
+    def of(self, new_tokens: torch.Tensor) -> torch.Tensor:
+        """[B, new] log-probs of the `new_tokens` [B, new] that `generate` returned."""
+        if self.pending is not None:  # the last token: no forward pass consumed it
+            self.picked.append(self.pending.gather(-1, new_tokens[:, -1:].to(self.pending.device)).squeeze(-1))
+            self.pending = None
+        if len(self.picked) != new_tokens.shape[1]:
+            raise RuntimeError(f"{len(self.picked)} log-probs gathered for {new_tokens.shape[1]} new tokens")
+        return torch.stack(self.picked, dim=1).cpu()
+
+
 class HFGenerationBackend(GenerationBackend):
     """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies."""
 
@@ -62,27 +105,25 @@ class HFGenerationBackend(GenerationBackend):
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         greedy = sampling.temperature == 0
-        result = self.model.generate(
-            past_key_values=self._shared_prompt_cache(prompts, input_ids, attention_mask),
-            input_ids=input_ids.to(self.device),
-            attention_mask=attention_mask.to(self.device),
-            max_new_tokens=sampling.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else sampling.temperature,
-            top_p=None if greedy else sampling.top_p,
-            top_k=None if greedy else (sampling.top_k or 0),
-            stopping_criteria=StoppingCriteriaList(
-                [StopOnStrings(self.tokenizer, sampling.stop_strings, width)] if sampling.stop_strings else []),
-            eos_token_id=self.tokenizer.eos_token_id,
-            pad_token_id=pad,
-            use_cache=True,
-            output_logits=True,
-            return_dict_in_generate=True,
-        )
-        new_tokens = result.sequences[:, width:].cpu()
-        scale = 1.0 if greedy else sampling.temperature
-        logits = torch.stack(result.logits, dim=1).float().cpu() / scale  # [B, new, V], unprocessed logits
-        logprobs = logits.log_softmax(-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+        past_key_values = self._shared_prompt_cache(prompts, input_ids, attention_mask)
+        with SampledTokenLogprobs(self.model, 1.0 if greedy else sampling.temperature) as sampled:
+            sequences = self.model.generate(
+                past_key_values=past_key_values,
+                input_ids=input_ids.to(self.device),
+                attention_mask=attention_mask.to(self.device),
+                max_new_tokens=sampling.max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else sampling.temperature,
+                top_p=None if greedy else sampling.top_p,
+                top_k=None if greedy else (sampling.top_k or 0),
+                stopping_criteria=StoppingCriteriaList(
+                    [StopOnStrings(self.tokenizer, sampling.stop_strings, width)] if sampling.stop_strings else []),
+                eos_token_id=self.tokenizer.eos_token_id,
+                pad_token_id=pad,
+                use_cache=True,
+            )
+        new_tokens = sequences[:, width:].cpu()
+        logprobs = sampled.of(new_tokens)
         out = []
         for row in range(len(prompts)):
             ids, reason = self._trim(new_tokens[row].tolist(), sampling)

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.config import PolicyConfig
 from posttrain.data.formats import tokenize_prompt
 from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.rollout.hf import HFGenerationBackend, SampledTokenLogprobs
 from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logits
 from posttrain.train.logprobs import token_logprobs
 
@@ -78,6 +78,26 @@ def test_generator_logprobs_match_the_trainer_forward(backend, prompts, temperat
     generator = batch["generator_logprobs"]
     assert mask.sum() > 50
     assert (trainer - generator)[mask].abs().max().item() < 1e-3
+
+
+def test_step_by_step_logprobs_equal_those_of_the_stored_logits(backend, prompts):
+    """The hooks keep one step's distribution at a time, yet give what `output_logits` (every step's
+    [B, V] logits kept to the end) gives, including rows that stop early and are padded after."""
+    width = max(len(p) for p in prompts)
+    pad = backend.tokenizer.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = (ids != pad).long()
+    torch.manual_seed(1)
+    with SampledTokenLogprobs(backend.model, 0.8) as sampled, torch.no_grad():
+        result = backend.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                                        temperature=0.8, top_p=None, top_k=0, pad_token_id=pad,
+                                        eos_token_id=backend.tokenizer.eos_token_id,
+                                        output_logits=True, return_dict_in_generate=True)
+    new_tokens = result.sequences[:, width:]
+    assert (new_tokens[:, :-1] == backend.tokenizer.eos_token_id).any()  # a row stopped early (then padded)
+    expected = (torch.stack(result.logits, 1).float() / 0.8).log_softmax(-1).gather(-1, new_tokens[..., None])
+    torch.testing.assert_close(sampled.of(new_tokens), expected.squeeze(-1), rtol=1e-5, atol=1e-5)
+    assert len(backend.model._forward_hooks) == len(backend.model._forward_pre_hooks) == 0  # removed on exit
 
 
 def test_top_k_one_is_greedy(backend, prompts):
