@@ -26,13 +26,19 @@ _MLFLOW_PARAM_VALUE_MAX = 500  # the limit of older MLflow servers; newer ones a
 
 
 class MetricsLogger:
-    """Send `{name: value}` at a step to every enabled sink; use it as a context manager."""
+    """Send `{name: value}` at a step to every enabled sink; use it as a context manager.
+
+    `resumed_at` is the step of the checkpoint a resumed run continues from: the steps after it
+    were logged by the interrupted run and are about to be run (and logged) again, so their old
+    records leave `metrics.jsonl` and TensorBoard, and every step keeps one record.
+    """
 
     def __init__(
         self,
         cfg: LoggerConfig,
         run_config: dict[str, Any] | None = None,
         console: Console | None = None,
+        resumed_at: int | None = None,
     ) -> None:
         # Import optional trackers first so a missing one fails before anything is created on disk.
         wandb = _import_optional("wandb") if cfg.wandb_enabled else None
@@ -45,13 +51,16 @@ class MetricsLogger:
         self._mlflow: ModuleType | None = None
         log_dir = Path(cfg.log_dir)
         log_dir.mkdir(parents=True, exist_ok=True)
+        if resumed_at is not None:
+            _drop_records_after(log_dir / "metrics.jsonl", resumed_at, self._console)
         # Append: a resumed run continues the same record.
         self._jsonl = (log_dir / "metrics.jsonl").open("a", encoding="utf-8")
         try:
             if cfg.tensorboard_enabled:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(log_dir=cfg.tensorboard.log_dir or str(log_dir / "tensorboard"))
+                self._tb = SummaryWriter(log_dir=cfg.tensorboard.log_dir or str(log_dir / "tensorboard"),
+                                         purge_step=None if resumed_at is None else resumed_at + 1)
             if wandb is not None:
                 self._wandb_run = wandb.init(
                     project=cfg.wandb.project,
@@ -122,6 +131,31 @@ class MetricsLogger:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _drop_records_after(path: Path, step: int, console: Console) -> None:
+    """Rewrite `path` without the records of steps after `step`, nor a line cut short by the
+    interruption (atomically: a crash while rewriting keeps the old file)."""
+    if not path.is_file():
+        return
+    kept, repeated, cut = [], 0, 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step", 0)
+        except json.JSONDecodeError:
+            cut += 1
+            continue
+        if record_step > step:
+            repeated += 1
+        else:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if not repeated and not cut:
+        return
+    partial = path.with_suffix(".jsonl.partial")
+    partial.write_text("".join(kept), encoding="utf-8")
+    partial.replace(path)
+    console.print(f"{path}: dropped {repeated} records of steps after {step}, which this resumed run repeats"
+                  + (f", and {cut} unreadable lines (cut short by the interruption)" if cut else ""))
 
 
 def _import_optional(name: str) -> ModuleType:

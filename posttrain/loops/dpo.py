@@ -135,7 +135,8 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
         return {f"val/{name}": totals[name] for name in METRICS}
 
     result = DPOResult(steps=step)
-    with MetricsLogger(cfg.logger, to_dict(cfg), console=console) as logger, make_progress(console) as progress:
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
+                       resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
         if val_pairs and cfg.dpo.val_at_start and step == 0:
             result.val_metrics[0] = validate()
             logger.log(result.val_metrics[0], step=0)

@@ -144,7 +144,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
 
     result = GRPOResult(steps=step)
     try:
-        with MetricsLogger(cfg.logger, to_dict(cfg), console=console) as logger, make_progress(console) as progress:
+        with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
+                           resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
             if val_prompts and cfg.grpo.val_at_start and step == 0:
                 metrics = validate()
                 result.val_accuracy[0] = metrics["val/accuracy"]

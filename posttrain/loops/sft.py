@@ -106,7 +106,8 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
         return policy.evaluate(batches, loss_of(n))
 
     result = SFTResult(steps=step)
-    with MetricsLogger(cfg.logger, to_dict(cfg), console=console) as logger, make_progress(console) as progress:
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
+                       resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
         if val_samples and cfg.sft.val_at_start and step == 0:
             result.val_losses[0] = validate()
             logger.log({"val/loss": result.val_losses[0]}, step=0)

@@ -66,6 +66,10 @@ def test_resumed_run_reproduces_the_uninterrupted_losses(tiny_model_dir, tmp_pat
     for step in range(5, 9):
         assert resumed.train_losses[step] == pytest.approx(full.train_losses[step], abs=1e-6)
     assert resumed.train_losses[5] == pytest.approx(first.train_losses[5], abs=1e-6)
+    # step 5 ran twice (before and after the preemption) but has one record, the resumed run's
+    logged = [r for r in _logged(tmp_path / "split" / "logs") if "train/loss" in r]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    assert logged[4]["train/loss"] == pytest.approx(resumed.train_losses[5], abs=1e-6)
 
 
 def test_dynamic_batching_trains_the_same_run_in_fewer_forward_passes(tiny_model_dir, tmp_path):

@@ -43,6 +43,29 @@ def test_jsonl_converts_scalars_and_appends_across_instances(tmp_path):
     ]
 
 
+def test_a_resumed_run_replaces_the_records_of_the_steps_it_repeats(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = _cfg(tmp_path, tensorboard_enabled=True)
+    with MetricsLogger(cfg, console=_quiet()) as logger:  # preempted after step 5; its checkpoint is step 3
+        for step in range(0, 6):
+            logger.log({"train/loss": 10.0 + step}, step=step)
+    with (Path(cfg.log_dir) / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 6, "train/lo')  # the interruption cut the last line short
+    console = Console(file=io.StringIO(), width=300)
+    with MetricsLogger(cfg, console=console, resumed_at=3) as logger:
+        for step in range(4, 8):
+            logger.log({"train/loss": 20.0 + step}, step=step)
+
+    assert _read_jsonl(cfg) == [{"step": s, "train/loss": (10.0 if s <= 3 else 20.0) + s} for s in range(8)]
+    assert "dropped 2 records of steps after 3, which this resumed run repeats, and 1 unreadable line" in \
+        console.file.getvalue()
+    events = EventAccumulator(str(Path(cfg.log_dir) / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (s, (10.0 if s <= 3 else 20.0) + s) for s in range(8)]
+
+
 def test_each_line_is_on_disk_before_close(tmp_path):
     cfg = _cfg(tmp_path)
     logger = MetricsLogger(cfg, console=_quiet())
