@@ -134,8 +134,8 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     compared = ["rollout/reward_mean", "rollout/response_length_mean", "train/loss", "train/grad_norm",
                 "train/entropy", "train/gen_logprob_mismatch"]
     full_rows = {r["step"]: r for r in _train_rows(tmp_path / "full" / "logs")}
-    split_rows = _train_rows(tmp_path / "split" / "logs")  # steps 1-4, then 4-6 again after resuming
-    assert [r["step"] for r in split_rows] == [1, 2, 3, 4, 4, 5, 6]
+    split_rows = _train_rows(tmp_path / "split" / "logs")  # steps 1-4, then 4-6 after resuming: 4 once
+    assert [r["step"] for r in split_rows] == [1, 2, 3, 4, 5, 6]
     for row in split_rows:
         assert {k: row[k] for k in compared} == {k: full_rows[row["step"]][k] for k in compared}, row["step"]
     assert any(full_rows[s]["rollout/reward_mean"] != full_rows[1]["rollout/reward_mean"] for s in range(2, 7))
