@@ -207,6 +207,14 @@ def test_dynamic_batching_is_rejected_where_it_is_not_implemented(run):
         load_config(run, None, [*BASE, "policy.dynamic_batching.enabled=true"])
 
 
+@pytest.mark.parametrize("override", ["data.format=messages", "data.completion_key=answer_text",
+                                      "data.use_chat_template=false"])
+def test_grpo_rejects_data_keys_it_does_not_use(override):
+    key = override.partition("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} is not used by GRPO"):
+        load_config(GRPORunConfig, None, [*BASE, override])
+
+
 def test_grpo_rejects_sequence_packing_instead_of_ignoring_it():
     with pytest.raises(ConfigError, match=r"policy\.sequence_packing\.enabled is an SFT option; GRPO already packs"):
         load_config(GRPORunConfig, None, [*BASE, "policy.sequence_packing.enabled=true"])
