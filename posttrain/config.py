@@ -100,6 +100,16 @@ class PolicyConfig:
     dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
+    def token_budget(self, micro_batch_size: int, rows_per_item: int = 1, training: bool = True) -> int | None:
+        """Padded tokens of a dynamic micro-batch standing in for `micro_batch_size` items of
+        `rows_per_item` full-length rows (a preference pair is two); None when dynamic batching is
+        off. `dynamic_batching.train_mb_tokens` replaces the training budget when set."""
+        if not self.dynamic_batching.enabled:
+            return None
+        if training and self.dynamic_batching.train_mb_tokens is not None:
+            return self.dynamic_batching.train_mb_tokens
+        return micro_batch_size * rows_per_item * self.max_total_sequence_length
+
 
 @dataclass
 class ArithmeticTaskConfig:
@@ -308,8 +318,8 @@ class GRPORunConfig:
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
         for key in ("sequence_packing", "dynamic_batching"):
             _require(not getattr(p, key).enabled,
-                     f"policy.{key}.enabled is an SFT option; GRPO already packs each group's responses after "
-                     "one copy of their prompt; set it to false")
+                     f"policy.{key}.enabled does not apply to GRPO, which already packs each group's responses "
+                     "after one copy of their prompt; set it to false")
         unused = [key for key in ("format", "messages_key", "completion_key", "use_chat_template")
                   if getattr(self.data, key) != getattr(DataConfig(), key)]
         _require(not unused, f"data.{unused[0] if unused else ''} is not used by GRPO (prompts come from "
@@ -361,8 +371,7 @@ class DPORunConfig:
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
                  "side by side); set it to false")
-        _require(not p.dynamic_batching.enabled,
-                 "policy.dynamic_batching.enabled is implemented for SFT only so far; set it to false")
+        _check_pair_budget(p)
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -388,8 +397,7 @@ class RMRunConfig:
         _require(not p.sequence_packing.enabled,
                  "policy.sequence_packing.enabled is not supported for reward models (each sequence is scored "
                  "at its last token, so sequences are padded, not packed); set it to false")
-        _require(not p.dynamic_batching.enabled,
-                 "policy.dynamic_batching.enabled is implemented for SFT only so far; set it to false")
+        _check_pair_budget(p)
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -458,6 +466,14 @@ class EvalRunConfig:
                      f"got {k}")
         _require(d.max_samples is None or d.max_samples > 0, f"data.max_samples must be > 0 or null, got "
                                                                f"{d.max_samples}")
+
+
+def _check_pair_budget(policy: PolicyConfig) -> None:
+    budget = policy.dynamic_batching.train_mb_tokens
+    _require(budget is None or budget >= 2 * policy.max_total_sequence_length,
+             f"policy.dynamic_batching.train_mb_tokens ({budget}) must be at least twice "
+             f"policy.max_total_sequence_length ({2 * policy.max_total_sequence_length}), or null, so that the "
+             "longest pair (chosen and rejected) fits a micro-batch")
 
 
 def _check_batch_sizes(policy: PolicyConfig) -> None:

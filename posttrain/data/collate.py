@@ -89,20 +89,27 @@ def make_micro_batches(
         return [pack_rows(rows[i : i + per_micro_batch]) for i in range(0, len(rows), per_micro_batch)]
     # Sorting by length before chunking keeps padding small; the loss is normalised per global batch,
     # so the order does not change the result.
-    order = sorted(range(len(samples)), key=lambda i: len(samples[i].input_ids))
-    if token_budget is None:
-        groups = [order[start : start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
-    else:
-        groups = fill_token_budget([len(samples[i].input_ids) for i in order], token_budget)
-        groups = [[order[k] for k in group] for group in groups]
+    groups = micro_batch_groups([len(s.input_ids) for s in samples], micro_batch_size, token_budget)
     return [pad_batch([samples[i] for i in group], pad_token_id) for group in groups]
 
 
-def fill_token_budget(ascending_lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Consecutive groups of positions in `ascending_lengths` whose padded size (count x the
-    longest, which is the last) stays within `token_budget`."""
+def micro_batch_groups(widths: list[int], micro_batch_size: int, token_budget: int | None = None,
+                       rows_per_item: int = 1) -> list[list[int]]:
+    """Item indices grouped into micro-batches, shortest first: `micro_batch_size` items each, or,
+    with a `token_budget` (dynamic batching), as many as fit in that many padded tokens, where an
+    item is `rows_per_item` rows padded to the widest item of its micro-batch."""
+    order = sorted(range(len(widths)), key=lambda i: widths[i])
+    if token_budget is None:
+        return [order[start : start + micro_batch_size] for start in range(0, len(order), micro_batch_size)]
+    groups = fill_token_budget([rows_per_item * widths[i] for i in order], token_budget)
+    return [[order[k] for k in group] for group in groups]
+
+
+def fill_token_budget(ascending_sizes: list[int], token_budget: int) -> list[list[int]]:
+    """Consecutive groups of positions in `ascending_sizes` whose padded size (count x the
+    largest, which is the last) stays within `token_budget`."""
     groups: list[list[int]] = []
-    for k, n in enumerate(ascending_lengths):
+    for k, n in enumerate(ascending_sizes):
         if n > token_budget:
             raise ValueError(f"a sequence of {n} tokens does not fit a micro-batch of {token_budget} tokens")
         if groups and (len(groups[-1]) + 1) * n <= token_budget:

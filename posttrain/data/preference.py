@@ -17,7 +17,13 @@ from typing import Any
 import torch
 
 from posttrain.config import DataConfig
-from posttrain.data.collate import PADDING, SHARED_PREFIX, pad_batch, shared_prefix_attention_mask
+from posttrain.data.collate import (
+    PADDING,
+    SHARED_PREFIX,
+    micro_batch_groups,
+    pad_batch,
+    shared_prefix_attention_mask,
+)
 from posttrain.data.formats import (
     Sample,
     check_messages,
@@ -146,22 +152,23 @@ def load_validation_pairs(data: DataConfig, tokenizer, max_length: int, seed: in
     return [dataset[i] for i in range(len(dataset))]
 
 
-def make_pair_micro_batches(pairs: list[PreferencePair], micro_batch_size: int,
-                            pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """`micro_batch_size` pairs per micro-batch, padded together: rows [chosen_1..n, rejected_1..n],
-    so one forward pass scores both replies (the layout `dpo_objective` expects)."""
-    order = sorted(range(len(pairs)), key=lambda i: max(len(pairs[i].chosen.input_ids),
-                                                        len(pairs[i].rejected.input_ids)))
+def make_pair_micro_batches(pairs: list[PreferencePair], micro_batch_size: int, pad_token_id: int,
+                            token_budget: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`micro_batch_size` pairs per micro-batch (or, with `token_budget`, as many as fit in that
+    many padded tokens), padded together: rows [chosen_1..n, rejected_1..n], so one forward pass
+    scores both replies (the layout `dpo_objective` expects)."""
+    widths = [max(len(p.chosen.input_ids), len(p.rejected.input_ids)) for p in pairs]
     batches = []
-    for start in range(0, len(order), micro_batch_size):
-        chunk = [pairs[i] for i in order[start : start + micro_batch_size]]
+    for group in micro_batch_groups(widths, micro_batch_size, token_budget, rows_per_item=2):
+        chunk = [pairs[i] for i in group]
         batches.append(pad_batch([p.chosen for p in chunk] + [p.rejected for p in chunk], pad_token_id))
     return batches
 
 
-def make_shared_prefix_micro_batches(pairs: list[PreferencePair], micro_batch_size: int,
-                                     pad_token_id: int) -> list[dict[str, torch.Tensor]]:
-    """`micro_batch_size` pairs per micro-batch, one row per pair with the prompt scored once.
+def make_shared_prefix_micro_batches(pairs: list[PreferencePair], micro_batch_size: int, pad_token_id: int,
+                                     token_budget: int | None = None) -> list[dict[str, torch.Tensor]]:
+    """`micro_batch_size` pairs per micro-batch (or, with `token_budget`, as many as fit in that
+    many padded tokens), one row per pair with the prompt scored once.
 
     A row holds the tokens chosen and rejected share (the prompt, and any common start of the two
     replies) once, then the rest of the chosen sequence, then the rest of the rejected one. A custom
@@ -171,9 +178,9 @@ def make_shared_prefix_micro_batches(pairs: list[PreferencePair], micro_batch_si
     one forward instead of two. `shared_prefix_logprobs` reads them back as rows
     [chosen_1..n, rejected_1..n], the layout `dpo_objective` expects.
     """
-    order = sorted(range(len(pairs)), key=lambda i: _shared_row_length(pairs[i]))
-    return [_shared_prefix_batch([pairs[i] for i in order[start : start + micro_batch_size]], pad_token_id)
-            for start in range(0, len(order), micro_batch_size)]
+    widths = [_shared_row_length(p) for p in pairs]
+    return [_shared_prefix_batch([pairs[i] for i in group], pad_token_id)
+            for group in micro_batch_groups(widths, micro_batch_size, token_budget)]
 
 
 def _shared_length(pair: PreferencePair) -> int:

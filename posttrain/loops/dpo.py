@@ -105,9 +105,10 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     logprobs_of = shared_prefix_logprobs if shared else sequence_logprobs
 
     @torch.no_grad()
-    def micro_batches(pairs: list[PreferencePair], size: int) -> list[dict[str, torch.Tensor]]:
-        """Micro-batches of `size` pairs carrying the reference model's per-token log-probs."""
-        batches = make_batches(pairs, size, tokenizer.pad_token_id)
+    def micro_batches(pairs: list[PreferencePair], size: int, training: bool) -> list[dict[str, torch.Tensor]]:
+        """Micro-batches of `size` pairs (or their token budget) carrying the reference model's per-token log-probs."""
+        budget = cfg.policy.token_budget(size, rows_per_item=2, training=training)
+        batches = make_batches(pairs, size, tokenizer.pad_token_id, budget)
         for batch in batches:
             with policy.autocast():
                 ref, _ = logprobs_of(reference, {k: v.to(policy.device) for k, v in batch.items()})
@@ -127,7 +128,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     # Validation pairs and their reference log-probs are fixed: computed once, reused every time.
     if cfg.dpo.val_batches:
         val_pairs = val_pairs[: cfg.dpo.val_batches * cfg.dpo.val_global_batch_size]
-    val_batches = micro_batches(val_pairs, cfg.dpo.val_micro_batch_size) if val_pairs else []
+    val_batches = micro_batches(val_pairs, cfg.dpo.val_micro_batch_size, training=False) if val_pairs else []
 
     def validate() -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -145,7 +146,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
             step += 1
             start = time.perf_counter()
             pairs = [train_set[i] for i in sampler.next_batch()]
-            batches = micro_batches(pairs, cfg.policy.train_micro_batch_size)
+            batches = micro_batches(pairs, cfg.policy.train_micro_batch_size, training=True)
             totals: dict[str, float] = {}
             out = policy.train_step(batches, loss_of(len(pairs), totals))
             elapsed = time.perf_counter() - start
@@ -156,6 +157,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
                 "train/sft_loss": totals["sft_loss"],
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
+                "train/num_micro_batches": len(batches),
                 "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids)
                                             for p in pairs) / elapsed,
                 "train/step_time_s": elapsed,

@@ -96,10 +96,11 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
                   f"{policy.device}; {len(train_set)} training pairs, {len(val_pairs)} validation pairs, "
                   f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs")
 
-    def micro_batches(pairs: list[PreferencePair], size: int) -> list[dict[str, torch.Tensor]]:
+    def micro_batches(pairs: list[PreferencePair], size: int, training: bool) -> list[dict[str, torch.Tensor]]:
         # The loss mask is not needed: a reward model scores whole sequences.
+        budget = cfg.policy.token_budget(size, rows_per_item=2, training=training)
         return [{k: v for k, v in batch.items() if k != "loss_mask"}
-                for batch in make_pair_micro_batches(pairs, size, tokenizer.pad_token_id)]
+                for batch in make_pair_micro_batches(pairs, size, tokenizer.pad_token_id, budget)]
 
     def loss_of(num_pairs: int, totals: dict[str, float]):
         """The loss callback for Policy; it also adds each micro-batch's metrics into `totals`."""
@@ -112,7 +113,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
 
     if cfg.rm.val_batches:
         val_pairs = val_pairs[: cfg.rm.val_batches * cfg.rm.val_global_batch_size]
-    val_batches = micro_batches(val_pairs, cfg.rm.val_micro_batch_size) if val_pairs else []
+    val_batches = micro_batches(val_pairs, cfg.rm.val_micro_batch_size, training=False) if val_pairs else []
 
     def validate() -> dict[str, float]:
         totals: dict[str, float] = {}
@@ -130,15 +131,16 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
             step += 1
             start = time.perf_counter()
             pairs = [train_set[i] for i in sampler.next_batch()]
+            batches = micro_batches(pairs, cfg.policy.train_micro_batch_size, training=True)
             totals: dict[str, float] = {}
-            out = policy.train_step(micro_batches(pairs, cfg.policy.train_micro_batch_size),
-                                    loss_of(len(pairs), totals))
+            out = policy.train_step(batches, loss_of(len(pairs), totals))
             elapsed = time.perf_counter() - start
             metrics = {
                 "train/loss": out["loss"],
                 **{f"train/{name}": totals[name] for name in METRICS[1:]},
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
+                "train/num_micro_batches": len(batches),
                 "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids)
                                             for p in pairs) / elapsed,
                 "train/step_time_s": elapsed,

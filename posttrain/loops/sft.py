@@ -68,12 +68,11 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     val_samples = _validation_samples(cfg, tokenizer)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.sft.seed, data.shuffle)
     total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
-    pack = train_budget = val_budget = None
+    pack = None
     if cfg.policy.sequence_packing.enabled:
         pack = (max_len, cfg.policy.sequence_packing.train_mb_tokens or cfg.policy.train_micro_batch_size * max_len)
-    if cfg.policy.dynamic_batching.enabled:
-        train_budget = cfg.policy.dynamic_batching.train_mb_tokens or cfg.policy.train_micro_batch_size * max_len
-        val_budget = cfg.sft.val_micro_batch_size * max_len
+    train_budget = cfg.policy.token_budget(cfg.policy.train_micro_batch_size)
+    val_budget = cfg.policy.token_budget(cfg.sft.val_micro_batch_size, training=False)
 
     # ---- model, optimizer, resume
     policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer,

@@ -77,6 +77,22 @@ def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
             assert resumed.train_metrics[step][key] == pytest.approx(value, abs=1e-6), (step, key)
 
 
+def test_dynamic_batching_trains_the_same_run_in_fewer_forward_passes(tiny_model_dir, tmp_path):
+    steps = ["dpo.max_num_steps=3", "dpo.val_period=3", "checkpointing.enabled=false",
+             "policy.train_micro_batch_size=4"]
+    fixed = run_dpo(_cfg(tiny_model_dir, tmp_path / "fixed", *steps))
+    dynamic = run_dpo(_cfg(tiny_model_dir, tmp_path / "dynamic", *steps, "policy.dynamic_batching.enabled=true"))
+    for step in (1, 2, 3):
+        for key, value in fixed.train_metrics[step].items():
+            assert dynamic.train_metrics[step][key] == pytest.approx(value, abs=1e-5), (step, key)
+    for key, value in fixed.val_metrics[3].items():
+        assert dynamic.val_metrics[3][key] == pytest.approx(value, abs=1e-5), key
+    # 32 pairs of ~22-token chats: 8 micro-batches of 4 pairs, or 4 x 2 x 48 padded tokens each
+    counts = {run: {r["train/num_micro_batches"] for r in _logged(tmp_path / run / "logs") if "train/loss" in r}
+              for run in ("fixed", "dynamic")}
+    assert counts["fixed"] == {8} and max(counts["dynamic"]) <= 4
+
+
 def test_shared_prompt_rows_train_exactly_like_padded_rows(tiny_model_dir, tmp_path):
     # Scoring the prompt once per pair is a layout change only: same metrics, step for step.
     steps = ["dpo.max_num_steps=3", "dpo.val_period=0", "dpo.val_at_start=false", "checkpointing.enabled=false"]

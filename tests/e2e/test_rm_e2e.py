@@ -104,6 +104,21 @@ def test_rm_generalises_to_held_out_pairs_exports_and_scores_grpo_responses(tiny
     assert (env_margins > 0).float().mean().item() >= 0.85
 
 
+def test_dynamic_batching_trains_the_same_run_in_fewer_forward_passes(tiny_model_dir, tmp_path):
+    steps = ["rm.max_num_steps=2", "rm.val_period=2", "checkpointing.enabled=false", "policy.train_micro_batch_size=4",
+             "rm.val_micro_batch_size=4"]
+    fixed = run_rm(_cfg(tiny_model_dir, tmp_path / "fixed", *steps))
+    dynamic = run_rm(_cfg(tiny_model_dir, tmp_path / "dynamic", *steps, "policy.dynamic_batching.enabled=true"))
+    for step in (1, 2):
+        for key, value in fixed.train_metrics[step].items():
+            assert dynamic.train_metrics[step][key] == pytest.approx(value, abs=1e-5), (step, key)
+    for key, value in fixed.val_metrics[2].items():
+        assert dynamic.val_metrics[2][key] == pytest.approx(value, abs=1e-5), key
+    counts = {run: {r["train/num_micro_batches"] for r in _logged(tmp_path / run / "logs") if "train/loss" in r}
+              for run in ("fixed", "dynamic")}
+    assert counts["fixed"] == {8} and max(counts["dynamic"]) <= 4
+
+
 def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     steps = ["rm.max_num_steps=4", "checkpointing.save_period=2", "rm.val_period=0", "rm.val_at_start=false"]
     full = run_rm(_cfg(tiny_model_dir, tmp_path / "full", *steps))

@@ -201,10 +201,20 @@ def test_sft_micro_batch_filling_is_checked(overrides, pattern):
     assert cfg.policy.dynamic_batching.train_mb_tokens == 64  # a budget of one full-length sequence is fine
 
 
-@pytest.mark.parametrize("run", [DPORunConfig, RMRunConfig, GRPORunConfig])
-def test_dynamic_batching_is_rejected_where_it_is_not_implemented(run):
-    with pytest.raises(ConfigError, match=r"policy\.dynamic_batching\.enabled is (implemented for SFT only|an SFT option)"):
-        load_config(run, None, [*BASE, "policy.dynamic_batching.enabled=true"])
+def test_grpo_rejects_dynamic_batching_instead_of_ignoring_it():
+    with pytest.raises(ConfigError, match=r"policy\.dynamic_batching\.enabled does not apply to GRPO, which already packs"):
+        load_config(GRPORunConfig, None, [*BASE, "policy.dynamic_batching.enabled=true"])
+
+
+@pytest.mark.parametrize("run", [DPORunConfig, RMRunConfig])
+def test_a_pair_budget_must_hold_the_longest_pair(run):
+    sizes = [*BASE, "policy.max_total_sequence_length=64", "policy.dynamic_batching.enabled=true"]
+    with pytest.raises(ConfigError, match=r"train_mb_tokens \(100\) must be at least twice policy\."
+                                          r"max_total_sequence_length \(128\)"):
+        load_config(run, None, [*sizes, "policy.dynamic_batching.train_mb_tokens=100"])
+    cfg = load_config(run, None, [*sizes, "policy.dynamic_batching.train_mb_tokens=128"])
+    assert cfg.policy.token_budget(8, rows_per_item=2) == 128
+    assert cfg.policy.token_budget(8, rows_per_item=2, training=False) == 8 * 2 * 64
 
 
 @pytest.mark.parametrize("override", ["data.format=messages", "data.completion_key=answer_text",
@@ -216,7 +226,7 @@ def test_grpo_rejects_data_keys_it_does_not_use(override):
 
 
 def test_grpo_rejects_sequence_packing_instead_of_ignoring_it():
-    with pytest.raises(ConfigError, match=r"policy\.sequence_packing\.enabled is an SFT option; GRPO already packs"):
+    with pytest.raises(ConfigError, match=r"policy\.sequence_packing\.enabled does not apply to GRPO, which already packs"):
         load_config(GRPORunConfig, None, [*BASE, "policy.sequence_packing.enabled=true"])
 
 

@@ -68,27 +68,41 @@ def test_same_sequence_logprobs_as_padded(model_and_pad):
     torch.testing.assert_close(shared.sort().values, padded.sort().values, rtol=1e-5, atol=1e-5)
 
 
+def _dpo_loss_and_grads(model, batches, fn):
+    cfg = DPOConfig(reference_policy_kl_penalty=0.1, sft_loss_weight=0.5)
+    model.zero_grad()
+    total = 0.0
+    for batch in batches:
+        logprobs, mask = fn(model, batch)
+        # a reference that depends on the sequence only (not on the layout), so rewards are not all 0
+        reference = -0.01 * logprobs.detach() ** 2
+        loss, _ = dpo_objective(logprobs, reference, mask, cfg, len(PAIRS))
+        loss.backward()
+        total += loss.item()
+    return total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
 def test_same_dpo_loss_and_gradients_as_padded(model_and_pad):
     model, pad = model_and_pad
-    cfg = DPOConfig(reference_policy_kl_penalty=0.1, sft_loss_weight=0.5)
-
-    def loss_and_grads(batches, fn):
-        model.zero_grad()
-        total = 0.0
-        for batch in batches:
-            logprobs, mask = fn(model, batch)
-            # a reference that depends on the sequence only (not on the layout), so rewards are not all 0
-            reference = -0.01 * logprobs.detach() ** 2
-            loss, _ = dpo_objective(logprobs, reference, mask, cfg, len(PAIRS))
-            loss.backward()
-            total += loss.item()
-        return total, torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
-
-    padded_loss, padded_grads = loss_and_grads(make_pair_micro_batches(PAIRS, 2, pad), sequence_logprobs)
-    shared_loss, shared_grads = loss_and_grads(make_shared_prefix_micro_batches(PAIRS, 2, pad),
-                                               shared_prefix_logprobs)
+    padded_loss, padded_grads = _dpo_loss_and_grads(model, make_pair_micro_batches(PAIRS, 2, pad), sequence_logprobs)
+    shared_loss, shared_grads = _dpo_loss_and_grads(model, make_shared_prefix_micro_batches(PAIRS, 2, pad),
+                                                    shared_prefix_logprobs)
     assert shared_loss == pytest.approx(padded_loss, abs=1e-5)
     torch.testing.assert_close(shared_grads, padded_grads, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(("make", "fn"), [(make_pair_micro_batches, sequence_logprobs),
+                                          (make_shared_prefix_micro_batches, shared_prefix_logprobs)])
+def test_dynamic_batches_of_pairs_give_the_fixed_loss_and_gradients(model_and_pad, make, fn):
+    model, pad = model_and_pad
+    fixed_loss, fixed_grads = _dpo_loss_and_grads(model, make(PAIRS, 1, pad), fn)
+    dynamic = make(PAIRS, 1, pad, token_budget=24)
+    assert len(dynamic) < len(PAIRS)  # pairs really share micro-batches
+    assert all(b["input_ids"].numel() <= 24 for b in dynamic)
+    assert sum(b["input_ids"].shape[0] for b in dynamic) == len(PAIRS) * (2 if make is make_pair_micro_batches else 1)
+    dynamic_loss, dynamic_grads = _dpo_loss_and_grads(model, dynamic, fn)
+    assert dynamic_loss == pytest.approx(fixed_loss, abs=1e-5)
+    torch.testing.assert_close(dynamic_grads, fixed_grads, rtol=1e-4, atol=1e-6)
 
 
 def test_fewer_tokens_than_padded():
