@@ -322,8 +322,9 @@ class GRPORunConfig:
                      "after one copy of their prompt; set it to false")
         unused = [key for key in ("format", "messages_key", "completion_key", "use_chat_template")
                   if getattr(self.data, key) != getattr(DataConfig(), key)]
-        _require(not unused, f"data.{unused[0] if unused else ''} is not used by GRPO (prompts come from "
-                             "data.prompt_key, rendered with the chat template); remove it")
+        if unused:
+            raise ConfigError(f"data.{unused[0]} is not used by GRPO (prompts come from data.prompt_key, rendered "
+                              "with the chat template); remove it")
         _require(loss.reference_policy_kl_penalty >= 0, "loss_fn.reference_policy_kl_penalty must be >= 0")
         _require(loss.ratio_clip_min >= 0 and loss.ratio_clip_max >= 0, "loss_fn.ratio_clip_min/max must be >= 0")
         _require(loss.ratio_clip_c is None or loss.ratio_clip_c > 1, "loss_fn.ratio_clip_c must be > 1 (or null)")

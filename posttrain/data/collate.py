@@ -111,7 +111,8 @@ def fill_token_budget(ascending_sizes: list[int], token_budget: int) -> list[lis
     groups: list[list[int]] = []
     for k, n in enumerate(ascending_sizes):
         if n > token_budget:
-            raise ValueError(f"a sequence of {n} tokens does not fit a micro-batch of {token_budget} tokens")
+            raise ValueError(f"a sequence (or pair) of {n} padded tokens does not fit a micro-batch of "
+                             f"{token_budget} tokens")
         if groups and (len(groups[-1]) + 1) * n <= token_budget:
             groups[-1].append(k)
         else:
