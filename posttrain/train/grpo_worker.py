@@ -110,7 +110,8 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
 def response_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
     """Logits predicting each response token [N, span, V] of a `collate_trajectories` batch, divided
     by the sampling temperature so that trainer and generator score tokens alike."""
-    picked = packed_logits(model, batch)[batch["source_index"]]
+    flat, source = packed_logits(model, batch, batch["loss_mask"].bool())
+    picked = flat[source]
     return picked / temperature if temperature != 1.0 else picked
 
 

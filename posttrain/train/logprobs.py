@@ -68,17 +68,28 @@ def supports_shared_prefix(model) -> bool:
     return getattr(config, "sliding_window", None) is None or not getattr(config, "use_sliding_window", True)
 
 
-def packed_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Logits [rows * width, V] of rows packed with explicit positions, flattened so that a
-    `source_index` picks each sequence's predicting positions. The mask is either 2-D padding or
-    the boolean 4-D mask of shared-prefix rows."""
+def packed_logits(model, batch: dict[str, torch.Tensor], needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits [rows * K, V] of the K columns of packed rows (explicit positions) that predict a
+    `needed` token ([S, T] like `source_index`), and `source_index` renumbered to pick each
+    sequence's predicting positions from them (entries not needed pick some kept column). The LM
+    head skips every other column, such as a shared prompt's. The attention mask is either 2-D
+    padding or the boolean 4-D mask of shared-prefix rows."""
     mask = batch["attention_mask"]
     if mask.dim() == 4 and model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         blocked = torch.finfo(model.dtype).min
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, blocked)
+    width = batch["input_ids"].shape[1]
+    source = batch["source_index"]
+    columns = torch.unique(source[needed] % width)  # sorted
+    if columns.numel() == 0:  # nothing needed (every reply truncated away): one column keeps the shapes valid
+        columns = torch.zeros(1, dtype=torch.long, device=source.device)
+    column_number = torch.zeros(width, dtype=torch.long, device=source.device)
+    column_number[columns] = torch.arange(len(columns), device=source.device)
     logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                   use_cache=False).logits
-    return logits.reshape(-1, logits.shape[-1])
+                   use_cache=False, **_only_positions(model, columns)).logits
+    if logits.shape[1] != len(columns):  # a model without `logits_to_keep` returns every position
+        logits = logits[:, columns]
+    return logits.reshape(-1, logits.shape[-1]), (source // width) * len(columns) + column_number[source % width]
 
 
 def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor],
@@ -86,8 +97,7 @@ def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor],
     """Per-token log-probs [S, T-1] and loss mask of the S sequences packed in `batch` by
     `make_shared_prefix_micro_batches`: one forward over the packed rows, then each sequence's
     tokens gathered from the positions that predict them."""
-    flat = packed_logits(model, batch)
+    flat, source = packed_logits(model, batch, batch["target_mask"].bool())
     lse = torch.cat([torch.logsumexp(flat[start : start + chunk_size].float(), dim=-1)
                      for start in range(0, flat.shape[0], chunk_size)])
-    source = batch["source_index"]
     return flat[source, batch["targets"]].float() - lse[source], batch["target_mask"]

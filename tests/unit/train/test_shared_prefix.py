@@ -105,6 +105,26 @@ def test_dynamic_batches_of_pairs_give_the_fixed_loss_and_gradients(model_and_pa
     torch.testing.assert_close(dynamic_grads, fixed_grads, rtol=1e-4, atol=1e-6)
 
 
+def test_the_lm_head_skips_the_prompt_columns_no_token_is_predicted_from(model_and_pad):
+    model, pad = model_and_pad
+    batch = make_shared_prefix_micro_batches([PAIRS[2]], 1, pad)[0]  # a 6-token prompt, 1-token replies
+    seen = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        shared_prefix_logprobs(model, batch)
+    hook.remove()
+    # row [30..35, 40, 41]: only the prompt's last column predicts a reply token (both replies')
+    assert batch["input_ids"].shape[1] == 8 and seen == [1]
+
+
+def test_a_batch_without_reply_tokens_gives_zero_log_likelihood(model_and_pad):
+    model, pad = model_and_pad
+    batch = make_shared_prefix_micro_batches(PAIRS[:2], 2, pad)[0]
+    batch["target_mask"] = torch.zeros_like(batch["target_mask"])  # as when truncation cut both replies off
+    logprobs, mask = shared_prefix_logprobs(model, batch)
+    assert logprobs.shape == mask.shape and torch.isfinite(logprobs).all() and (logprobs * mask).sum() == 0
+
+
 def test_fewer_tokens_than_padded():
     shared = sum(b["input_ids"].numel() for b in make_shared_prefix_micro_batches(PAIRS, 1, 0))
     padded = sum(b["input_ids"].numel() for b in make_pair_micro_batches(PAIRS, 1, 0))
