@@ -62,11 +62,13 @@ class SequencePackingConfig:
 @dataclass
 class DynamicBatchingConfig:
     """Micro-batches filled up to a token budget, counted with padding, instead of a fixed number of
-    sequences (NeMo RL's dynamic batching): short sequences share one forward pass, while a
-    micro-batch never holds more padded tokens than `train_micro_batch_size` full-length ones."""
+    sequences or pairs (NeMo RL's dynamic batching; SFT, DPO, RM): short sequences share one
+    forward pass, while a micro-batch never holds more padded tokens than `train_micro_batch_size`
+    full-length ones."""
 
     enabled: bool = False
-    # Padded tokens per micro-batch; None means train_micro_batch_size * max_total_sequence_length.
+    # Padded tokens per micro-batch; None means train_micro_batch_size * max_total_sequence_length
+    # (twice that for DPO and RM, whose micro-batches count pairs).
     train_mb_tokens: int | None = None
 
 
