@@ -371,10 +371,7 @@ class DPORunConfig:
         _check_loop(self, "dpo")
         _positive(self, "dpo.reference_policy_kl_penalty")
         _require(d.sft_loss_weight >= 0, f"dpo.sft_loss_weight must be >= 0, got {d.sft_loss_weight}")
-        _require(not p.sequence_packing.enabled,
-                 "policy.sequence_packing.enabled is not supported for DPO (chosen and rejected are padded "
-                 "side by side); set it to false")
-        _check_pair_budget(p)
+        _check_pair_batching(p, "DPO")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -397,10 +394,7 @@ class RMRunConfig:
     def check(self) -> None:
         p = self.policy
         _check_loop(self, "rm")
-        _require(not p.sequence_packing.enabled,
-                 "policy.sequence_packing.enabled is not supported for reward models (each sequence is scored "
-                 "at its last token, so sequences are padded, not packed); set it to false")
-        _check_pair_budget(p)
+        _check_pair_batching(p, "reward models")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -471,7 +465,12 @@ class EvalRunConfig:
                                                                f"{d.max_samples}")
 
 
-def _check_pair_budget(policy: PolicyConfig) -> None:
+def _check_pair_batching(policy: PolicyConfig, algorithm: str) -> None:
+    """DPO and RM micro-batches hold pairs: chosen and rejected are scored side by side (not packed),
+    and a dynamic budget must hold the longest pair."""
+    _require(not policy.sequence_packing.enabled,
+             f"policy.sequence_packing.enabled is not supported for {algorithm} (chosen and rejected are "
+             "scored side by side, not packed); set it to false")
     budget = policy.dynamic_batching.train_mb_tokens
     _require(budget is None or budget >= 2 * policy.max_total_sequence_length,
              f"policy.dynamic_batching.train_mb_tokens ({budget}) must be at least twice "

@@ -152,6 +152,16 @@ def load_validation_pairs(data: DataConfig, tokenizer, max_length: int, seed: in
     return [dataset[i] for i in range(len(dataset))]
 
 
+def pair_step_metrics(pairs: list[PreferencePair], num_micro_batches: int, elapsed: float) -> dict[str, float]:
+    """Throughput and truncation of one training step over `pairs` (DPO and RM log the same)."""
+    return {
+        "train/num_micro_batches": num_micro_batches,
+        "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs) / elapsed,
+        "train/step_time_s": elapsed,
+        "train/truncated_fraction": sum(p.chosen.truncated or p.rejected.truncated for p in pairs) / len(pairs),
+    }
+
+
 def make_pair_micro_batches(pairs: list[PreferencePair], micro_batch_size: int, pad_token_id: int,
                             token_budget: int | None = None) -> list[dict[str, torch.Tensor]]:
     """`micro_batch_size` pairs per micro-batch (or, with `token_budget`, as many as fit in that

@@ -24,6 +24,7 @@ from posttrain.data.preference import (
     load_validation_pairs,
     make_pair_micro_batches,
     make_shared_prefix_micro_batches,
+    pair_step_metrics,
 )
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows
@@ -39,7 +40,7 @@ from posttrain.train.checkpoint import (
 )
 from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs, supports_shared_prefix
 from posttrain.train.model import load_model, load_tokenizer
-from posttrain.train.policy import Policy
+from posttrain.train.policy import Policy, recording_metrics
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin")
 
@@ -116,14 +117,10 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
         return batches
 
     def loss_of(num_pairs: int, totals: dict[str, float]):
-        """The loss callback for Policy; it also adds each micro-batch's metrics into `totals`."""
-        def fn(model, batch):
+        def objective(model, batch):
             logprobs, mask = logprobs_of(model, batch)
-            loss, metrics = dpo_objective(logprobs, batch["reference_logprobs"], mask, cfg.dpo, num_pairs)
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            return loss
-        return fn
+            return dpo_objective(logprobs, batch["reference_logprobs"], mask, cfg.dpo, num_pairs)
+        return recording_metrics(objective, totals)
 
     # Validation pairs and their reference log-probs are fixed: computed once, reused every time.
     if cfg.dpo.val_batches:
@@ -157,11 +154,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
                 "train/sft_loss": totals["sft_loss"],
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
-                "train/num_micro_batches": len(batches),
-                "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids)
-                                            for p in pairs) / elapsed,
-                "train/step_time_s": elapsed,
-                "train/truncated_fraction": sum(p.chosen.truncated or p.rejected.truncated for p in pairs) / len(pairs),
+                **pair_step_metrics(pairs, len(batches), elapsed),
                 "train/epoch": sampler.epoch,
             }
             result.train_metrics[step] = {k: v for k, v in metrics.items() if k.removeprefix("train/") in METRICS}

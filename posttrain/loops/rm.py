@@ -25,6 +25,7 @@ from posttrain.data.preference import (
     PreferencePair,
     load_validation_pairs,
     make_pair_micro_batches,
+    pair_step_metrics,
 )
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows
@@ -39,7 +40,7 @@ from posttrain.train.checkpoint import (
     set_rng_state,
 )
 from posttrain.train.model import load_tokenizer
-from posttrain.train.policy import Policy
+from posttrain.train.policy import Policy, recording_metrics
 from posttrain.train.reward_model import has_reward_head, load_reward_model, sequence_scores
 
 METRICS = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected")
@@ -103,13 +104,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
                 for batch in make_pair_micro_batches(pairs, size, tokenizer.pad_token_id, budget)]
 
     def loss_of(num_pairs: int, totals: dict[str, float]):
-        """The loss callback for Policy; it also adds each micro-batch's metrics into `totals`."""
-        def fn(model, batch):
-            loss, metrics = rm_objective(sequence_scores(model, batch), num_pairs)
-            for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + float(value)
-            return loss
-        return fn
+        return recording_metrics(lambda model, batch: rm_objective(sequence_scores(model, batch), num_pairs), totals)
 
     if cfg.rm.val_batches:
         val_pairs = val_pairs[: cfg.rm.val_batches * cfg.rm.val_global_batch_size]
@@ -140,11 +135,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
                 **{f"train/{name}": totals[name] for name in METRICS[1:]},
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
-                "train/num_micro_batches": len(batches),
-                "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids)
-                                            for p in pairs) / elapsed,
-                "train/step_time_s": elapsed,
-                "train/truncated_fraction": sum(p.chosen.truncated or p.rejected.truncated for p in pairs) / len(pairs),
+                **pair_step_metrics(pairs, len(batches), elapsed),
                 "train/epoch": sampler.epoch,
             }
             result.train_metrics[step] = {k: v for k, v in metrics.items() if k.removeprefix("train/") in METRICS}

@@ -6,6 +6,7 @@ vocabulary in float32: each chunk of positions computes `logit[target] - logsume
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -52,7 +53,12 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
 
 def _only_positions(model, positions: torch.Tensor) -> dict[str, torch.Tensor]:
     """transformers' `logits_to_keep` (a tensor of positions), where the model's forward takes it."""
-    return {"logits_to_keep": positions} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    return {"logits_to_keep": positions} if _takes_logits_to_keep(type(model)) else {}
+
+
+@functools.cache
+def _takes_logits_to_keep(model_class: type) -> bool:  # once per class, not on every forward pass
+    return "logits_to_keep" in inspect.signature(model_class.forward).parameters
 
 
 def supports_shared_prefix(model) -> bool:

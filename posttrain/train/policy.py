@@ -23,6 +23,20 @@ LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model, like `load_model`
 
 
+def recording_metrics(objective: Callable[[torch.nn.Module, dict[str, torch.Tensor]],
+                                          tuple[torch.Tensor, dict[str, torch.Tensor]]],
+                      totals: dict[str, float]) -> LossFn:
+    """A loss callback for `train_step`/`evaluate` from an objective returning (loss, metrics): each
+    micro-batch's metrics are added into `totals`. Objectives divide by the global batch, so the
+    sums are the batch's values."""
+    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        loss, metrics = objective(model, batch)
+        for name, value in metrics.items():
+            totals[name] = totals.get(name, 0.0) + float(value)
+        return loss
+    return loss_fn
+
+
 class Policy:
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, tokenizer=None,
                  weights_path: str | Path | None = None, device: torch.device | None = None,
