@@ -119,6 +119,21 @@ def alternate(runners: dict[str, Callable[[], dict]], repeats: int) -> dict[str,
     return results
 
 
+def compare(title: str, setup: dict[str, str], runners: dict[str, Callable[[], dict]], repeats: int,
+            metrics: list[str], result_heading: str) -> dict:
+    """Print the title, machine and setup, run posttrain and TRL alternately, then print and return
+    the summary (with the machine info)."""
+    info = machine_info()
+    print(title)
+    print_machine_info(info)
+    print_machine_info(setup)
+    runs = alternate(runners, repeats)
+    summary = summarize(runs, "posttrain", "trl", metrics)
+    print(result_heading)
+    print_summary(summary, "posttrain", "trl", metrics)
+    return {"machine": info, **summary}
+
+
 def summarize(results: dict[str, list[dict]], ours: str, theirs: str, metrics: list[str]) -> dict:
     """Median rate per library, the ratio ours/theirs, and the last repeat's training metrics."""
     summary: dict = {}

@@ -36,15 +36,11 @@ from rich.console import Console
 from bench.common import (
     StepClock,
     add_common_args,
-    alternate,
+    compare,
     fresh,
-    machine_info,
     posttrain_overrides,
-    print_machine_info,
-    print_summary,
     quiet_hf,
     sampled_indices,
-    summarize,
     torch_threads,
     train_trl,
     trl_arguments,
@@ -147,26 +143,20 @@ def main(argv: list[str] | None = None) -> dict:
         pairs_per_step = [args.global_batch] * args.steps
         tokens = sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs)
 
-        info = machine_info()
-        print("DPO: posttrain vs TRL DPOTrainer")
-        print_machine_info(info)
-        print(f"  setup         tiny '{args.size}' model (qwen2, random init), arithmetic_preference pairs, "
-              f"{args.steps} steps of {args.global_batch} pairs (micro-batch {args.micro_batch} pairs), sigmoid "
-              f"loss, beta {args.beta}, lr {args.lr} linear decay, max length {args.max_length}, fp32, seed "
-              f"{args.seed}; timed steps {args.warmup + 1}..{args.steps}")
-        print(f"  tokens        {len(pairs)} pairs, {tokens} non-pad tokens (chosen + rejected); TRL's "
-              "tokenization is checked to be posttrain's before each TRL run")
-        print(f"  posttrain     {POSTTRAIN_SETTINGS}")
-        print(f"  TRL           {TRL_SETTINGS}")
-        runs = alternate({
+        return compare("DPO: posttrain vs TRL DPOTrainer", {
+            "setup": f"tiny '{args.size}' model (qwen2, random init), arithmetic_preference pairs, {args.steps} steps "
+                     f"of {args.global_batch} pairs (micro-batch {args.micro_batch} pairs), sigmoid loss, beta "
+                     f"{args.beta}, lr {args.lr} linear decay, max length {args.max_length}, fp32, seed {args.seed}; "
+                     f"timed steps {args.warmup + 1}..{args.steps}",
+            "tokens": f"{len(pairs)} pairs, {tokens} non-pad tokens (chosen + rejected); TRL's tokenization is "
+                      "checked to be posttrain's before each TRL run",
+            "posttrain": POSTTRAIN_SETTINGS,
+            "TRL": TRL_SETTINGS,
+        }, {
             "posttrain": lambda: run_posttrain(posttrain_config(args, model_dir, fresh(work, "posttrain")),
                                                pairs_per_step, args.warmup),
             "trl": lambda: run_trl(args, model_dir, fresh(work, "trl"), rows, pairs, pairs_per_step),
-        }, args.repeats)
-    summary = summarize(runs, "posttrain", "trl", METRICS)
-    print("Result (preference pairs/s over the timed steps):")
-    print_summary(summary, "posttrain", "trl", METRICS)
-    return {"machine": info, **summary}
+        }, args.repeats, METRICS, "Result (preference pairs/s over the timed steps):")
 
 
 if __name__ == "__main__":

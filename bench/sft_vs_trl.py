@@ -36,15 +36,11 @@ from rich.console import Console
 from bench.common import (
     StepClock,
     add_common_args,
-    alternate,
+    compare,
     fresh,
-    machine_info,
     posttrain_overrides,
-    print_machine_info,
-    print_summary,
     quiet_hf,
     sampled_indices,
-    summarize,
     torch_threads,
     train_trl,
     trl_arguments,
@@ -144,26 +140,20 @@ def main(argv: list[str] | None = None) -> dict:
         samples = [s for batch in batches for s in batch]
         tokens_per_step = [sum(len(s.input_ids) for s in batch) for batch in batches]
 
-        info = machine_info()
-        print("SFT: posttrain vs TRL SFTTrainer")
-        print_machine_info(info)
-        print(f"  setup         tiny '{args.size}' model (qwen2), arithmetic task, {args.steps} steps of "
-              f"{args.global_batch} sequences (micro-batch {args.micro_batch}), lr {args.lr} linear decay, "
-              f"max length {args.max_length}, fp32, seed {args.seed}; timed steps {args.warmup + 1}..{args.steps}")
-        print(f"  tokens        {sum(tokens_per_step)} non-pad tokens in all, "
-              f"{sum(sum(s.loss_mask) for s in samples)} of them trained on; TRL's tokenization is checked to "
-              "be posttrain's before each TRL run")
-        print(f"  posttrain     {POSTTRAIN_SETTINGS}")
-        print(f"  TRL           {TRL_SETTINGS}")
-        runs = alternate({
+        return compare("SFT: posttrain vs TRL SFTTrainer", {
+            "setup": f"tiny '{args.size}' model (qwen2), arithmetic task, {args.steps} steps of {args.global_batch} "
+                     f"sequences (micro-batch {args.micro_batch}), lr {args.lr} linear decay, max length "
+                     f"{args.max_length}, fp32, seed {args.seed}; timed steps {args.warmup + 1}..{args.steps}",
+            "tokens": f"{sum(tokens_per_step)} non-pad tokens in all, {sum(sum(s.loss_mask) for s in samples)} of "
+                      "them trained on; TRL's tokenization is checked to be posttrain's before each TRL run",
+            "posttrain": POSTTRAIN_SETTINGS,
+            "TRL": TRL_SETTINGS,
+        }, {
             "posttrain": lambda: run_posttrain(posttrain_config(args, model_dir, fresh(work, "posttrain")),
                                                tokens_per_step, args.warmup),
             "trl": lambda: run_trl(args, model_dir, fresh(work, "trl"), rows, samples, tokens_per_step),
-        }, args.repeats)
-    summary = summarize(runs, "posttrain", "trl", METRICS)
-    print("Result (training tokens/s: non-pad tokens of the timed steps / their wall time):")
-    print_summary(summary, "posttrain", "trl", METRICS)
-    return {"machine": info, **summary}
+        }, args.repeats, METRICS,
+            "Result (training tokens/s: non-pad tokens of the timed steps / their wall time):")
 
 
 if __name__ == "__main__":
