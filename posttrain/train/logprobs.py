@@ -38,17 +38,48 @@ def token_entropy(logits: torch.Tensor, chunk_size: int = 1024) -> torch.Tensor:
 def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probs and loss mask [B, K] of the K columns of tokens 1..T-1 where some row has a target.
 
-    The LM head and the softmax run only at the positions that predict those columns: prompt-only
-    columns (most of a typical SFT batch) get no logits at all, which saves the largest matmul of a
-    big-vocabulary model. Every caller sums masked log-probs, so the left-out columns change nothing.
+    The LM head and the softmax run only at the positions that predict a target token: prompt
+    positions (most of a typical SFT batch) get no logits at all, which saves the largest matmul of
+    a big-vocabulary model. Entries without a target are 0; every caller masks them out.
     """
     loss_mask = batch["loss_mask"][:, 1:]
     predictors = loss_mask.any(dim=0).nonzero().squeeze(-1)  # position t predicts token t + 1
+    mask = loss_mask[:, predictors]
+    rows, kept = mask.nonzero(as_tuple=True)
+    columns = predictors[kept]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
-    logits = model(**inputs, use_cache=False, **_only_positions(model, predictors)).logits
-    if logits.shape[1] != predictors.numel():  # a model without `logits_to_keep` returns every position
-        logits = logits[:, predictors]
-    return token_logprobs(logits, batch["input_ids"][:, predictors + 1]), loss_mask[:, predictors]
+    picked = token_logprobs(logits_at(model, inputs, rows, columns), batch["input_ids"][rows, columns + 1])
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put((rows, kept), picked), mask
+
+
+def logits_at(model, inputs: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+    """Logits [N, V] of the positions (rows[i], columns[i]) of a forward pass over `inputs`.
+
+    `logits_to_keep` trims the final hidden states to the distinct columns, and a pre-hook on the
+    LM head keeps just the wanted positions of them, so the head runs once per position asked for,
+    not once per row and column. Logit post-processing inside the model (soft-capping, scaling)
+    is elementwise and still applies.
+    """
+    distinct = torch.unique(columns)  # sorted
+    at_distinct = torch.searchsorted(distinct, columns)
+
+    def pick(hidden: torch.Tensor) -> torch.Tensor:  # [B, K or T, ...] -> [N, ...]
+        # Hidden states arrive at the distinct columns (`logits_to_keep`) or at every column; when
+        # the two counts are equal, every column is kept and both indexings agree.
+        return hidden[rows, at_distinct if hidden.shape[1] == len(distinct) else columns]
+
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:  # no separate LM head module to hook: pick from the logits instead
+        return pick(model(**inputs, use_cache=False, **_only_positions(model, distinct)).logits)
+    hook = head.register_forward_pre_hook(lambda module, args: (pick(args[0]), *args[1:]))
+    try:
+        logits = model(**inputs, use_cache=False, **_only_positions(model, distinct)).logits
+    finally:
+        hook.remove()
+    if logits.shape[:-1] != rows.shape:
+        raise RuntimeError(f"{type(model).__name__} reshapes the LM head's output ({tuple(logits.shape)} for "
+                           f"{len(rows)} positions); posttrain expects logits = head(hidden states)")
+    return logits
 
 
 def _only_positions(model, positions: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -75,10 +106,10 @@ def supports_shared_prefix(model) -> bool:
 
 
 def packed_logits(model, batch: dict[str, torch.Tensor], needed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits [rows * K, V] of the K columns of packed rows (explicit positions) that predict a
-    `needed` token ([S, T] like `source_index`), and `source_index` renumbered to pick each
-    sequence's predicting positions from them (entries not needed pick some kept column). The LM
-    head skips every other column, such as a shared prompt's. The attention mask is either 2-D
+    """Logits [P, V] of the P distinct positions of packed rows (explicit positions) that predict
+    a `needed` token ([S, T] like `source_index`), and `source_index` renumbered to pick each
+    sequence's predicting positions from them (entries not needed pick some kept position). The LM
+    head skips every other position, such as a shared prompt's. The attention mask is either 2-D
     padding or the boolean 4-D mask of shared-prefix rows."""
     mask = batch["attention_mask"]
     if mask.dim() == 4 and model.config._attn_implementation == "eager":  # eager adds the mask to the scores
@@ -86,16 +117,14 @@ def packed_logits(model, batch: dict[str, torch.Tensor], needed: torch.Tensor) -
         mask = torch.zeros(mask.shape, dtype=model.dtype, device=mask.device).masked_fill(~mask, blocked)
     width = batch["input_ids"].shape[1]
     source = batch["source_index"]
-    columns = torch.unique(source[needed] % width)  # sorted
-    if columns.numel() == 0:  # nothing needed (every reply truncated away): one column keeps the shapes valid
-        columns = torch.zeros(1, dtype=torch.long, device=source.device)
-    column_number = torch.zeros(width, dtype=torch.long, device=source.device)
-    column_number[columns] = torch.arange(len(columns), device=source.device)
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], attention_mask=mask,
-                   use_cache=False, **_only_positions(model, columns)).logits
-    if logits.shape[1] != len(columns):  # a model without `logits_to_keep` returns every position
-        logits = logits[:, columns]
-    return logits.reshape(-1, logits.shape[-1]), (source // width) * len(columns) + column_number[source % width]
+    positions, number = torch.unique(source[needed], return_inverse=True)  # flat row * width + column
+    if positions.numel() == 0:  # nothing needed (every reply truncated away): one position keeps the shapes valid
+        positions = torch.zeros(1, dtype=torch.long, device=source.device)
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
+    logits = logits_at(model, inputs, positions // width, positions % width)
+    renumbered = torch.zeros_like(source)
+    renumbered[needed] = number
+    return logits, renumbered
 
 
 def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor],

@@ -31,7 +31,7 @@ def _full_logprobs(model, batch):
     return logits.log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
 
 
-def test_sequence_logprobs_score_only_target_columns_and_match_the_full_forward(tiny_model):
+def test_sequence_logprobs_score_only_target_positions_and_match_the_full_forward(tiny_model):
     torch.manual_seed(0)
     input_ids = torch.randint(3, 400, (2, 9))
     attention_mask = torch.ones(2, 9, dtype=torch.long)
@@ -46,10 +46,10 @@ def test_sequence_logprobs_score_only_target_columns_and_match_the_full_forward(
         logprobs, mask = sequence_logprobs(tiny_model, batch)
         hook.remove()
         expected = _full_logprobs(tiny_model, batch)
-    assert head_inputs[0].shape[:2] == (2, 6)  # the LM head ran on the 6 predicting positions only
-    assert logprobs.shape == mask.shape == (2, 6)
+    assert head_inputs[0].shape[0] == 8  # the LM head ran on the 4 + 4 predicting positions only
+    assert logprobs.shape == mask.shape == (2, 6)  # the 6 columns where some row has a target
     torch.testing.assert_close(mask, loss_mask[:, 1:][:, 2:])
-    torch.testing.assert_close(logprobs, expected[:, 2:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logprobs, expected[:, 2:] * mask, rtol=1e-5, atol=1e-5)  # 0 where no target
 
 
 def test_sequence_logprobs_without_logits_to_keep(tiny_model):
@@ -74,6 +74,35 @@ def test_sequence_logprobs_without_logits_to_keep(tiny_model):
     torch.testing.assert_close(plain, expected[:, 2:4], rtol=1e-5, atol=1e-5)
 
 
+def test_sequence_logprobs_of_a_model_without_a_separate_lm_head(tiny_model):
+    """Without an output-embedding module to hook, the positions are picked from the logits."""
+
+    class NoHeadModule(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **kwargs):
+            return self.model(**kwargs)
+
+    batch = {"input_ids": torch.randint(3, 400, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long),
+             "loss_mask": torch.tensor([[0.0, 0, 0, 1, 1, 0, 0], [0, 0, 0, 0, 1, 1, 1]])}
+    with torch.no_grad():
+        plain, _ = sequence_logprobs(NoHeadModule(tiny_model), batch)
+        hooked, mask = sequence_logprobs(tiny_model, batch)
+        expected = _full_logprobs(tiny_model, batch)
+    torch.testing.assert_close(plain, hooked)
+    torch.testing.assert_close(plain, expected[:, 2:6] * mask, rtol=1e-5, atol=1e-5)
+
+
+def test_the_lm_head_hook_is_removed_after_the_forward_pass(tiny_model):
+    batch = {"input_ids": torch.randint(3, 400, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "loss_mask": torch.tensor([[0.0, 0, 1, 1, 0]])}
+    with torch.no_grad():
+        sequence_logprobs(tiny_model, batch)
+        assert tiny_model(input_ids=batch["input_ids"]).logits.shape == (1, 5, tiny_model.config.vocab_size)
+
+
 def test_a_batch_without_targets_gives_a_zero_loss_that_backpropagates(tiny_model):
     batch = {"input_ids": torch.randint(3, 400, (2, 5)), "attention_mask": torch.ones(2, 5, dtype=torch.long),
              "loss_mask": torch.zeros(2, 5)}
@@ -81,3 +110,23 @@ def test_a_batch_without_targets_gives_a_zero_loss_that_backpropagates(tiny_mode
     loss = -(logprobs * mask).sum()
     loss.backward()
     assert logprobs.shape == (2, 0) and loss.item() == 0.0
+
+
+def test_a_model_that_reshapes_the_head_output_is_named(tiny_model):
+    class Reshaping(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def get_output_embeddings(self):
+            return self.model.get_output_embeddings()
+
+        def forward(self, **kwargs):
+            out = self.model(**kwargs)
+            out.logits = out.logits[None]
+            return out
+
+    batch = {"input_ids": torch.randint(3, 400, (1, 5)), "attention_mask": torch.ones(1, 5, dtype=torch.long),
+             "loss_mask": torch.tensor([[0.0, 0, 1, 1, 0]])}
+    with pytest.raises(RuntimeError, match="Reshaping reshapes the LM head's output"):
+        sequence_logprobs(Reshaping(tiny_model), batch)

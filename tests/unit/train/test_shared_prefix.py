@@ -109,12 +109,12 @@ def test_the_lm_head_skips_the_prompt_columns_no_token_is_predicted_from(model_a
     model, pad = model_and_pad
     batch = make_shared_prefix_micro_batches([PAIRS[2]], 1, pad)[0]  # a 6-token prompt, 1-token replies
     seen = []
-    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape[:-1])))
     with torch.no_grad():
         shared_prefix_logprobs(model, batch)
     hook.remove()
-    # row [30..35, 40, 41]: only the prompt's last column predicts a reply token (both replies')
-    assert batch["input_ids"].shape[1] == 8 and seen == [1]
+    # row [30..35, 40, 41]: only the prompt's last position predicts a reply token (both replies')
+    assert batch["input_ids"].shape[1] == 8 and seen == [(1,)]
 
 
 def test_a_batch_without_reply_tokens_gives_zero_log_likelihood(model_and_pad):
