@@ -51,6 +51,8 @@ def map_row(row: dict[str, Any], benchmark: Benchmark, prompt_key: str, answer_k
         if key not in row:
             raise DataError(f"{where}: missing field '{key}' (found {sorted(row)}); set data.prompt_key / "
                             "data.answer_key to the dataset's column names")
+        if row[key] is None:  # a column some rows lack: the gold answer must not become the text "None"
+            raise DataError(f"{where}: field '{key}' is null")
     try:
         answer = benchmark.answer_fn(row[answer_key])
     except ValueError as err:

@@ -9,10 +9,11 @@ checkpoint whose identity differs from the current run's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
-import tempfile
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _fsync_files(directory: Path) -> None:
+    """Flush the written files to disk before the (fsynced) state file marks them complete, so that
+    after a power loss the state file cannot outlive the weights it describes."""
+    for file in directory.rglob("*"):
+        if file.is_file():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 class CheckpointManager:
     def __init__(self, cfg: CheckpointingConfig):
         self.cfg = cfg
@@ -63,21 +76,31 @@ class CheckpointManager:
         """`write_files(tmp_dir)` writes model/optimizer files; the state file is written last."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{PREFIX}{step}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{PREFIX}{step}_", dir=self.root))
+        # Not tempfile.mkdtemp: its folder is private (0700) and would stay so once renamed into place.
+        tmp = self.root / f".tmp_{PREFIX}{step}_{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
         try:
             write_files(tmp)
+            _fsync_files(tmp)
             with open(tmp / STATE_FILE, "w") as f:
                 json.dump({"step": step, **state}, f, indent=2, default=str)
                 f.flush()
                 os.fsync(f.fileno())
             if final.exists():  # an older run's checkpoint at the same step
-                shutil.rmtree(final)
+                self._remove(final)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self._prune()
         return final
+
+    def _remove(self, path: Path) -> None:
+        """Rename, then delete: a crash mid-delete must not leave a partial folder that still has its
+        state file and so looks complete."""
+        doomed = self.root / f".tmp_deleting_{path.name}_{uuid.uuid4().hex[:8]}"
+        os.rename(path, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
     def _prune(self) -> None:
         k = self.cfg.keep_top_k
@@ -88,8 +111,8 @@ class CheckpointManager:
         if self.cfg.metric_name:
             def score(path: Path) -> float:
                 value = read_state(path).get("metrics", {}).get(self.cfg.metric_name)
-                if value is None:
-                    return -float("inf")  # checkpoints without the metric go first
+                if value is None or math.isnan(value):
+                    return -float("inf")  # checkpoints without the metric (or a diverged one) go first
                 return value if self.cfg.higher_is_better else -value
             ranked = sorted(found, key=score, reverse=True)
         else:
@@ -97,7 +120,7 @@ class CheckpointManager:
         keep = set(ranked[:k]) | {latest}
         for path in found:
             if path not in keep:
-                shutil.rmtree(path, ignore_errors=True)
+                self._remove(path)
 
 
 def find_resume_checkpoint(cfg: CheckpointingConfig, manager: CheckpointManager) -> Path | None:
@@ -111,12 +134,26 @@ def find_resume_checkpoint(cfg: CheckpointingConfig, manager: CheckpointManager)
 
 
 def read_state(path: Path) -> dict[str, Any]:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    """The state file, with an error naming the file when it is not JSON (a damaged or hand-edited checkpoint)."""
+    file = Path(path) / STATE_FILE
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"checkpoint state {file} is corrupt ({err}); delete {path} to resume from an "
+                          "earlier checkpoint, or set checkpointing.resume=never") from err
+
+
+def _identity_diffs(saved: Any, current: Any, key: str) -> list[str]:
+    """One line per differing leaf (`data.shuffle`), not the whole section, so the key is easy to find."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for k in current | saved
+                for line in _identity_diffs(saved.get(k), current.get(k), f"{key}.{k}")]
+    return [] if saved == current else [f"{key}: checkpoint={saved!r} run={current!r}"]
 
 
 def check_identity(saved: dict[str, Any], current: dict[str, Any], path: Path) -> None:
     """Refuse to resume a checkpoint made for another model or data (a silent-resume bug otherwise)."""
-    diffs = [f"{k}: checkpoint={saved.get(k)!r} run={v!r}" for k, v in current.items() if saved.get(k) != v]
+    diffs = [line for k, v in current.items() for line in _identity_diffs(saved.get(k), v, k)]
     if diffs:
         raise ConfigError(f"checkpoint {path} was written by a different run; refusing to resume.\n  "
                           + "\n  ".join(diffs)

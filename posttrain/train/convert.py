@@ -40,11 +40,16 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def checkpoint_to_hf(checkpoint: str | Path, out_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Copy the checkpoint's model + tokenizer to `out_dir`, atomically (a temp folder renamed into place)."""
-    source = resolve_checkpoint(checkpoint) / MODEL_DIR
+    checkpoint = resolve_checkpoint(checkpoint)
+    source = checkpoint / MODEL_DIR
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} holds no Hugging Face model (no config.json); is it a posttrain "
                                 "checkpoint (step_N/model/)?")
     out = Path(out_dir)
+    # Replacing a folder that holds the checkpoint would delete it (--overwrite on the checkpoint_dir);
+    # one inside it would be copied into itself and pruned with it.
+    if checkpoint.resolve().is_relative_to(out.resolve()) or out.resolve().is_relative_to(checkpoint.resolve()):
+        raise FileExistsError(f"output folder {out} overlaps the checkpoint {checkpoint}; choose a folder outside it")
     occupied = any(out.iterdir()) if out.is_dir() else out.exists()
     if occupied and not overwrite:
         raise FileExistsError(f"output folder {out} exists and is not empty; choose another or pass --overwrite")

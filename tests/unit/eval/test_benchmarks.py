@@ -81,3 +81,9 @@ def test_example_config_loads():
     cfg = load_config(EvalRunConfig, _EXAMPLE, ["generation.model_name=m"])
     assert find_benchmark(cfg.data.dataset_name) is BENCHMARKS["math500"]
     assert cfg.eval.k_values == [1, 4] and cfg.eval.num_tests_per_prompt == 4
+
+
+def test_a_null_answer_is_an_error_not_the_text_none():
+    b = BENCHMARKS["math500"]
+    with pytest.raises(DataError, match="row 7: field 'answer' is null"):
+        map_row({"problem": "Compute 1+1.", "answer": None}, b, "problem", "answer", "row 7")

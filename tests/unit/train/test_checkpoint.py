@@ -1,6 +1,9 @@
 """Checkpoints: atomic writes, what counts as complete, pruning, identity and RNG state."""
 
+import os
 import random
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +161,82 @@ def test_rng_state_round_trip():
     assert np.array_equal(first[2], second[2])
     # And the draws really moved the generators on.
     assert not torch.equal(torch.rand(5), first[0])
+
+
+def test_nan_metric_is_ranked_last_not_kept_as_best(tmp_path):
+    # A diverged step (NaN val/loss) must not take a "best" slot from a real one.
+    mgr = manager(tmp_path, keep_top_k=2, metric_name="val/loss")
+    for step, loss in {1: float("nan"), 2: 0.1, 3: 0.2, 4: 0.3}.items():
+        mgr.save(step, {"metrics": {"val/loss": loss}}, write_weights)
+    assert steps(mgr) == [2, 3, 4]
+
+
+def test_checkpoint_folder_follows_the_umask_not_private(tmp_path):
+    path = manager(tmp_path).save(1, {}, write_weights)
+    assert path.stat().st_mode & 0o777 == (tmp_path / "ckpt").stat().st_mode & 0o777
+
+
+def test_written_files_are_fsynced_before_the_state_file(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+
+    def record(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    path = manager(tmp_path).save(1, {}, write_weights)
+    weights, state = (path / "model.bin").stat().st_ino, (path / STATE_FILE).stat().st_ino
+    assert weights in synced and synced.index(weights) < synced.index(state)
+
+
+def _crash_while_deleting(monkeypatch):
+    """rmtree that dies (as a killed process would) after deleting everything but the state file."""
+    real_rmtree = shutil.rmtree
+
+    def crash(path, ignore_errors=False):
+        for file in Path(path).iterdir():
+            if file.name != STATE_FILE:
+                file.unlink()
+        monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", crash)
+
+
+def test_crash_while_pruning_leaves_no_complete_looking_partial_checkpoint(tmp_path, monkeypatch):
+    mgr = manager(tmp_path, keep_top_k=1)
+    mgr.save(1, {}, write_weights)
+    _crash_while_deleting(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(2, {}, write_weights)
+    assert steps(mgr) == [2]
+    assert all((p / "model.bin").is_file() for p in mgr.checkpoints())
+
+
+def test_crash_while_replacing_same_step_leaves_no_complete_looking_partial_checkpoint(tmp_path, monkeypatch):
+    mgr = manager(tmp_path)
+    mgr.save(1, {}, write_weights)
+    mgr.save(4, {"v": 1}, write_weights)
+    _crash_while_deleting(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        mgr.save(4, {"v": 2}, write_weights)
+    assert all((p / "model.bin").is_file() for p in mgr.checkpoints())
+    assert steps(mgr) == [1]
+
+
+def test_corrupt_state_file_names_the_file(tmp_path):
+    path = manager(tmp_path).save(1, {}, write_weights)
+    (path / STATE_FILE).write_text('{"step": 1, "ident')
+    with pytest.raises(ConfigError, match=rf"{STATE_FILE} is corrupt"):
+        read_state(path)
+
+
+def test_check_identity_names_the_nested_key_that_differs(tmp_path):
+    data = {"dataset_name": "arithmetic", "shuffle": True, "arithmetic": {"num_train": 10, "num_val": 2}}
+    changed = {**data, "arithmetic": {"num_train": 20, "num_val": 2}}
+    with pytest.raises(ConfigError) as info:
+        check_identity({"data": data, "seed": 1}, {"data": changed, "seed": 1}, tmp_path)
+    msg = str(info.value)
+    assert "data.arithmetic.num_train: checkpoint=10 run=20" in msg
+    assert "shuffle" not in msg and "num_val" not in msg
