@@ -49,6 +49,9 @@ class Policy:
         self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, total_steps)
+        # float16's narrow range flushes small gradients to zero; the loss is scaled up to keep them
+        # (bfloat16 has float32's range and needs no scaling).
+        self.grad_scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "float16" else None
 
     @property
     def num_parameters(self) -> int:
@@ -75,14 +78,20 @@ class Policy:
         for batch in micro_batches:
             with self.autocast():
                 loss = loss_fn(self.model, self._to_device(batch))
-            loss.backward()
+            (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             total += loss.detach()
         if self.process_group is not None:
             self._sum_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None] + [total])
+        if self.grad_scaler:
+            self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
         lr = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if self.grad_scaler:  # skips the step when the scaled gradients overflowed, and adapts the scale
+            self.grad_scaler.step(self.optimizer)
+            self.grad_scaler.update()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr}
 
@@ -113,11 +122,15 @@ class Policy:
         self.export_hf(directory / "model")
         torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
+        if self.grad_scaler:
+            torch.save(self.grad_scaler.state_dict(), directory / "grad_scaler.pt")
 
     def load_training_state(self, directory: Path) -> None:
         """Optimizer and schedule state; the weights were loaded at construction (`weights_path`)."""
         self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
+        if self.grad_scaler and (directory / "grad_scaler.pt").is_file():
+            self.grad_scaler.load_state_dict(torch.load(directory / "grad_scaler.pt"))
 
     def export_hf(self, directory: str | Path) -> Path:
         directory = Path(directory)
