@@ -63,7 +63,7 @@ def _plot(args: argparse.Namespace) -> None:
     from posttrain.logging import plot_metrics
 
     paths = plot_metrics(args.log_dir, args.out)
-    print(f"wrote {len(paths)} plots to {paths[0].parent if paths else args.out}")
+    print(f"wrote {len(paths)} plots to {paths[0].parent}" if paths else f"no metrics to plot in {args.log_dir}")
 
 
 def _tiny_model(args: argparse.Namespace) -> None:

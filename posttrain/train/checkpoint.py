@@ -129,7 +129,7 @@ def find_resume_checkpoint(cfg: CheckpointingConfig, manager: CheckpointManager)
         return None
     latest = manager.latest()
     if latest is None and cfg.resume == "required":
-        raise ConfigError(f"--resume given but no checkpoint found in {cfg.checkpoint_dir}")
+        raise ConfigError(f"checkpointing.resume=required (or --resume) but no checkpoint found in {cfg.checkpoint_dir}")
     return latest
 
 
