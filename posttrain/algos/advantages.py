@@ -20,6 +20,10 @@ def group_advantages(rewards: torch.Tensor, baseline: Baseline = "mean", normali
     if rewards.ndim != 2 or rewards.shape[1] < 2:
         raise ValueError(f"rewards must be [num_prompts, group>=2], got {tuple(rewards.shape)}")
     rewards = rewards.float()
+    # Shifted by each group's first reward (which changes no advantage) so that equal rewards become exact
+    # zeros: the float mean of equal values can miss them by a rounding error, which the division by a
+    # zero std (+ eps) would blow up into the same large advantage for every sample of the group.
+    rewards = rewards - rewards[:, :1]
     group = rewards.shape[1]
     mean = rewards.mean(dim=1, keepdim=True)
     if baseline == "mean":

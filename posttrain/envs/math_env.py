@@ -26,9 +26,10 @@ RewardFn = Callable[[list[Message], str, dict[str, Any]], Any]
 
 _TIMEOUT_S = 5  # math_verify's own default, per parse and per comparison
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# An optional sign (not the minus of "5-3"), digits with or without thousands separators,
-# an optional decimal part and an optional "/denominator".
-_NUMBER = re.compile(r"(?:(?<![\w)])-)?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
+# An optional sign (a hyphen or the Unicode minus U+2212, not the minus of "5-3"), digits with or
+# without thousands separators, an optional decimal part (or a decimal part alone: ".5") and an
+# optional "/denominator".
+_NUMBER = re.compile(r"(?:(?<![\w)])[-\u2212])?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|(?<!\d)\.\d+)(?:/\d+)?")
 
 
 def extract_final_answer(text: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from posttrain.config import PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams
@@ -80,6 +80,10 @@ class HFGenerationBackend(GenerationBackend):
         self.tokenizer = load_tokenizer(cfg)
         # Generation holds no optimizer state, so it runs directly in the compute precision.
         self.model = load_model(cfg, self.device, path=weights_path, dtype=DTYPES[cfg.precision]).eval()
+        # Sampling follows SamplingParams alone: `generate` fills what it is not given from the checkpoint's
+        # generation_config.json, whose extras (Qwen2.5-Instruct's repetition_penalty) would change the
+        # distribution sampled from, away from the policy whose log-probs are reported and trained on.
+        self.model.generation_config = GenerationConfig()
         self.batch_size = cfg.generation.batch_size
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
@@ -162,13 +166,17 @@ class HFGenerationBackend(GenerationBackend):
         return cache
 
     def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:
-        """Cut the padding that follows a finished sequence and say why it finished."""
+        """Cut the padding that follows a finished sequence and say why it finished.
+
+        Stop strings are looked for up to the first EOS, not only without one: a tokenizer whose pad
+        token is its EOS pads a row that a stop string ended with EOS tokens it never sampled.
+        """
         eos = self.tokenizer.eos_token_id
-        if eos in ids:
-            return ids[: ids.index(eos) + 1], "stop"
-        if sampling.stop_strings:
-            for end in range(1, len(ids) + 1):
-                text = self.tokenizer.decode(ids[:end])
-                if any(stop in text for stop in sampling.stop_strings):
-                    return ids[:end], "stop"
-        return ids, "length"
+        end = ids.index(eos) + 1 if eos in ids else len(ids)
+        stops = sampling.stop_strings or []
+        if stops and any(stop in self.tokenizer.decode(ids[:end]) for stop in stops):
+            for cut in range(1, end + 1):
+                text = self.tokenizer.decode(ids[:cut])
+                if any(stop in text for stop in stops):
+                    return ids[:cut], "stop"
+        return ids[:end], "stop" if eos in ids else "length"

@@ -47,3 +47,12 @@ def test_overlong_penalty_ramps_linearly_inside_the_buffer():
     torch.testing.assert_close(got, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
     with pytest.raises(ValueError):
         overlong_penalty(torch.tensor([1]), max_length=10, buffer=0)
+
+
+@pytest.mark.parametrize("baseline", ["mean", "leave_one_out"])
+def test_all_equal_non_integer_rewards_give_exact_zeros(baseline):
+    # The float32 mean of eleven -2.95s is not -2.95; divided by std + eps that rounding error became
+    # an advantage of 0.3 for every sample.
+    for group, value in [(11, -2.95), (3, -2.98), (16, 0.1), (7, 0.3)]:
+        rewards = torch.full((2, group), value)
+        assert torch.equal(group_advantages(rewards, baseline), torch.zeros(2, group))

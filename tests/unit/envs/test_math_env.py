@@ -43,6 +43,9 @@ def score(env, responses, answers):
     ("The answer is 68.", "68"),
     ("it was -5 degrees", "-5"),
     ("from 3-5 pages", "5"),
+    ("it was \u22125 degrees", "\u22125"),  # the Unicode minus sign
+    ("from 3\u22125 pages", "5"),
+    ("the probability is .5", ".5"),
     ("pi is about 3.14.", "3.14"),
     ("a total of 1,234 apples", "1234"),
     ("1,2345", "2345"),
@@ -83,6 +86,11 @@ def test_rewards_and_extracted_answers():
     assert result.observations == [[]] * 4
     assert result.metadata == [{"extracted_answer": "68"}, {"extracted_answer": r"\frac{1}{2}"},
                                {"extracted_answer": "67"}, {"extracted_answer": None}]
+
+
+def test_unicode_minus_and_bare_decimal_point_keep_their_value():
+    result = score(MathEnvironment(EnvConfig()), ["so x = \u22125", "p is .5"], ["-5", "0.5"])
+    assert result.rewards == [1.0, 1.0]
 
 
 def test_gold_answer_may_be_a_whole_solution():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.config import PolicyConfig
+from posttrain.config import PolicyConfig, TokenizerConfig
 from posttrain.data.formats import tokenize_prompt
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend, SampledTokenLogprobs
@@ -117,6 +119,37 @@ def test_stop_strings_end_the_response(backend, prompts):
         [stopped] = backend.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0, stop_strings=[stop]))
         assert stopped.finish_reason == "stop"
         assert stop in stopped.text and len(stopped.token_ids) == 2
+
+
+def test_padding_after_a_stop_string_is_not_taken_for_eos(tiny_model_dir, prompts):
+    """A tokenizer without a pad token pads with EOS (see load_tokenizer): a row that a stop string
+    ended while others went on is followed by EOS padding, which is no token the model sampled."""
+    backend = HFGenerationBackend(PolicyConfig(model_name=str(tiny_model_dir), device="cpu"))
+    backend.tokenizer.pad_token = backend.tokenizer.eos_token
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, seed=0)
+    free = backend.generate(prompts, params)
+    stop = backend.tokenizer.decode(free[0].token_ids[:2])
+    stopped = backend.generate(prompts, dataclasses.replace(params, stop_strings=[stop]))
+    assert stopped[0].finish_reason == "stop" and stopped[0].token_ids == free[0].token_ids[:2]
+    assert any(len(c.token_ids) > 2 for c in stopped)  # other rows went on: the first one was padded
+    for f, s in zip(free, stopped, strict=True):  # the same draws, cut where the stop string appeared
+        assert s.token_ids == f.token_ids[: len(s.token_ids)]
+        assert len(s.logprobs) == len(s.token_ids)
+
+
+def test_the_checkpoints_generation_defaults_do_not_change_the_sampled_distribution(tiny_model_dir, prompts):
+    """Sampling settings come from SamplingParams only; a checkpoint's generation_config.json extras
+    (a repetition penalty, say) would make rollouts come from another distribution than the policy's."""
+    model_dir = tiny_model_dir.parent / "with_generation_defaults"
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model.generation_config.repetition_penalty = 100.0
+    model.generation_config.no_repeat_ngram_size = 1
+    model.save_pretrained(model_dir)
+    plain = HFGenerationBackend(PolicyConfig(model_name=str(tiny_model_dir), device="cpu"))
+    tuned = HFGenerationBackend(PolicyConfig(model_name=str(model_dir), device="cpu",
+                                             tokenizer=TokenizerConfig(name=str(tiny_model_dir))))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    assert [c.token_ids for c in tuned.generate(prompts, params)] == [c.token_ids for c in plain.generate(prompts, params)]
 
 
 def test_update_weights_changes_what_is_generated(tiny_model_dir, prompts):
