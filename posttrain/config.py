@@ -495,9 +495,17 @@ def _check_loop(run, section: str) -> None:
     _require(loop.val_global_batch_size % loop.val_micro_batch_size == 0,
              f"{section}.val_global_batch_size ({loop.val_global_batch_size}) must be a multiple of "
              f"{section}.val_micro_batch_size ({loop.val_micro_batch_size})")
+    _require(loop.val_period >= 0,
+             f"{section}.val_period must be >= 0 (0 disables validation), got {loop.val_period}")
+    # A negative val_batches would slice batches off the end of the validation set.
+    _require(loop.val_batches >= 0, f"{section}.val_batches must be >= 0 (0 means the whole validation set), "
+                                    f"got {loop.val_batches}")
 
 
 def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig, ckpt: CheckpointingConfig) -> None:
+    _require(data.arithmetic.num_train > 0,
+             f"data.arithmetic.num_train must be > 0, got {data.arithmetic.num_train}")
+    _require(data.arithmetic.num_val >= 0, f"data.arithmetic.num_val must be >= 0, got {data.arithmetic.num_val}")
     _require(0.0 <= data.arithmetic.teacher_error_rate <= 1.0,
              f"data.arithmetic.teacher_error_rate must be in [0, 1], got {data.arithmetic.teacher_error_rate}")
     _require(policy.optimizer.lr > 0, f"policy.optimizer.lr must be > 0, got {policy.optimizer.lr}")
@@ -535,22 +543,33 @@ T = TypeVar("T")
 
 def load_config(schema: type[T], path: str | Path | None = None, overrides: list[str] | None = None) -> T:
     """Defaults <- YAML file <- dotted overrides, then type-checked against `schema`."""
-    layers = [OmegaConf.create(to_dict(schema()))]
+    layers: list[tuple[str, DictConfig]] = []  # (where it came from, for errors; the layer)
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        try:
-            loaded = OmegaConf.load(path)
-        except (yaml.YAMLError, OmegaConfBaseException) as err:
-            raise ConfigError(f"cannot parse config file {path}: {err}") from err
+        with path.open(encoding="utf-8") as f:
+            try:
+                loaded = OmegaConf.load(f)
+            except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError) as err:
+                raise ConfigError(f"cannot parse config file {path}: {err}") from err
+            except OSError as err:  # how OmegaConf rejects a file holding a single number or boolean
+                raise ConfigError(f"config file {path} must hold a mapping of sections (policy:, data:, ...): "
+                                  f"{err}") from err
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"config file {path} must hold a mapping of sections (policy:, data:, ...), "
                               f"not a {type(loaded).__name__}")
-        layers.append(loaded)
-    layers.append(_parse_overrides(overrides or []))
+        layers.append((f"config file {path}", loaded))
+    layers.append(("the overrides", _parse_overrides(overrides or [])))
+    merged = OmegaConf.create(to_dict(schema()))
+    for source, layer in layers:
+        try:
+            merged = OmegaConf.merge(merged, layer)
+        except TypeError as err:  # a list meets a mapping; OmegaConf names neither the key nor the source
+            clash = _container_clash(OmegaConf.to_container(merged), OmegaConf.to_container(layer))
+            raise ConfigError(f"{source}: {clash or err}") from err
     try:
-        merged = OmegaConf.to_container(OmegaConf.merge(*layers), resolve=True)
+        merged = OmegaConf.to_container(merged, resolve=True)
     except OmegaConfBaseException as err:
         raise ConfigError(f"cannot resolve config: {err}") from err
     cfg = from_dict(schema, merged)
@@ -558,6 +577,19 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: list
     if check is not None:
         check()
     return cfg
+
+
+def _container_clash(base: Any, layer: Any, key: str = "") -> str | None:
+    """Names the dotted key where `layer` puts a list over a mapping of `base`, or a mapping over a list."""
+    if isinstance(base, dict) and isinstance(layer, dict):
+        for name, value in layer.items():
+            if name in base and (found := _container_clash(base[name], value, f"{key}.{name}" if key else str(name))):
+                return found
+        return None
+    if {type(base), type(layer)} != {dict, list}:
+        return None
+    kind = {dict: "a mapping", list: "a list"}
+    return f"'{key}' must be {kind[type(base)]}, got {kind[type(layer)]}: {layer!r}"
 
 
 def _parse_overrides(overrides: list[str]):
@@ -610,7 +642,8 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
                 return _convert(arg, value, key)
             except ConfigError as err:
                 errors.append(err)
-        raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__}: {value!r}")
+        raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__}: {value!r}"
+                          f"{_quote_hint(tp, value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
@@ -648,11 +681,17 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     elif tp is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return str(value)
     else:
         raise TypeError(f"unsupported config type {tp!r} at {key}")
-    raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__}: {value!r}")
+    raise ConfigError(f"{key} expects {_type_name(tp)}, got {type(value).__name__}: {value!r}"
+                      f"{_quote_hint(tp, value)}")
+
+
+def _quote_hint(tp: Any, value: Any) -> str:
+    """A number is not turned into text: YAML has already rewritten it (010 is 8, 1.10 is 1.1)."""
+    if str in (tp, *typing.get_args(tp)) and isinstance(value, int | float) and not isinstance(value, bool):
+        return " (YAML read an unquoted number; quote the value to keep its text as written)"
+    return ""
 
 
 def _type_name(tp: Any) -> str:

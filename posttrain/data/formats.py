@@ -35,7 +35,9 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
             raise DataError(f"{where}: expected a '{cfg.messages_key}' field or '{cfg.prompt_key}' and "
                             f"'{cfg.completion_key}' fields, found {sorted(row)}")
     if fmt == "messages":
-        messages = check_messages(row.get(cfg.messages_key), where, cfg.messages_key)
+        if cfg.messages_key not in row:
+            raise DataError(f"{where}: missing field '{cfg.messages_key}' (found {sorted(row)})")
+        messages = check_messages(row[cfg.messages_key], where, cfg.messages_key)
     else:
         for key in (cfg.prompt_key, cfg.completion_key):
             if key not in row:
@@ -58,9 +60,12 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
 
 
 def check_text(value: Any, where: str, key: str) -> str:
+    """A prompt or reply given as text; an empty one has nothing to ask or to train on."""
     if not isinstance(value, str):
         raise DataError(f"{where}: field '{key}' must be a string or a list of messages, "
                         f"got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field '{key}' is empty")
     return value
 
 
@@ -75,6 +80,8 @@ def check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: {key}[{i}] has role {msg['role']!r}; expected one of {list(ROLES)}")
         if not isinstance(msg["content"], str):
             raise DataError(f"{where}: {key}[{i}].content must be a string, got {type(msg['content']).__name__}")
+        if msg["role"] in ("user", "assistant") and not msg["content"].strip():
+            raise DataError(f"{where}: {key}[{i}] is an empty {msg['role']} message")
         out.append({"role": msg["role"], "content": msg["content"]})
     return out
 

@@ -39,7 +39,7 @@ class PromptDataset:
                 raise DataError(f"{where}: the prompt has {len(ids)} tokens, more than the {max_prompt_length} "
                                 "allowed (policy.max_total_sequence_length - policy.generation.max_new_tokens)")
             metadata = {k: v for k, v in row.items() if k != cfg.prompt_key and isinstance(v, str | int | float | bool)}
-            metadata["answer"] = str(row[cfg.answer_key])
+            metadata["answer"] = _answer_text(row[cfg.answer_key], where, cfg.answer_key)
             self.prompts.append(Prompt(messages, ids, metadata))
 
     def __len__(self) -> int:
@@ -47,3 +47,13 @@ class PromptDataset:
 
     def __getitem__(self, index: int) -> Prompt:
         return self.prompts[index]
+
+
+def _answer_text(value: Any, where: str, key: str) -> str:
+    """The reference answer as text; a null, empty or structured one would be checked as its repr
+    (e.g. "None"), so that no response could ever earn the reward."""
+    if isinstance(value, bool) or not isinstance(value, str | int | float):
+        raise DataError(f"{where}: field '{key}' must be a string or a number, got {type(value).__name__}")
+    if not str(value).strip():
+        raise DataError(f"{where}: field '{key}' is empty")
+    return str(value)

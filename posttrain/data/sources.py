@@ -47,15 +47,15 @@ def load_rows(
     seed: int = 0,
 ) -> RowSource:
     """Load a dataset by name: built-in task, local file, or Hugging Face dataset (split)."""
-    if name == "arithmetic":
-        from posttrain.data.arithmetic import make_problems
+    if name in BUILTIN_TASKS:
+        from posttrain.data.arithmetic import make_preference_pairs, make_problems
 
-        return RowSource(make_problems(arithmetic or ArithmeticTaskConfig(), split, seed), f"arithmetic[{split}]")
-    if name == "arithmetic_preference":
-        from posttrain.data.arithmetic import make_preference_pairs
-
-        return RowSource(make_preference_pairs(arithmetic or ArithmeticTaskConfig(), split, seed),
-                         f"arithmetic_preference[{split}]")
+        make = make_problems if name == "arithmetic" else make_preference_pairs
+        try:
+            rows = make(arithmetic or ArithmeticTaskConfig(), split, seed)
+        except ValueError as err:  # an unknown split or operation: a data error, not a crash
+            raise DataError(f"{name}[{split}]: {err}") from err
+        return RowSource(rows, f"{name}[{split}]")
     path = Path(name)
     if is_data_file(name):
         if not path.is_file():
@@ -87,9 +87,18 @@ def is_data_file(name: str) -> bool:
 
 
 def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(physical line number, object) for each non-blank line; a bad line names its number."""
-    with path.open(encoding="utf-8-sig") as f:
+    """(physical line number, object) for each non-blank line; a bad line names its number.
+
+    Bytes that are not UTF-8 are escaped on reading, so that the error names their line rather
+    than failing somewhere in the file's read buffer.
+    """
+    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
         for lineno, line in enumerate(f, start=1):
+            try:
+                line.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise DataError(f"{path}, line {lineno}: not valid UTF-8 (byte "
+                                f"0x{ord(line[err.start]) - 0xDC00:02x} at column {err.start + 1})") from err
             if not line.strip():
                 continue
             try:
@@ -114,6 +123,8 @@ def _read_json_lines(path: Path) -> RowSource:
 def _read_json_array(path: Path) -> RowSource:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not valid UTF-8 ({err.reason} at byte {err.start})") from err
     except json.JSONDecodeError as err:
         raise DataError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(data, list) or not data:

@@ -25,3 +25,11 @@ def test_tiny_model_command_builds_a_loadable_model(tmp_path):
     assert main(["tiny-model", str(tmp_path / "m"), "--arch", "llama"]) == 0
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "llama"
     assert AutoTokenizer.from_pretrained(tmp_path / "m").chat_template
+
+
+def test_yaml_holding_a_number_is_reported_with_its_file(capsys, tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("3\n")
+    assert main(["sft", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "cfg.yaml" in "".join(err.split()) and "mapping of sections" in " ".join(err.split())

@@ -319,3 +319,52 @@ def test_dpo_example_config_loads_and_passes_check():
 
     cfg = load_config(DPORunConfig, Path(__file__).parents[2] / "examples" / "configs" / "dpo_tiny.yaml")
     assert cfg.data.dataset_name == "arithmetic_preference" and cfg.policy.model_name
+
+
+def test_scalar_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "3\n")
+    with pytest.raises(ConfigError, match="must hold a mapping of sections") as info:
+        load_config(SFTRunConfig, path, BASE)
+    assert str(path) in str(info.value)
+
+
+def test_yaml_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_bytes(b"policy:\n  model_name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="cannot parse config file") as info:
+        load_config(SFTRunConfig, path)
+    assert str(path) in str(info.value)
+
+
+def test_list_against_mapping_names_the_key_and_the_source(tmp_path):
+    path = write(tmp_path, "policy: [1, 2]\n")
+    with pytest.raises(ConfigError, match=rf"config file {path}: 'policy' must be a mapping, got a list"):
+        load_config(SFTRunConfig, path, BASE)
+    with pytest.raises(ConfigError, match=r"the overrides: 'policy\.optimizer\.betas' must be a list, got a mapping"):
+        load_config(SFTRunConfig, None, [*BASE, "policy.optimizer.betas.0=0.5"])
+
+
+@pytest.mark.parametrize("run, section", [(SFTRunConfig, "sft"), (DPORunConfig, "dpo"), (RMRunConfig, "rm")])
+@pytest.mark.parametrize("key", ["val_batches", "val_period"])
+def test_negative_validation_counts_are_rejected(run, section, key):
+    """A negative val_batches would drop batches off the end of the validation set."""
+    with pytest.raises(ConfigError, match=rf"{section}\.{key} must be >= 0 .*got -1"):
+        load_config(run, None, [*BASE, f"{section}.{key}=-1"])
+
+
+@pytest.mark.parametrize("override, pattern", [
+    ("data.arithmetic.num_train=0", r"data\.arithmetic\.num_train must be > 0, got 0"),
+    ("data.arithmetic.num_val=-1", r"data\.arithmetic\.num_val must be >= 0, got -1"),
+])
+def test_arithmetic_counts_are_checked(override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(SFTRunConfig, None, [*BASE, override])
+
+
+@pytest.mark.parametrize("value, parsed", [("010", "8"), ("1.10", "1.1")])
+def test_number_for_a_text_key_is_rejected_not_rewritten(value, parsed):
+    """YAML reads 010 as 8 and 1.10 as 1.1; turning that back into text would silently change it."""
+    with pytest.raises(ConfigError, match=rf"data\.dataset_config expects str \| None, got \w+: {parsed} "
+                                          r"\(YAML read an unquoted number; quote the value"):
+        load_config(SFTRunConfig, None, [*BASE, f"data.dataset_config={value}"])
+    assert load_config(SFTRunConfig, None, [*BASE, f"data.dataset_config='{value}'"]).data.dataset_config == value

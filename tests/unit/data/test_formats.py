@@ -111,6 +111,11 @@ def test_system_prompt_inserted_only_when_missing():
         ({"messages": [{"role": "user", "content": "q"}]}, DataConfig(), r"no assistant message"),
         ({"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "user", "content": "q"}]},
          DataConfig(), r"no assistant message"),
+        ({"prompt": "", "completion": "a"}, DataConfig(), r"field 'prompt' is empty"),
+        ({"prompt": "q", "completion": " \n"}, DataConfig(), r"field 'completion' is empty"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]}, DataConfig(),
+         r"messages\[1\] is an empty assistant message"),
+        ({"prompt": "q", "completion": "a"}, DataConfig(format="messages"), r"missing field 'messages'"),
     ],
 )
 def test_row_errors_name_location(row, cfg, pattern):

@@ -57,6 +57,8 @@ def test_message_list_fields_and_system_prompt():
     ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
       "chosen": "a", "rejected": "b"}, "'prompt' ends with an assistant message"),
     ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+    ({"prompt": "q", "chosen": "a", "rejected": ""}, "field 'rejected' is empty"),
+    ({"prompt": " ", "chosen": "a", "rejected": "b"}, "field 'prompt' is empty"),
 ])
 def test_malformed_rows_name_the_row(row, pattern):
     with pytest.raises(DataError, match=pattern) as err:

@@ -155,3 +155,25 @@ def test_teacher_error_rate_outside_unit_interval_is_a_config_error():
 
     with pytest.raises(ConfigError, match=r"data.arithmetic.teacher_error_rate must be in \[0, 1\], got 1.5"):
         load_config(SFTRunConfig, None, ["policy.model_name=x", "data.arithmetic.teacher_error_rate=1.5"])
+
+
+def test_jsonl_bytes_that_are_not_utf8_name_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": "ok"}\n\n{"a": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"line 3: not valid UTF-8 \(byte 0xe9 at column 11\)") as info:
+        load_rows(str(path), "train")
+    assert str(path) in str(info.value)
+
+
+def test_json_array_bytes_that_are_not_utf8_name_the_file(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_bytes(b'[{"a": "caf\xe9"}]')
+    with pytest.raises(DataError, match="not valid UTF-8") as info:
+        load_rows(str(path), "train")
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["arithmetic", "arithmetic_preference"])
+def test_builtin_task_unknown_split_is_a_data_error(name):
+    with pytest.raises(DataError, match=rf"{name}\[test\]: arithmetic task has splits 'train' and 'validation'"):
+        load_rows(name, "test", arithmetic=SMALL)
