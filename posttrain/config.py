@@ -318,6 +318,14 @@ class GRPORunConfig:
         _check_batch_sizes(p)
         _require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
+        _require(p.generation.top_k is None or p.generation.top_k >= 0,
+                 f"policy.generation.top_k must be >= 0 or null (0 and null: no top-k filter), got {p.generation.top_k}")
+        _require(p.generation.max_new_tokens < p.max_total_sequence_length,
+                 f"policy.generation.max_new_tokens ({p.generation.max_new_tokens}) must be less than "
+                 f"policy.max_total_sequence_length ({p.max_total_sequence_length}), which holds prompt and response")
+        _require(g.val_period >= 0, f"grpo.val_period must be >= 0 (0 disables validation), got {g.val_period}")
+        _require(g.max_val_samples > 0, f"grpo.max_val_samples must be > 0 (grpo.val_period=0 disables validation), "
+                                        f"got {g.max_val_samples}")
         for key in ("sequence_packing", "dynamic_batching"):
             _require(not getattr(p, key).enabled,
                      f"policy.{key}.enabled does not apply to GRPO, which already packs each group's responses "
@@ -452,7 +460,8 @@ class EvalRunConfig:
                                      f"{g.num_workers}")
         _require(g.temperature >= 0, f"generation.temperature must be >= 0 (0 is greedy), got {g.temperature}")
         _require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
-        _require(g.top_k is None or g.top_k > 0, f"generation.top_k must be > 0 or null, got {g.top_k}")
+        _require(g.top_k is None or g.top_k >= 0,
+                 f"generation.top_k must be >= 0 or null (0 and null: no top-k filter), got {g.top_k}")
         _require(not (g.temperature == 0 and e.num_tests_per_prompt > 1),
                  f"generation.temperature=0 (greedy) makes all {e.num_tests_per_prompt} samples of a problem "
                  "identical; set generation.temperature > 0 or eval.num_tests_per_prompt=1")

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import random
 
+from posttrain.data.sources import DataError
+
 
 class EpochSampler:
     def __init__(self, num_rows: int, batch_size: int, seed: int, shuffle: bool = True):
         if num_rows < batch_size:
-            raise ValueError(f"the training set has {num_rows} rows, fewer than one batch of {batch_size}")
+            raise DataError(f"the training set has {num_rows} rows, fewer than one global batch of {batch_size} "
+                            "(policy.train_global_batch_size)")
         self.num_rows, self.batch_size, self.seed, self.shuffle = num_rows, batch_size, seed, shuffle
         self.epoch, self.position = 0, 0
         self._cached: tuple[int, list[int]] | None = None

@@ -7,6 +7,7 @@ import pytest
 from posttrain.config import (
     ConfigError,
     DPORunConfig,
+    EvalRunConfig,
     GRPORunConfig,
     RMRunConfig,
     SFTRunConfig,
@@ -368,3 +369,21 @@ def test_number_for_a_text_key_is_rejected_not_rewritten(value, parsed):
                                           r"\(YAML read an unquoted number; quote the value"):
         load_config(SFTRunConfig, None, [*BASE, f"data.dataset_config={value}"])
     assert load_config(SFTRunConfig, None, [*BASE, f"data.dataset_config='{value}'"]).data.dataset_config == value
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("policy.generation.top_k=-1", r"policy\.generation\.top_k must be >= 0 or null .*got -1"),
+    ("policy.generation.max_new_tokens=1024", r"max_new_tokens \(1024\) must be less than "
+                                              r"policy\.max_total_sequence_length \(1024\)"),
+    ("grpo.val_period=-1", r"grpo\.val_period must be >= 0"),
+    ("grpo.max_val_samples=0", r"grpo\.max_val_samples must be > 0"),
+])
+def test_grpo_generation_and_validation_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        grpo("policy.max_total_sequence_length=1024", override)
+
+
+def test_top_k_zero_means_no_filter_for_grpo_and_eval():
+    assert grpo("policy.generation.top_k=0").policy.generation.top_k == 0
+    cfg = load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.top_k=0"])
+    assert cfg.generation.top_k == 0

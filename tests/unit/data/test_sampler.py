@@ -3,6 +3,7 @@
 import pytest
 
 from posttrain.data.sampler import EpochSampler
+from posttrain.data.sources import DataError
 
 
 def take(sampler, n):
@@ -69,7 +70,7 @@ def test_load_mismatch_raises(key, kwargs):
 
 
 def test_too_few_rows_raises():
-    with pytest.raises(ValueError, match="has 3 rows, fewer than one batch of 4"):
+    with pytest.raises(DataError, match=r"has 3 rows, fewer than one global batch of 4 \(policy.train_global_batch_size\)"):
         EpochSampler(num_rows=3, batch_size=4, seed=0)
 
 
