@@ -18,7 +18,7 @@ import torch.distributed as dist
 from posttrain.algos.grpo import clipped_pg_loss
 from posttrain.config import GRPORunConfig
 from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
-from posttrain.train.logprobs import packed_logits, supports_shared_prefix, token_entropy, token_logprobs
+from posttrain.train.logprobs import packed_logits, picked_logprobs, supports_shared_prefix, token_entropy
 from posttrain.train.model import DTYPES, load_model
 from posttrain.train.policy import Policy
 
@@ -106,13 +106,17 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
     }
 
 
-
-def response_logits(model, batch: dict[str, torch.Tensor], temperature: float = 1.0) -> torch.Tensor:
-    """Logits predicting each response token [N, span, V] of a `collate_trajectories` batch, divided
-    by the sampling temperature so that trainer and generator score tokens alike."""
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                      entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N, span] of each response token of a `collate_trajectories` batch under the
+    temperature-scaled distribution (so that trainer and generator score tokens alike), and, if
+    asked, the entropy of the distribution predicting each token (a diagnostic, no gradient). Both
+    are computed once per predicting position and then picked per token."""
     flat, source = packed_logits(model, batch, batch["loss_mask"].bool())
-    picked = flat[source]
-    return picked / temperature if temperature != 1.0 else picked
+    if temperature != 1.0:
+        flat = flat / temperature
+    logprobs = picked_logprobs(flat, source, batch["targets"])
+    return logprobs, token_entropy(flat)[source] if entropy else None
 
 
 class GRPOPolicyWorker:
@@ -154,8 +158,7 @@ class GRPOPolicyWorker:
     @torch.no_grad()
     def _score(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.policy.autocast():
-            logits = response_logits(model, batch, self.temperature)
-        return token_logprobs(logits, batch["targets"])
+            return response_logprobs(model, batch, self.temperature)[0]
 
     def train(self, minibatches: list[Minibatch]) -> dict[str, float]:
         """One optimizer step per minibatch; returns metrics summed over ranks (rank 0's view)."""
@@ -187,8 +190,7 @@ class GRPOPolicyWorker:
         for mb, micro in steps:
             def loss_fn(model, batch, mb=mb):
                 nonlocal max_mismatch
-                logits = response_logits(model, batch, self.temperature)
-                logprobs = token_logprobs(logits, batch["targets"])
+                logprobs, entropy = response_logprobs(model, batch, self.temperature, entropy=True)
                 mask = batch["loss_mask"]
                 old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
                 generator = batch["generator_logprobs"]
@@ -207,7 +209,7 @@ class GRPOPolicyWorker:
                 gap = (old - generator).abs() * mask
                 sums.add_(torch.stack([
                     m["clipped_tokens"], m["ratio_sum"], m.get("kl_sum", torch.zeros(())).to(sums.device),
-                    (token_entropy(logits) * mask).sum(), m["tokens"], gap.sum(),
+                    (entropy * mask).sum(), m["tokens"], gap.sum(),
                     ((weights if weights is not None else torch.ones_like(mask)) * mask).sum(),
                 ]).detach())
                 max_mismatch = torch.maximum(max_mismatch, gap.max().detach())

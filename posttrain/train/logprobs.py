@@ -127,12 +127,19 @@ def packed_logits(model, batch: dict[str, torch.Tensor], needed: torch.Tensor) -
     return logits, renumbered
 
 
-def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor],
-                           chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def shared_prefix_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token log-probs [S, T-1] and loss mask of the S sequences packed in `batch` by
     `make_shared_prefix_micro_batches`: one forward over the packed rows, then each sequence's
     tokens gathered from the positions that predict them."""
     flat, source = packed_logits(model, batch, batch["target_mask"].bool())
-    lse = torch.cat([torch.logsumexp(flat[start : start + chunk_size].float(), dim=-1)
-                     for start in range(0, flat.shape[0], chunk_size)])
-    return flat[source, batch["targets"]].float() - lse[source], batch["target_mask"]
+    return picked_logprobs(flat, source, batch["targets"]), batch["target_mask"]
+
+
+def picked_logprobs(flat_logits: torch.Tensor, source: torch.Tensor, targets: torch.Tensor,
+                    chunk_size: int = 1024) -> torch.Tensor:
+    """log p(targets | flat_logits[source]) in float32, shaped like `targets`, without gathering a
+    [..., V] copy of the logits per target: a shared prompt's last position predicts the first token
+    of every reply, so the softmax normaliser is computed once per position and picked by `source`."""
+    lse = torch.cat([torch.logsumexp(flat_logits[start : start + chunk_size].float(), dim=-1)
+                     for start in range(0, flat_logits.shape[0], chunk_size)])
+    return flat_logits[source, targets].float() - lse[source]

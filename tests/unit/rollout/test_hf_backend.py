@@ -12,8 +12,7 @@ from posttrain.config import PolicyConfig, TokenizerConfig
 from posttrain.data.formats import tokenize_prompt
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend, SampledTokenLogprobs
-from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logits
-from posttrain.train.logprobs import token_logprobs
+from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logprobs
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +74,7 @@ def test_generator_logprobs_match_the_trainer_forward(backend, prompts, temperat
     batch = collate_trajectories(trajectories, backend.tokenizer.pad_token_id)
     assert batch["input_ids"].shape[0] == len(prompts)
     with torch.no_grad():
-        trainer = token_logprobs(response_logits(backend.model, batch, temperature), batch["targets"])
+        trainer = response_logprobs(backend.model, batch, temperature)[0]
     mask = batch["loss_mask"].bool()
     generator = batch["generator_logprobs"]
     assert mask.sum() > 50

@@ -12,9 +12,8 @@ from posttrain.train.grpo_worker import (
     Minibatch,
     Trajectory,
     collate_trajectories,
-    response_logits,
+    response_logprobs,
 )
-from posttrain.train.logprobs import token_logprobs
 
 PAD = 0
 
@@ -65,7 +64,7 @@ def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(ti
     for share in (True, False):
         model.zero_grad()
         batch = collate_trajectories(trajectories, PAD, share_prompts=share)
-        logprobs = token_logprobs(response_logits(model, batch, 0.7), batch["targets"]) * batch["loss_mask"]
+        logprobs = response_logprobs(model, batch, 0.7)[0] * batch["loss_mask"]
         (logprobs.sum(-1) * batch["advantages"]).sum().backward()
         results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()]))
     (packed, packed_grads), (plain, plain_grads) = results
@@ -92,8 +91,7 @@ def _response_logprobs(worker: GRPOPolicyWorker, trajectories: list[Trajectory])
     """Per-token log-probs of each response under the worker's current weights and temperature."""
     batch = collate_trajectories(trajectories, worker.policy.tokenizer.pad_token_id)
     with torch.no_grad():
-        logits = response_logits(worker.policy.model.eval(), batch, worker.temperature)
-        logprobs = token_logprobs(logits, batch["targets"])
+        logprobs, _ = response_logprobs(worker.policy.model.eval(), batch, worker.temperature)
     mask = batch["loss_mask"].bool()
     return [row[m].tolist() for row, m in zip(logprobs, mask, strict=True)]
 
@@ -122,3 +120,19 @@ def test_one_update_raises_the_positive_response_and_lowers_the_negative(worker)
     assert metrics["train/kl"] == 0.0 and metrics["train/clip_fraction"] == 0.0  # one step: ratio is 1
     assert metrics["train/grad_norm"] > 0
     assert metrics["train/lr"] == pytest.approx(1e-3)
+
+
+def test_response_logprobs_and_entropy_match_a_plain_forward_of_each_sequence(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    trajectories = [Trajectory([5, 6, 7], [8, 9], [0.0, 0.0], 1.0), Trajectory([5, 6, 7], [10, 11, 12], [0.0] * 3, 0.0),
+                    Trajectory([20, 21], [22], [0.0], -1.0)]
+    with torch.no_grad():
+        logprobs, entropy = response_logprobs(model, collate_trajectories(trajectories, PAD), 0.7, entropy=True)
+        for i, t in enumerate(trajectories):
+            p, r = len(t.prompt_ids), len(t.response_ids)
+            logits = model(input_ids=torch.tensor([t.prompt_ids + t.response_ids])).logits[0, p - 1 : p + r - 1] / 0.7
+            logp = logits.log_softmax(-1)
+            torch.testing.assert_close(logprobs[i, :r], logp[torch.arange(r), t.response_ids], atol=1e-5, rtol=0)
+            torch.testing.assert_close(entropy[i, :r], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=0)

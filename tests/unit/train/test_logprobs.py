@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from posttrain.config import PolicyConfig
-from posttrain.train.logprobs import sequence_logprobs, token_logprobs
+from posttrain.train.logprobs import picked_logprobs, sequence_logprobs, token_logprobs
 from posttrain.train.model import load_model
 
 
@@ -130,3 +130,12 @@ def test_a_model_that_reshapes_the_head_output_is_named(tiny_model):
              "loss_mask": torch.tensor([[0.0, 0, 1, 1, 0]])}
     with pytest.raises(RuntimeError, match="Reshaping reshapes the LM head's output"):
         sequence_logprobs(Reshaping(tiny_model), batch)
+
+
+def test_picked_logprobs_equal_log_softmax_at_the_source_rows():
+    torch.manual_seed(0)
+    flat = torch.randn(5, 50, dtype=torch.float64)
+    source = torch.tensor([[0, 0, 3], [4, 1, 2]])  # row 0 predicts two targets, as a shared prompt's last position
+    targets = torch.randint(0, 50, (2, 3))
+    expected = flat.log_softmax(-1)[source, targets]
+    torch.testing.assert_close(picked_logprobs(flat, source, targets, chunk_size=2), expected.float())
