@@ -95,6 +95,7 @@ class PolicyConfig:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     max_grad_norm: float | None = 1.0
     activation_checkpointing_enabled: bool = False
+    num_workers: int = 1  # training workers (data-parallel ranks); > 1 shards the model with FSDP2 (GRPO)
     trust_remote_code: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -316,6 +317,13 @@ class GRPORunConfig:
                  f"grpo.num_prompts_per_step x grpo.num_generations_per_prompt ({rollout}) must be a multiple of "
                  f"policy.train_global_batch_size ({p.train_global_batch_size}); each multiple is one optimizer step")
         _check_batch_sizes(p)
+        _require(p.num_workers >= 1 and p.train_global_batch_size % p.num_workers == 0,
+                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
+                 f"policy.num_workers ({p.num_workers}): each training worker takes an equal share of every step")
+        gpus = self.cluster.num_nodes * self.cluster.gpus_per_node
+        _require(gpus == 0 or p.num_workers == 1 or p.num_workers + p.generation.num_workers <= gpus,
+                 f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({p.generation.num_workers})"
+                 f" need a GPU each (several FSDP2 workers do not share GPUs), but the cluster has {gpus}")
         _require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
         _require(p.generation.top_k is None or p.generation.top_k >= 0,
@@ -501,6 +509,9 @@ def _check_loop(run, section: str) -> None:
               "policy.max_total_sequence_length", f"{section}.max_num_steps", f"{section}.max_num_epochs",
               f"{section}.val_global_batch_size", f"{section}.val_micro_batch_size")
     _check_batch_sizes(run.policy)
+    _require(run.policy.num_workers == 1,
+             f"policy.num_workers={run.policy.num_workers}: several training workers (FSDP2) are supported by GRPO "
+             f"only so far; {section.upper()} trains in one process, so set policy.num_workers=1")
     _require(loop.val_global_batch_size % loop.val_micro_batch_size == 0,
              f"{section}.val_global_batch_size ({loop.val_global_batch_size}) must be a multiple of "
              f"{section}.val_micro_batch_size ({loop.val_micro_batch_size})")

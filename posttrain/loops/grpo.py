@@ -90,12 +90,19 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
 
     # ---- workers: policy, generation and environments are separate Ray actors
     init_ray(cfg.cluster)
-    gpu_share = 0.5 if cfg.cluster.gpus_per_node > 0 else 0.0  # trainer and generator share a GPU
+    # One policy worker shares a GPU with the generators (half each). Several policy workers are FSDP2
+    # ranks, which NCCL needs on GPUs of their own; then every generation worker gets a GPU too.
+    policy_gpus, generation_gpus = (0.5, 0.5 / gen.num_workers) if cfg.policy.num_workers == 1 else (1.0, 1.0)
+    if cfg.cluster.gpus_per_node == 0:
+        policy_gpus = generation_gpus = 0.0
     weights = str(resume_dir / "model") if resume_dir else None
-    policy = WorkerGroup(GRPOPolicyWorker, 1, name="policy", args=(cfg, total_steps * optimizer_steps_per_rollout),
-                         kwargs={"weights_path": weights}, num_gpus_per_worker=gpu_share)
+    policy = WorkerGroup(GRPOPolicyWorker, cfg.policy.num_workers, name="policy",
+                         args=(cfg, total_steps * optimizer_steps_per_rollout), kwargs={"weights_path": weights},
+                         num_gpus_per_worker=policy_gpus)
+    # Several policy workers are one FSDP2 group, meeting at an address on rank 0's node.
+    policy.call_all("setup", policy.call_rank(0, "rendezvous_address") if policy.num_workers > 1 else None)
     generators = WorkerGroup(HFGenerationBackend, gen.num_workers, name="generation", args=(cfg.policy,),
-                             kwargs={"weights_path": weights}, num_gpus_per_worker=gpu_share / gen.num_workers)
+                             kwargs={"weights_path": weights}, num_gpus_per_worker=generation_gpus)
     envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
                        num_cpus_per_worker=0.5)
 
@@ -226,7 +233,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         result.steps = step
         if step == total_steps:
             final = Path(cfg.checkpointing.checkpoint_dir) / "final_model"
-            result.final_model_dir = Path(policy.call_rank(0, "export_hf", str(final)))
+            result.final_model_dir = Path(policy.call_all("export_hf", str(final))[0])  # a gather: every rank
             console.print(f"Exported the final model to {result.final_model_dir}")
     finally:
         for group in (policy, generators, envs):

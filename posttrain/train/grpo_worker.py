@@ -8,6 +8,7 @@ takes the optimizer steps of the clipped policy-gradient loss.
 
 from __future__ import annotations
 
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch.distributed as dist
 from posttrain.algos.grpo import clipped_pg_loss
 from posttrain.config import GRPORunConfig
 from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
+from posttrain.train.fsdp import shard_model
 from posttrain.train.logprobs import packed_logits, picked_logprobs, supports_shared_prefix, token_entropy
 from posttrain.train.model import DTYPES, load_model
 from posttrain.train.policy import Policy
@@ -120,38 +122,58 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float 
 
 
 class GRPOPolicyWorker:
+    """Built in two steps, so that several workers can find each other wherever Ray places them:
+    construct them, ask rank 0 for a `rendezvous_address`, then `setup` all at once. Several
+    workers form one FSDP2 group (the policy and the reference model are sharded)."""
+
     def __init__(self, cfg: GRPORunConfig, total_optimizer_steps: int, *, rank: int = 0, world_size: int = 1,
-                 weights_path: str | None = None, dist_init_method: str | None = None):
+                 weights_path: str | None = None):
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        group = None
-        if world_size > 1:
+        self.total_optimizer_steps, self.weights_path = total_optimizer_steps, weights_path
+        self.temperature = cfg.policy.generation.temperature
+
+    def rendezvous_address(self) -> str:
+        """A free TCP port on this worker's node, for the others to join the process group at."""
+        import ray
+
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            port = sock.getsockname()[1]
+        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+
+    def setup(self, init_method: str | None = None) -> None:
+        """Join the process group (several workers), then build the policy and the reference model."""
+        cfg, group = self.cfg, None
+        if self.world_size > 1:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=dist_init_method, rank=rank, world_size=world_size)
+            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
             group = dist.group.WORLD
-        self.policy = Policy(cfg.policy, total_optimizer_steps, weights_path=weights_path, process_group=group)
+        self.policy = Policy(cfg.policy, self.total_optimizer_steps, weights_path=self.weights_path,
+                             process_group=group)
         self.reference = None
         if cfg.loss_fn.reference_policy_kl_penalty > 0:
             # Always the starting model (policy.model_name), also when resuming from a checkpoint.
             self.reference = load_model(cfg.policy, self.policy.device, dtype=DTYPES[cfg.policy.precision]).eval()
             self.reference.requires_grad_(False)
-        self.temperature = cfg.policy.generation.temperature
+            if group is not None:
+                shard_model(self.reference, group, self.policy.device)
 
     # ------------------------------------------------------------------ weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Weights for the generators, in their precision and on the CPU (Ray moves them)."""
+        """Weights for the generators, in their precision and on the CPU (Ray moves them); whole on
+        rank 0, empty on the others. Every rank must be called."""
         dtype = DTYPES[self.cfg.policy.precision]
-        return {k: v.detach().to("cpu", dtype) for k, v in self.policy.model.state_dict().items()}
+        return {k: v.detach().to("cpu", dtype) for k, v in self.policy.full_state_dict().items()}
 
     def save(self, directory: str) -> None:
-        if self.rank == 0:
-            self.policy.save(Path(directory))
+        self.policy.save(Path(directory))
 
     def load_training_state(self, directory: str) -> None:
         self.policy.load_training_state(Path(directory))
 
     def export_hf(self, directory: str) -> str:
-        return str(self.policy.export_hf(directory)) if self.rank == 0 else ""
+        return str(self.policy.export_hf(directory))
 
     # ------------------------------------------------------------------ training
 
@@ -159,6 +181,22 @@ class GRPOPolicyWorker:
     def _score(self, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         with self.policy.autocast():
             return response_logprobs(model, batch, self.temperature)[0]
+
+    def _same_counts_on_every_rank(self, steps: list[tuple[Minibatch, list[dict]]], pad: int,
+                                   share: bool) -> list[tuple[Minibatch, list[dict]]]:
+        """FSDP2 ranks gather each layer's weights together, so each must run as many forward and
+        backward passes as the others: a rank with fewer micro-batches in a step (an uneven or empty
+        shard) adds ones with nothing to train on (zero loss, gradient and metrics)."""
+        if self.world_size == 1:
+            return steps
+        counts = torch.tensor([len(micro) for _, micro in steps])
+        dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+        padded = []
+        for (mb, micro), count in zip(steps, counts.tolist(), strict=True):
+            filler = collate_trajectories([Trajectory([pad], [pad], [0.0], 0.0)], pad, share)
+            filler["loss_mask"].zero_()
+            padded.append((mb, micro + [filler] * (count - len(micro))))
+        return padded
 
     def train(self, minibatches: list[Minibatch]) -> dict[str, float]:
         """One optimizer step per minibatch; returns metrics summed over ranks (rank 0's view)."""
@@ -172,7 +210,9 @@ class GRPOPolicyWorker:
             # In arrival order, so that a group's responses stay together and share their prompt.
             ts = mb.trajectories
             micro = [collate_trajectories(ts[i : i + micro_size], pad, share) for i in range(0, len(ts), micro_size)]
-            steps.append((mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro]))
+            steps.append((mb, micro))
+        steps = [(mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro])
+                 for mb, micro in self._same_counts_on_every_rank(steps, pad, share)]
         # Scores that must come from the weights *before* any update of this rollout.
         self.policy.model.eval()
         for _, micro in steps:

@@ -1,9 +1,9 @@
 """The trainable policy: model, tokenizer, optimizer and schedule on one explicit device.
 
 Nothing here is global, so a Policy can live inside a Ray actor, one per data-parallel rank.
-Given a process group, each rank trains on its shard of the global batch and gradients are
-summed across ranks; since every loss is already divided by the *global* normaliser, the sum is
-exactly the single-process gradient.
+Given a process group of several ranks, the model is sharded with FSDP2 and each rank trains on
+its shard of the global batch; gradients are summed across ranks, and since every loss is already
+divided by the *global* normaliser, the sum is exactly the single-process gradient.
 """
 
 from __future__ import annotations
@@ -16,6 +16,13 @@ import torch
 import torch.distributed as dist
 
 from posttrain.config import PolicyConfig
+from posttrain.train.fsdp import (
+    full_model_state,
+    full_optimizer_state,
+    is_sharded,
+    load_full_optimizer_state,
+    shard_model,
+)
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -47,6 +54,9 @@ class Policy:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         # `model_loader` swaps the causal LM for another head (the reward model's scalar score).
         self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
+        self.rank = dist.get_rank(process_group) if process_group is not None else 0
+        if process_group is not None and dist.get_world_size(process_group) > 1:
+            shard_model(self.model, process_group, self.device)  # before the optimizer: it holds the shards
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, total_steps)
         # float16's narrow range flushes small gradients to zero; the loss is scaled up to keep them
@@ -70,18 +80,22 @@ class Policy:
         """One optimizer step over the micro-batches of a global batch.
 
         `loss_fn` must already divide by the global normaliser, so summing the micro-batch
-        gradients gives the gradient of the global-batch loss.
+        gradients gives the gradient of the global-batch loss. Sharded ranks must pass the same
+        number of micro-batches (each forward and backward gathers and reduces with the others).
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        sharded = is_sharded(self.model)
+        for i, batch in enumerate(micro_batches):
+            if sharded:  # reduce-scatter the summed gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self.autocast():
                 loss = loss_fn(self.model, self._to_device(batch))
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             total += loss.detach()
         if self.process_group is not None:
-            self._sum_across_ranks([p.grad for p in self.model.parameters() if p.grad is not None] + [total])
+            dist.all_reduce(total, group=self.process_group)
         if self.grad_scaler:
             self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
@@ -93,16 +107,9 @@ class Policy:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
+            grad_norm = grad_norm.full_tensor()
         return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr}
-
-    def _sum_across_ranks(self, tensors: list[torch.Tensor]) -> None:
-        # One flat buffer: a single collective instead of one per parameter.
-        flat = torch.cat([t.reshape(-1) for t in tensors])
-        dist.all_reduce(flat, group=self.process_group)
-        offset = 0
-        for t in tensors:
-            t.copy_(flat[offset : offset + t.numel()].view_as(t))
-            offset += t.numel()
 
     @torch.no_grad()
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]],
@@ -118,22 +125,43 @@ class Policy:
     # ------------------------------------------------------------------ persistence
 
     def save(self, directory: Path) -> None:
-        """Model + tokenizer in Hugging Face format, plus optimizer and schedule state."""
+        """Model + tokenizer in Hugging Face format, plus optimizer and schedule state, all whole
+        (unsharded), written by rank 0; every rank must call it."""
         self.export_hf(directory / "model")
-        torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
+        optimizer_state = (full_optimizer_state(self.model, self.optimizer) if is_sharded(self.model)
+                           else self.optimizer.state_dict())
+        if self.rank != 0:
+            return
+        torch.save(optimizer_state, directory / "optimizer.pt")
         torch.save(self.scheduler.state_dict(), directory / "scheduler.pt")
         if self.grad_scaler:
             torch.save(self.grad_scaler.state_dict(), directory / "grad_scaler.pt")
 
     def load_training_state(self, directory: Path) -> None:
         """Optimizer and schedule state; the weights were loaded at construction (`weights_path`)."""
-        self.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", map_location=self.device))
+        optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu" if is_sharded(self.model)
+                                     else self.device)
+        if is_sharded(self.model):
+            load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
+        else:
+            self.optimizer.load_state_dict(optimizer_state)
         self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
         if self.grad_scaler and (directory / "grad_scaler.pt").is_file():
             self.grad_scaler.load_state_dict(torch.load(directory / "grad_scaler.pt"))
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights (gathered to CPU on rank 0 when sharded; every rank must call it)."""
+        return full_model_state(self.model) if is_sharded(self.model) else self.model.state_dict()
+
     def export_hf(self, directory: str | Path) -> Path:
+        """A Hugging Face folder, written by rank 0; every rank must call it."""
         directory = Path(directory)
-        self.model.save_pretrained(directory)
-        self.tokenizer.save_pretrained(directory)
+        if is_sharded(self.model):
+            state = full_model_state(self.model)
+            if self.rank == 0:
+                self.model.save_pretrained(directory, state_dict=state)
+        else:
+            self.model.save_pretrained(directory)
+        if self.rank == 0:
+            self.tokenizer.save_pretrained(directory)
         return directory

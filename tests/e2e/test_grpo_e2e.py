@@ -190,3 +190,25 @@ def test_dynamic_sampling_and_reward_shaping(tiny_model_dir, tmp_path):
         expected = row["rollout/accuracy"] - penalty * row["rollout/response_length_mean"] / 4
         assert row["rollout/reward_mean"] == pytest.approx(expected, abs=1e-6)
         assert result.train_rewards[row["step"]] == row["rollout/reward_mean"]
+
+
+def test_two_fsdp2_policy_workers_train_like_one(tiny_model_dir, tmp_path):
+    """The rollout is split between two sharded policy workers whose gradients add up: the first
+    step (same weights, same seeded samples) trains exactly as one worker does, reference model and
+    old log-probs of a second minibatch included."""
+    extra = ["grpo.max_num_steps=2", "data.val_split=null", "loss_fn.reference_policy_kl_penalty=0.1",
+             "policy.train_global_batch_size=32", "policy.train_micro_batch_size=8", "checkpointing.save_period=2"]
+    one = _run(load_config(GRPORunConfig, None, [*_overrides(tiny_model_dir, tmp_path / "one"), *extra]))
+    two = _run(load_config(GRPORunConfig, None, [*_overrides(tiny_model_dir, tmp_path / "two"), *extra,
+                                                 "policy.num_workers=2"]))
+    assert one.steps == two.steps == 2
+    first_one, first_two = _train_rows(tmp_path / "one" / "logs")[0], _train_rows(tmp_path / "two" / "logs")[0]
+    assert first_two["rollout/reward_mean"] == first_one["rollout/reward_mean"]
+    for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy", "train/clip_fraction"):
+        assert first_two[key] == pytest.approx(first_one[key], rel=1e-4, abs=1e-6), key
+    assert first_two["train/gen_logprob_mismatch"] < 1e-3  # weight sync gathers the whole model for the generator
+    # The checkpoint and the export hold the whole model, as one worker writes it.
+    exported = AutoModelForCausalLM.from_pretrained(two.final_model_dir)
+    single = AutoModelForCausalLM.from_pretrained(one.final_model_dir)
+    assert exported.state_dict().keys() == single.state_dict().keys()
+    assert (tmp_path / "two" / "ckpt" / "step_2" / "optimizer.pt").is_file()

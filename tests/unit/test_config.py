@@ -387,3 +387,25 @@ def test_top_k_zero_means_no_filter_for_grpo_and_eval():
     assert grpo("policy.generation.top_k=0").policy.generation.top_k == 0
     cfg = load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.top_k=0"])
     assert cfg.generation.top_k == 0
+
+
+def test_several_training_workers_are_grpo_only_so_far():
+    with pytest.raises(ConfigError, match=r"policy\.num_workers=2: several training workers \(FSDP2\) are supported "
+                                          r"by GRPO only so far; SFT trains in one process"):
+        load_config(SFTRunConfig, None, [*BASE, "policy.num_workers=2"])
+    assert grpo("policy.num_workers=2", "policy.train_global_batch_size=32").policy.num_workers == 2
+
+
+def test_grpo_workers_split_every_step_evenly():
+    with pytest.raises(ConfigError, match=r"train_global_batch_size \(32\) must be a multiple of policy\.num_workers "
+                                          r"\(3\)"):
+        grpo("policy.num_workers=3", "policy.train_global_batch_size=32", "policy.train_micro_batch_size=4")
+
+
+def test_several_gpu_policy_workers_need_gpus_of_their_own():
+    with pytest.raises(ConfigError, match=r"policy\.num_workers \(8\) \+ policy\.generation\.num_workers \(9\) need a "
+                                          r"GPU each .* but the cluster has 16"):
+        grpo("policy.num_workers=8", "policy.generation.num_workers=9", "cluster.num_nodes=2",
+             "cluster.gpus_per_node=8", "policy.train_global_batch_size=64")
+    assert grpo("policy.num_workers=8", "policy.generation.num_workers=8", "cluster.num_nodes=2",
+                "cluster.gpus_per_node=8", "policy.train_global_batch_size=64").policy.num_workers == 8

@@ -1,9 +1,12 @@
-"""The GRPO policy worker without Ray: batch layout, and that one update moves log-probs the advantage's way."""
+"""The GRPO policy worker without Ray: batch layout, one update moves log-probs the advantage's way, and
+sharded ranks line up their micro-batch counts."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from posttrain.config import GRPORunConfig, load_config
 from posttrain.data.formats import tokenize_prompt
@@ -84,7 +87,9 @@ def worker(tiny_model_dir):
         "grpo.num_prompts_per_step=2", "grpo.num_generations_per_prompt=2",
         "loss_fn.reference_policy_kl_penalty=0",
     ])
-    return GRPOPolicyWorker(cfg, total_optimizer_steps=10)
+    worker = GRPOPolicyWorker(cfg, total_optimizer_steps=10)
+    worker.setup()
+    return worker
 
 
 def _response_logprobs(worker: GRPOPolicyWorker, trajectories: list[Trajectory]) -> list[list[float]]:
@@ -136,3 +141,25 @@ def test_response_logprobs_and_entropy_match_a_plain_forward_of_each_sequence(ti
             logp = logits.log_softmax(-1)
             torch.testing.assert_close(logprobs[i, :r], logp[torch.arange(r), t.response_ids], atol=1e-5, rtol=0)
             torch.testing.assert_close(entropy[i, :r], -(logp.exp() * logp).sum(-1), atol=1e-5, rtol=0)
+
+
+def _uneven_rank(rank: int, init_file: str, out_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        worker = GRPOPolicyWorker.__new__(GRPOPolicyWorker)  # no model needed to line the counts up
+        worker.world_size = 2
+        batch = collate_trajectories([Trajectory([5, 6], [8, 9], [-0.1, -0.2], 1.0)], PAD)
+        mb = Minibatch([], 2.0, 1.0)
+        mine = [(mb, [batch, batch]), (mb, [batch])] if rank == 0 else [(mb, []), (mb, [batch])]
+        steps = worker._same_counts_on_every_rank(mine, PAD, True)
+        torch.save([[b["loss_mask"].sum().item() for b in micro] for _, micro in steps], f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_fewer_micro_batches_add_empty_ones(tmp_path):
+    """FSDP2 ranks must run equally many passes: rank 1's empty shard of step 1 gets two fillers that
+    train on nothing, and step 2, already even, is left alone."""
+    mp.spawn(_uneven_rank, args=(str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
+    assert torch.load(tmp_path / "out.0") == [[2.0, 2.0], [2.0]]
+    assert torch.load(tmp_path / "out.1") == [[0.0, 0.0], [2.0]]
