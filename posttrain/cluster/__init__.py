@@ -1,5 +1,5 @@
 """Ray start-up and worker groups: data-parallel actors of one role, fed shards of a batch."""
 
-from posttrain.cluster.ray_cluster import WorkerGroup, init_ray, shard
+from posttrain.cluster.ray_cluster import WorkerGroup, free_tcp_address, init_ray, shard
 
-__all__ = ["WorkerGroup", "init_ray", "shard"]
+__all__ = ["WorkerGroup", "free_tcp_address", "init_ray", "shard"]

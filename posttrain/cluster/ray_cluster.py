@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -80,6 +81,15 @@ def shard(items: Sequence[T], num_shards: int) -> list[list[T]]:
         shards.append(list(items[start:end]))
         start = end
     return shards
+
+
+def free_tcp_address() -> str:
+    """A free TCP port on the calling worker's node, as an init method for a process group whose
+    rank 0 runs here (ranks placed anywhere in the cluster can reach it)."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
 class WorkerGroup:

@@ -40,7 +40,7 @@ from posttrain.train.checkpoint import (
 )
 from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs, supports_shared_prefix
 from posttrain.train.model import load_model, load_tokenizer
-from posttrain.train.policy import Policy, recording_metrics
+from posttrain.train.policy import Policy
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin")
 
@@ -116,11 +116,11 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
             batch["reference_logprobs"] = ref
         return batches
 
-    def loss_of(num_pairs: int, totals: dict[str, float]):
+    def objective_of(num_pairs: int):
         def objective(model, batch):
             logprobs, mask = logprobs_of(model, batch)
             return dpo_objective(logprobs, batch["reference_logprobs"], mask, cfg.dpo, num_pairs)
-        return recording_metrics(objective, totals)
+        return objective
 
     # Validation pairs and their reference log-probs are fixed: computed once, reused every time.
     if cfg.dpo.val_batches:
@@ -128,8 +128,8 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     val_batches = micro_batches(val_pairs, cfg.dpo.val_micro_batch_size, training=False) if val_pairs else []
 
     def validate() -> dict[str, float]:
-        totals: dict[str, float] = {}
-        totals["loss"] = policy.evaluate(val_batches, loss_of(len(val_pairs), totals))
+        out = policy.evaluate(val_batches, objective_of(len(val_pairs)))
+        totals = {"loss": out["loss"], **out["metrics"]}
         return {f"val/{name}": totals[name] for name in METRICS}
 
     result = DPOResult(steps=step)
@@ -144,8 +144,8 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
             start = time.perf_counter()
             pairs = [train_set[i] for i in sampler.next_batch()]
             batches = micro_batches(pairs, cfg.policy.train_micro_batch_size, training=True)
-            totals: dict[str, float] = {}
-            out = policy.train_step(batches, loss_of(len(pairs), totals))
+            out = policy.train_step(batches, objective_of(len(pairs)))
+            totals = out["metrics"]
             elapsed = time.perf_counter() - start
             metrics = {
                 "train/loss": out["loss"],

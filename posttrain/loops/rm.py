@@ -9,6 +9,7 @@ the `reward_model` environment of GRPO.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from posttrain.train.checkpoint import (
     set_rng_state,
 )
 from posttrain.train.model import load_tokenizer
-from posttrain.train.policy import Policy, recording_metrics
+from posttrain.train.policy_group import make_policy
 from posttrain.train.reward_model import has_reward_head, load_reward_model, sequence_scores
 
 METRICS = ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected")
@@ -77,8 +78,9 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
 
     # ---- model, optimizer, resume
     loader = functools.partial(load_reward_model, pad_token_id=tokenizer.pad_token_id)
-    policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer, model_loader=loader,
-                    weights_path=resume_dir / "model" if resume_dir else None)
+    # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls.
+    policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.rm.seed, tokenizer=tokenizer,
+                         model_loader=loader, weights_path=resume_dir / "model" if resume_dir else None)
     step = 0
     if resume_dir is not None:
         state = read_state(resume_dir)
@@ -103,21 +105,21 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
         return [{k: v for k, v in batch.items() if k != "loss_mask"}
                 for batch in make_pair_micro_batches(pairs, size, tokenizer.pad_token_id, budget)]
 
-    def loss_of(num_pairs: int, totals: dict[str, float]):
-        return recording_metrics(lambda model, batch: rm_objective(sequence_scores(model, batch), num_pairs), totals)
+    def objective_of(num_pairs: int):
+        return lambda model, batch: rm_objective(sequence_scores(model, batch), num_pairs)
 
     if cfg.rm.val_batches:
         val_pairs = val_pairs[: cfg.rm.val_batches * cfg.rm.val_global_batch_size]
     val_batches = micro_batches(val_pairs, cfg.rm.val_micro_batch_size, training=False) if val_pairs else []
 
     def validate() -> dict[str, float]:
-        totals: dict[str, float] = {}
-        totals["loss"] = policy.evaluate(val_batches, loss_of(len(val_pairs), totals))
+        out = policy.evaluate(val_batches, objective_of(len(val_pairs)))
+        totals = {"loss": out["loss"], **out["metrics"]}
         return {f"val/{name}": totals[name] for name in METRICS}
 
     result = RMResult(steps=step)
-    with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
-                       resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console, resumed_at=step if resume_dir else None) as logger, \
+            make_progress(console) as progress, contextlib.closing(policy):
         if val_pairs and cfg.rm.val_at_start and step == 0:
             result.val_metrics[0] = validate()
             logger.log(result.val_metrics[0], step=0)
@@ -127,8 +129,8 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
             start = time.perf_counter()
             pairs = [train_set[i] for i in sampler.next_batch()]
             batches = micro_batches(pairs, cfg.policy.train_micro_batch_size, training=True)
-            totals: dict[str, float] = {}
-            out = policy.train_step(batches, loss_of(len(pairs), totals))
+            out = policy.train_step(batches, objective_of(len(pairs)))
+            totals = out["metrics"]
             elapsed = time.perf_counter() - start
             metrics = {
                 "train/loss": out["loss"],
@@ -147,9 +149,9 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
                 save_run_checkpoint(ckpt, step, policy.save, sampler.state_dict(), identity, metrics)
             progress.update(task, advance=1, info=f"loss {out['loss']:.4f} acc {totals['accuracy']:.2f}")
 
-    result.steps = step
-    if step == total_steps:
-        result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
-        console.print(f"Exported the final reward model to {result.final_model_dir}")
+        result.steps = step
+        if step == total_steps:
+            result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
+            console.print(f"Exported the final reward model to {result.final_model_dir}")
     return result
 

@@ -6,6 +6,7 @@ data -> micro-batches (padded or packed) -> per-token NLL on assistant tokens ->
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from posttrain.train.checkpoint import (
 )
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.model import load_tokenizer
-from posttrain.train.policy import Policy
+from posttrain.train.policy_group import make_policy
 
 
 @dataclass
@@ -75,8 +76,9 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     val_budget = cfg.policy.token_budget(cfg.sft.val_micro_batch_size, training=False)
 
     # ---- model, optimizer, resume
-    policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer,
-                    weights_path=resume_dir / "model" if resume_dir else None)
+    # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls.
+    policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.sft.seed, tokenizer=tokenizer,
+                         weights_path=resume_dir / "model" if resume_dir else None)
     step = 0
     if resume_dir is not None:
         state = read_state(resume_dir)
@@ -102,11 +104,11 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
         n = sum(sum(s.loss_mask[1:]) for s in samples)
         batches = make_micro_batches(samples, cfg.sft.val_micro_batch_size, tokenizer.pad_token_id,
                                      token_budget=val_budget)
-        return policy.evaluate(batches, loss_of(n))
+        return policy.evaluate(batches, loss_of(n))["loss"]
 
     result = SFTResult(steps=step)
-    with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
-                       resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console, resumed_at=step if resume_dir else None) as logger, \
+            make_progress(console) as progress, contextlib.closing(policy):
         if val_samples and cfg.sft.val_at_start and step == 0:
             result.val_losses[0] = validate()
             logger.log({"val/loss": result.val_losses[0]}, step=0)
@@ -141,10 +143,10 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
             if on_step is not None:
                 on_step(step, metrics)
 
-    result.steps = step
-    if step == total_steps:
-        result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
-        console.print(f"Exported the final model to {result.final_model_dir}")
+        result.steps = step
+        if step == total_steps:
+            result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
+            console.print(f"Exported the final model to {result.final_model_dir}")
     return result
 
 

@@ -8,7 +8,6 @@ takes the optimizer steps of the clipped policy-gradient loss.
 
 from __future__ import annotations
 
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from posttrain.algos.grpo import clipped_pg_loss
+from posttrain.cluster import free_tcp_address
 from posttrain.config import GRPORunConfig
 from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
 from posttrain.train.fsdp import shard_model
@@ -133,13 +133,7 @@ class GRPOPolicyWorker:
         self.temperature = cfg.policy.generation.temperature
 
     def rendezvous_address(self) -> str:
-        """A free TCP port on this worker's node, for the others to join the process group at."""
-        import ray
-
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            port = sock.getsockname()[1]
-        return f"tcp://{ray.util.get_node_ip_address()}:{port}"
+        return free_tcp_address()
 
     def setup(self, init_method: str | None = None) -> None:
         """Join the process group (several workers), then build the policy and the reference model."""

@@ -26,22 +26,24 @@ from posttrain.train.fsdp import (
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
-LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# (model, micro-batch) -> loss, or (loss, metrics): the loss already divided by the global batch's
+# normaliser, so that micro-batch losses, and their metrics, add up to the batch's values.
+Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]],
+                     torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model, like `load_model`
 
 
-def recording_metrics(objective: Callable[[torch.nn.Module, dict[str, torch.Tensor]],
-                                          tuple[torch.Tensor, dict[str, torch.Tensor]]],
-                      totals: dict[str, float]) -> LossFn:
-    """A loss callback for `train_step`/`evaluate` from an objective returning (loss, metrics): each
-    micro-batch's metrics are added into `totals`. Objectives divide by the global batch, so the
-    sums are the batch's values."""
-    def loss_fn(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        loss, metrics = objective(model, batch)
-        for name, value in metrics.items():
-            totals[name] = totals.get(name, 0.0) + float(value)
-        return loss
-    return loss_fn
+def _loss_and_metrics(objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                      filler: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A filler micro-batch runs (FSDP2 ranks take part in every gather) but counts for nothing."""
+    out = objective(model, batch)
+    loss, metrics = out if isinstance(out, tuple) else (out, {})
+    return (loss * 0.0, {}) if filler else (loss, metrics)
+
+
+def _add_metrics(totals: dict[str, float], metrics: dict[str, torch.Tensor]) -> None:
+    for name, value in metrics.items():
+        totals[name] = totals.get(name, 0.0) + float(value)
 
 
 class Policy:
@@ -76,24 +78,30 @@ class Policy:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], loss_fn: LossFn) -> dict[str, float]:
-        """One optimizer step over the micro-batches of a global batch.
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
+                   real: int | None = None) -> dict:
+        """One optimizer step over the micro-batches of a global batch; the micro-batches from index
+        `real` on are fillers.
 
-        `loss_fn` must already divide by the global normaliser, so summing the micro-batch
-        gradients gives the gradient of the global-batch loss. Sharded ranks must pass the same
-        number of micro-batches (each forward and backward gathers and reduces with the others).
+        Objectives divide by the global normaliser, so summing the micro-batch gradients gives the
+        gradient of the global-batch loss. Sharded ranks must pass the same number of micro-batches
+        (each forward and backward gathers and reduces with the others). Returns the loss summed
+        over ranks, the grad norm, the learning rate and this rank's summed `metrics`.
         """
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
         sharded = is_sharded(self.model)
         for i, batch in enumerate(micro_batches):
             if sharded:  # reduce-scatter the summed gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self.autocast():
-                loss = loss_fn(self.model, self._to_device(batch))
+                loss, batch_metrics = _loss_and_metrics(objective, self.model, self._to_device(batch),
+                                                        filler=real is not None and i >= real)
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             total += loss.detach()
+            _add_metrics(metrics, batch_metrics)
         if self.process_group is not None:
             dist.all_reduce(total, group=self.process_group)
         if self.grad_scaler:
@@ -109,18 +117,28 @@ class Policy:
         self.scheduler.step()
         if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
             grad_norm = grad_norm.full_tensor()
-        return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr}
+        return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr, "metrics": metrics}
 
     @torch.no_grad()
-    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]],
-                 fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]) -> float:
-        """Sum of `fn` over micro-batches, in eval mode and without gradients."""
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
+                 real: int | None = None) -> dict:
+        """The objective summed over micro-batches (fillers from index `real` on), in eval mode and
+        without gradients: the loss summed over ranks, and this rank's summed `metrics`."""
         self.model.eval()
-        total = 0.0
-        for batch in micro_batches:
+        total = torch.zeros((), device=self.device)
+        metrics: dict[str, float] = {}
+        for i, batch in enumerate(micro_batches):
             with self.autocast():
-                total += float(fn(self.model, self._to_device(batch)))
-        return total
+                loss, batch_metrics = _loss_and_metrics(objective, self.model, self._to_device(batch),
+                                                        filler=real is not None and i >= real)
+            total += loss.detach()
+            _add_metrics(metrics, batch_metrics)
+        if self.process_group is not None:
+            dist.all_reduce(total, group=self.process_group)
+        return {"loss": total.item(), "metrics": metrics}
+
+    def close(self) -> None:
+        """Nothing to release in-process (a PolicyGroup stops its actors here)."""
 
     # ------------------------------------------------------------------ persistence
 

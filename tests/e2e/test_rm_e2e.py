@@ -146,3 +146,18 @@ def test_environment_refuses_a_model_without_a_reward_head(tiny_model_dir):
         make_environment(EnvConfig(name="reward_model", reward_model_path=str(tiny_model_dir)))
     with pytest.raises(ConfigError, match="reward_model_path is required"):
         make_environment(EnvConfig(name="reward_model"))
+
+
+def test_two_fsdp2_workers_train_like_one(tiny_model_dir, tmp_path):
+    """Three micro-batches dealt to two sharded workers (one adds a filler that counts for nothing):
+    the same step metrics as one process, summed across workers, and an exported score head."""
+    steps = ["rm.max_num_steps=2", "rm.val_period=2", "checkpointing.enabled=false",
+             "policy.train_global_batch_size=24", "policy.train_micro_batch_size=8", "rm.val_micro_batch_size=16"]
+    one = run_rm(_cfg(tiny_model_dir, tmp_path / "one", *steps))
+    two = run_rm(_cfg(tiny_model_dir, tmp_path / "two", *steps, "policy.num_workers=2"))
+    for key, value in one.train_metrics[1].items():
+        assert two.train_metrics[1][key] == pytest.approx(value, abs=1e-5), key
+    for key, value in one.val_metrics[2].items():
+        assert two.val_metrics[2][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    exported = AutoModelForSequenceClassification.from_pretrained(two.final_model_dir)
+    assert exported.score.weight.shape == (1, exported.config.hidden_size)

@@ -1,0 +1,114 @@
+"""A Policy split across `policy.num_workers` Ray actors, FSDP2 ranks behind the Policy interface.
+
+The loops call `train_step`, `evaluate`, `save`, `load_training_state` and `export_hf` the same
+way whether they hold a local `Policy` (one worker) or a `PolicyGroup` (several). The group deals
+each step's micro-batches round-robin to the ranks; a rank left with fewer than the others repeats
+one as a filler that counts for nothing, since FSDP2 ranks gather and reduce together on every pass.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import transformers
+
+from posttrain.cluster import WorkerGroup, free_tcp_address, init_ray
+from posttrain.config import ClusterConfig, PolicyConfig
+from posttrain.train.model import load_model
+from posttrain.train.policy import ModelLoader, Objective, Policy
+
+
+class PolicyWorker:
+    """One rank of a PolicyGroup, as a Ray actor: built, then `setup` once every rank knows where to meet."""
+
+    def __init__(self, cfg: PolicyConfig, total_steps: int, *, rank: int, world_size: int, seed: int,
+                 weights_path: str | None = None, model_loader: ModelLoader = load_model):
+        self.cfg, self.total_steps, self.rank, self.world_size = cfg, total_steps, rank, world_size
+        self.seed, self.weights_path, self.model_loader = seed, weights_path, model_loader
+
+    def rendezvous_address(self) -> str:
+        return free_tcp_address()
+
+    def setup(self, init_method: str) -> dict[str, Any]:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+        # The run's seed, as the loop sets it before building a local Policy: every rank (and a
+        # one-process run) initialises new weights, such as a reward head, alike.
+        transformers.set_seed(self.seed)
+        self.policy = Policy(self.cfg, self.total_steps, weights_path=self.weights_path,
+                             process_group=dist.group.WORLD, model_loader=self.model_loader)
+        return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device)}
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
+        return self.policy.train_step(micro_batches, objective, real=real)
+
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
+        return self.policy.evaluate(micro_batches, objective, real=real)
+
+    def save(self, directory: str) -> None:
+        self.policy.save(Path(directory))
+
+    def load_training_state(self, directory: str) -> None:
+        self.policy.load_training_state(Path(directory))
+
+    def export_hf(self, directory: str) -> str:
+        return str(self.policy.export_hf(directory))
+
+
+class PolicyGroup:
+    def __init__(self, cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int,
+                 weights_path: str | Path | None = None, model_loader: ModelLoader = load_model):
+        init_ray(cluster)
+        self.workers = WorkerGroup(PolicyWorker, cfg.num_workers, name="policy", args=(cfg, total_steps),
+                                   kwargs={"seed": seed, "weights_path": str(weights_path) if weights_path else None,
+                                           "model_loader": model_loader},
+                                   num_gpus_per_worker=1.0 if cluster.gpus_per_node > 0 else 0.0)
+        info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
+        self.num_parameters, self.device = info["num_parameters"], info["device"]
+
+    def _deal(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[tuple[list[dict], int]]:
+        """Each rank's micro-batches (round-robin) and how many are real, padded to equal counts."""
+        ranks = self.workers.num_workers
+        shares = [micro_batches[rank::ranks] for rank in range(ranks)]
+        count = len(shares[0])
+        return [(share + [micro_batches[0]] * (count - len(share)), len(share)) for share in shares]
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict:
+        outs = self.workers.call_each("train_step", [(share, objective, real) for share, real in self._deal(micro_batches)])
+        return {**outs[0], "metrics": _sum_metrics(out["metrics"] for out in outs)}
+
+    def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict:
+        outs = self.workers.call_each("evaluate", [(share, objective, real) for share, real in self._deal(micro_batches)])
+        return {"loss": outs[0]["loss"], "metrics": _sum_metrics(out["metrics"] for out in outs)}
+
+    def save(self, directory: Path) -> None:
+        self.workers.call_all("save", str(directory))
+
+    def load_training_state(self, directory: Path) -> None:
+        self.workers.call_all("load_training_state", str(directory))
+
+    def export_hf(self, directory: str | Path) -> Path:
+        return Path(self.workers.call_all("export_hf", str(directory))[0])
+
+    def close(self) -> None:
+        self.workers.shutdown()
+
+
+def _sum_metrics(per_rank) -> dict[str, float]:
+    total: dict[str, float] = {}
+    for metrics in per_rank:
+        for name, value in metrics.items():
+            total[name] = total.get(name, 0.0) + value
+    return total
+
+
+def make_policy(cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int, tokenizer=None,
+                weights_path: str | Path | None = None, model_loader: ModelLoader = load_model) -> Policy | PolicyGroup:
+    """A local Policy for one worker (the caller has seeded this process), a PolicyGroup of FSDP2
+    ranks on Ray, each seeded with `seed`, for several."""
+    if cfg.num_workers == 1:
+        return Policy(cfg, total_steps, tokenizer=tokenizer, weights_path=weights_path, model_loader=model_loader)
+    return PolicyGroup(cfg, cluster, total_steps, seed=seed, weights_path=weights_path, model_loader=model_loader)
