@@ -95,7 +95,7 @@ class PolicyConfig:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     max_grad_norm: float | None = 1.0
     activation_checkpointing_enabled: bool = False
-    num_workers: int = 1  # training workers (data-parallel ranks); > 1 shards the model with FSDP2 (not DPO yet)
+    num_workers: int = 1  # training workers (data-parallel ranks, Ray actors); > 1 shards the model with FSDP2
     trust_remote_code: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
@@ -511,9 +511,6 @@ def _check_loop(run, section: str) -> None:
     _check_batch_sizes(run.policy)
     workers = run.policy.num_workers
     _require(workers >= 1, f"policy.num_workers must be >= 1, got {workers}")
-    _require(section != "dpo" or workers == 1,
-             f"policy.num_workers={workers}: DPO trains in one process so far (its reference model is not "
-             "sharded yet); set policy.num_workers=1")
     gpus = run.cluster.num_nodes * run.cluster.gpus_per_node
     _require(gpus == 0 or workers <= gpus, f"policy.num_workers ({workers}) needs a GPU each (FSDP2 ranks do not "
                                            f"share GPUs), but the cluster has {gpus}")

@@ -7,6 +7,7 @@ starting model, no grad) -> sigmoid DPO loss (+ optional SFT term) -> optimizer 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,9 +39,9 @@ from posttrain.train.checkpoint import (
     save_run_checkpoint,
     set_rng_state,
 )
-from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs, supports_shared_prefix
-from posttrain.train.model import load_model, load_tokenizer
-from posttrain.train.policy import Policy
+from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs
+from posttrain.train.model import load_tokenizer
+from posttrain.train.policy_group import make_policy
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin")
 
@@ -79,10 +80,10 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     total_steps = min(cfg.dpo.max_num_steps, cfg.dpo.max_num_epochs * sampler.batches_per_epoch)
 
     # ---- model, frozen reference, optimizer, resume
-    policy = Policy(cfg.policy, total_steps, tokenizer=tokenizer,
-                    weights_path=resume_dir / "model" if resume_dir else None)
-    # The reference is always the starting model (policy.model_name), also when resuming.
-    reference = load_model(cfg.policy, policy.device).eval().requires_grad_(False)
+    # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls; either holds
+    # the frozen reference, the starting model (policy.model_name) also when resuming.
+    policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.dpo.seed, tokenizer=tokenizer,
+                         weights_path=resume_dir / "model" if resume_dir else None, with_reference=True)
     step = 0
     if resume_dir is not None:
         state = read_state(resume_dir)
@@ -101,7 +102,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
 
     # The prompt once per pair (rows [shared; rest of chosen; rest of rejected]), or padded
     # [chosen; rejected] rows where the attention implementation cannot take the custom mask.
-    shared = cfg.dpo.share_prompt_prefix and supports_shared_prefix(policy.model)
+    shared = cfg.dpo.share_prompt_prefix and policy.supports_shared_prefix
     make_batches = make_shared_prefix_micro_batches if shared else make_pair_micro_batches
     logprobs_of = shared_prefix_logprobs if shared else sequence_logprobs
 
@@ -110,10 +111,9 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
         """Micro-batches of `size` pairs (or their token budget) carrying the reference model's per-token log-probs."""
         budget = cfg.policy.token_budget(size, rows_per_item=2, training=training)
         batches = make_batches(pairs, size, tokenizer.pad_token_id, budget)
-        for batch in batches:
-            with policy.autocast():
-                ref, _ = logprobs_of(reference, {k: v.to(policy.device) for k, v in batch.items()})
-            batch["reference_logprobs"] = ref
+        references = policy.reference_outputs(batches, lambda reference, batch: logprobs_of(reference, batch)[0])
+        for batch, reference_logprobs in zip(batches, references, strict=True):
+            batch["reference_logprobs"] = reference_logprobs
         return batches
 
     def objective_of(num_pairs: int):
@@ -133,8 +133,8 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
         return {f"val/{name}": totals[name] for name in METRICS}
 
     result = DPOResult(steps=step)
-    with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
-                       resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
+    with MetricsLogger(cfg.logger, to_dict(cfg), console=console, resumed_at=step if resume_dir else None) as logger, \
+            make_progress(console) as progress, contextlib.closing(policy):
         if val_pairs and cfg.dpo.val_at_start and step == 0:
             result.val_metrics[0] = validate()
             logger.log(result.val_metrics[0], step=0)
@@ -168,9 +168,9 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
             if on_step is not None:
                 on_step(step, metrics)
 
-    result.steps = step
-    if step == total_steps:
-        result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
-        console.print(f"Exported the final model to {result.final_model_dir}")
+        result.steps = step
+        if step == total_steps:
+            result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
+            console.print(f"Exported the final model to {result.final_model_dir}")
     return result
 

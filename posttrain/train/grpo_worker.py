@@ -19,9 +19,8 @@ from posttrain.algos.grpo import clipped_pg_loss
 from posttrain.cluster import free_tcp_address
 from posttrain.config import GRPORunConfig
 from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
-from posttrain.train.fsdp import shard_model
 from posttrain.train.logprobs import packed_logits, picked_logprobs, supports_shared_prefix, token_entropy
-from posttrain.train.model import DTYPES, load_model
+from posttrain.train.model import DTYPES
 from posttrain.train.policy import Policy
 
 
@@ -143,14 +142,7 @@ class GRPOPolicyWorker:
             dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
             group = dist.group.WORLD
         self.policy = Policy(cfg.policy, self.total_optimizer_steps, weights_path=self.weights_path,
-                             process_group=group)
-        self.reference = None
-        if cfg.loss_fn.reference_policy_kl_penalty > 0:
-            # Always the starting model (policy.model_name), also when resuming from a checkpoint.
-            self.reference = load_model(cfg.policy, self.policy.device, dtype=DTYPES[cfg.policy.precision]).eval()
-            self.reference.requires_grad_(False)
-            if group is not None:
-                shard_model(self.reference, group, self.policy.device)
+                             process_group=group, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0)
 
     # ------------------------------------------------------------------ weights
 
@@ -211,8 +203,8 @@ class GRPOPolicyWorker:
         self.policy.model.eval()
         for _, micro in steps:
             for batch in micro:
-                if self.reference is not None:
-                    batch["ref_logprobs"] = self._score(self.reference, batch)
+                if self.policy.reference is not None:
+                    batch["ref_logprobs"] = self._score(self.policy.reference, batch)
                 if len(steps) > 1:
                     batch["old_logprobs"] = self._score(self.policy.model, batch)
         logprob_time = time.perf_counter() - start

@@ -23,6 +23,7 @@ from posttrain.train.fsdp import (
     load_full_optimizer_state,
     shard_model,
 )
+from posttrain.train.logprobs import supports_shared_prefix
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -49,7 +50,8 @@ def _add_metrics(totals: dict[str, float], metrics: dict[str, torch.Tensor]) -> 
 class Policy:
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, tokenizer=None,
                  weights_path: str | Path | None = None, device: torch.device | None = None,
-                 process_group: dist.ProcessGroup | None = None, model_loader: ModelLoader = load_model):
+                 process_group: dist.ProcessGroup | None = None, model_loader: ModelLoader = load_model,
+                 with_reference: bool = False):
         self.cfg = cfg
         self.device = device or resolve_device(cfg.device)
         self.process_group = process_group
@@ -57,8 +59,16 @@ class Policy:
         # `model_loader` swaps the causal LM for another head (the reward model's scalar score).
         self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
-        if process_group is not None and dist.get_world_size(process_group) > 1:
+        sharded = process_group is not None and dist.get_world_size(process_group) > 1
+        if sharded:
             shard_model(self.model, process_group, self.device)  # before the optimizer: it holds the shards
+        # The frozen reference of DPO and of GRPO's KL penalty: always the starting model
+        # (policy.model_name), also when resuming; never trained, so kept in the compute precision.
+        self.reference = None
+        if with_reference:
+            self.reference = model_loader(cfg, self.device, dtype=DTYPES[cfg.precision]).eval().requires_grad_(False)
+            if sharded:
+                shard_model(self.reference, process_group, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, total_steps)
         # float16's narrow range flushes small gradients to zero; the loss is scaled up to keep them
@@ -68,6 +78,10 @@ class Policy:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def supports_shared_prefix(self) -> bool:
+        return supports_shared_prefix(self.model)
 
     def autocast(self):
         """Mixed precision: float32 master weights, `policy.precision` for the forward pass."""
@@ -139,6 +153,18 @@ class Policy:
 
     def close(self) -> None:
         """Nothing to release in-process (a PolicyGroup stops its actors here)."""
+
+    @torch.no_grad()
+    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]],
+                          fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+                          real: int | None = None) -> list[torch.Tensor]:
+        """`fn(reference model, micro-batch)` on the CPU for each micro-batch before index `real`
+        (the fillers after it run only to take part in the FSDP2 gathers)."""
+        outputs = []
+        for batch in micro_batches:
+            with self.autocast():
+                outputs.append(fn(self.reference, self._to_device(batch)).cpu())
+        return outputs[:real]
 
     # ------------------------------------------------------------------ persistence
 

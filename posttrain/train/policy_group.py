@@ -25,9 +25,11 @@ class PolicyWorker:
     """One rank of a PolicyGroup, as a Ray actor: built, then `setup` once every rank knows where to meet."""
 
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, rank: int, world_size: int, seed: int,
-                 weights_path: str | None = None, model_loader: ModelLoader = load_model):
+                 weights_path: str | None = None, model_loader: ModelLoader = load_model,
+                 with_reference: bool = False):
         self.cfg, self.total_steps, self.rank, self.world_size = cfg, total_steps, rank, world_size
         self.seed, self.weights_path, self.model_loader = seed, weights_path, model_loader
+        self.with_reference = with_reference
 
     def rendezvous_address(self) -> str:
         return free_tcp_address()
@@ -39,14 +41,19 @@ class PolicyWorker:
         # one-process run) initialises new weights, such as a reward head, alike.
         transformers.set_seed(self.seed)
         self.policy = Policy(self.cfg, self.total_steps, weights_path=self.weights_path,
-                             process_group=dist.group.WORLD, model_loader=self.model_loader)
-        return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device)}
+                             process_group=dist.group.WORLD, model_loader=self.model_loader,
+                             with_reference=self.with_reference)
+        return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device),
+                "supports_shared_prefix": self.policy.supports_shared_prefix}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
         return self.policy.train_step(micro_batches, objective, real=real)
 
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
         return self.policy.evaluate(micro_batches, objective, real=real)
+
+    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn, real: int) -> list[torch.Tensor]:
+        return self.policy.reference_outputs(micro_batches, fn, real=real)
 
     def save(self, directory: str) -> None:
         self.policy.save(Path(directory))
@@ -60,14 +67,16 @@ class PolicyWorker:
 
 class PolicyGroup:
     def __init__(self, cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int,
-                 weights_path: str | Path | None = None, model_loader: ModelLoader = load_model):
+                 weights_path: str | Path | None = None, model_loader: ModelLoader = load_model,
+                 with_reference: bool = False):
         init_ray(cluster)
         self.workers = WorkerGroup(PolicyWorker, cfg.num_workers, name="policy", args=(cfg, total_steps),
                                    kwargs={"seed": seed, "weights_path": str(weights_path) if weights_path else None,
-                                           "model_loader": model_loader},
+                                           "model_loader": model_loader, "with_reference": with_reference},
                                    num_gpus_per_worker=1.0 if cluster.gpus_per_node > 0 else 0.0)
         info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
         self.num_parameters, self.device = info["num_parameters"], info["device"]
+        self.supports_shared_prefix = info["supports_shared_prefix"]
 
     def _deal(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[tuple[list[dict], int]]:
         """Each rank's micro-batches (round-robin) and how many are real, padded to equal counts."""
@@ -83,6 +92,11 @@ class PolicyGroup:
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict:
         outs = self.workers.call_each("evaluate", [(share, objective, real) for share, real in self._deal(micro_batches)])
         return {"loss": outs[0]["loss"], "metrics": _sum_metrics(out["metrics"] for out in outs)}
+
+    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn) -> list[torch.Tensor]:
+        dealt = self._deal(micro_batches)
+        outs = self.workers.call_each("reference_outputs", [(share, fn, real) for share, real in dealt])
+        return [outs[i % len(outs)][i // len(outs)] for i in range(len(micro_batches))]  # undo the round-robin
 
     def save(self, directory: Path) -> None:
         self.workers.call_all("save", str(directory))
@@ -106,9 +120,12 @@ def _sum_metrics(per_rank) -> dict[str, float]:
 
 
 def make_policy(cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int, tokenizer=None,
-                weights_path: str | Path | None = None, model_loader: ModelLoader = load_model) -> Policy | PolicyGroup:
+                weights_path: str | Path | None = None, model_loader: ModelLoader = load_model,
+                with_reference: bool = False) -> Policy | PolicyGroup:
     """A local Policy for one worker (the caller has seeded this process), a PolicyGroup of FSDP2
     ranks on Ray, each seeded with `seed`, for several."""
     if cfg.num_workers == 1:
-        return Policy(cfg, total_steps, tokenizer=tokenizer, weights_path=weights_path, model_loader=model_loader)
-    return PolicyGroup(cfg, cluster, total_steps, seed=seed, weights_path=weights_path, model_loader=model_loader)
+        return Policy(cfg, total_steps, tokenizer=tokenizer, weights_path=weights_path, model_loader=model_loader,
+                      with_reference=with_reference)
+    return PolicyGroup(cfg, cluster, total_steps, seed=seed, weights_path=weights_path, model_loader=model_loader,
+                       with_reference=with_reference)

@@ -117,3 +117,17 @@ def test_cli_config_error_names_the_key(capsys):
     assert main(["dpo", "policy.model_name=x", "dpo.reference_policy_kl=0.1"]) == 2
     err = " ".join(capsys.readouterr().err.split())  # rich wraps long lines
     assert "did you mean 'dpo.reference_policy_kl_penalty'" in err
+
+
+def test_two_fsdp2_workers_train_like_one(tiny_model_dir, tmp_path):
+    """Policy and reference sharded across two Ray workers, each scoring and training on its share of
+    the micro-batches: the same step and validation metrics as one process."""
+    steps = ["dpo.max_num_steps=2", "dpo.val_period=2", "checkpointing.enabled=false",
+             "policy.train_micro_batch_size=4", "dpo.val_micro_batch_size=4"]
+    one = run_dpo(_cfg(tiny_model_dir, tmp_path / "one", *steps))
+    two = run_dpo(_cfg(tiny_model_dir, tmp_path / "two", *steps, "policy.num_workers=2"))
+    for key, value in one.train_metrics[1].items():
+        assert two.train_metrics[1][key] == pytest.approx(value, abs=1e-5), key
+    for key, value in one.val_metrics[2].items():
+        assert two.val_metrics[2][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    assert (two.final_model_dir / "config.json").is_file()

@@ -389,14 +389,14 @@ def test_top_k_zero_means_no_filter_for_grpo_and_eval():
     assert cfg.generation.top_k == 0
 
 
-def test_several_training_workers_except_for_dpo_so_far():
-    with pytest.raises(ConfigError, match=r"policy\.num_workers=2: DPO trains in one process so far"):
-        load_config(DPORunConfig, None, [*BASE, "policy.num_workers=2"])
-    assert load_config(SFTRunConfig, None, [*BASE, "policy.num_workers=2"]).policy.num_workers == 2
-    assert load_config(RMRunConfig, None, [*BASE, "policy.num_workers=2"]).policy.num_workers == 2
+def test_several_training_workers_need_a_gpu_each_on_gpus():
+    for schema in (SFTRunConfig, DPORunConfig, RMRunConfig):
+        assert load_config(schema, None, [*BASE, "policy.num_workers=2"]).policy.num_workers == 2
     assert grpo("policy.num_workers=2", "policy.train_global_batch_size=32").policy.num_workers == 2
     with pytest.raises(ConfigError, match=r"policy\.num_workers \(4\) needs a GPU each .* the cluster has 2"):
         load_config(SFTRunConfig, None, [*BASE, "policy.num_workers=4", "cluster.gpus_per_node=2"])
+    with pytest.raises(ConfigError, match=r"policy\.num_workers must be >= 1, got 0"):
+        load_config(DPORunConfig, None, [*BASE, "policy.num_workers=0"])
 
 
 def test_grpo_workers_split_every_step_evenly():
