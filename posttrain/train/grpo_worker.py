@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from posttrain.algos.grpo import clipped_pg_loss
-from posttrain.cluster import free_tcp_address
 from posttrain.config import GRPORunConfig
 from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
 from posttrain.train.logprobs import packed_logits, picked_logprobs, supports_shared_prefix, token_entropy
 from posttrain.train.model import DTYPES
-from posttrain.train.policy import Policy
+from posttrain.train.policy_group import PolicyWorker
 
 
 @dataclass
@@ -120,46 +118,22 @@ def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float 
     return logprobs, token_entropy(flat)[source] if entropy else None
 
 
-class GRPOPolicyWorker:
-    """Built in two steps, so that several workers can find each other wherever Ray places them:
-    construct them, ask rank 0 for a `rendezvous_address`, then `setup` all at once. Several
-    workers form one FSDP2 group (the policy and the reference model are sharded)."""
+class GRPOPolicyWorker(PolicyWorker):
+    """A policy worker that also scores rollouts and takes GRPO's optimizer steps. Several form one
+    FSDP2 group (the policy and the reference model are sharded); see PolicyWorker for set-up."""
 
     def __init__(self, cfg: GRPORunConfig, total_optimizer_steps: int, *, rank: int = 0, world_size: int = 1,
                  weights_path: str | None = None):
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
-        self.total_optimizer_steps, self.weights_path = total_optimizer_steps, weights_path
+        super().__init__(cfg.policy, total_optimizer_steps, rank=rank, world_size=world_size, seed=cfg.grpo.seed,
+                         weights_path=weights_path, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0)
+        self.run_cfg = cfg
         self.temperature = cfg.policy.generation.temperature
-
-    def rendezvous_address(self) -> str:
-        return free_tcp_address()
-
-    def setup(self, init_method: str | None = None) -> None:
-        """Join the process group (several workers), then build the policy and the reference model."""
-        cfg, group = self.cfg, None
-        if self.world_size > 1:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
-            group = dist.group.WORLD
-        self.policy = Policy(cfg.policy, self.total_optimizer_steps, weights_path=self.weights_path,
-                             process_group=group, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0)
-
-    # ------------------------------------------------------------------ weights
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights for the generators, in their precision and on the CPU (Ray moves them); whole on
         rank 0, empty on the others. Every rank must be called."""
-        dtype = DTYPES[self.cfg.policy.precision]
+        dtype = DTYPES[self.cfg.precision]
         return {k: v.detach().to("cpu", dtype) for k, v in self.policy.full_state_dict().items()}
-
-    def save(self, directory: str) -> None:
-        self.policy.save(Path(directory))
-
-    def load_training_state(self, directory: str) -> None:
-        self.policy.load_training_state(Path(directory))
-
-    def export_hf(self, directory: str) -> str:
-        return str(self.policy.export_hf(directory))
 
     # ------------------------------------------------------------------ training
 
@@ -186,8 +160,8 @@ class GRPOPolicyWorker:
 
     def train(self, minibatches: list[Minibatch]) -> dict[str, float]:
         """One optimizer step per minibatch; returns metrics summed over ranks (rank 0's view)."""
-        loss_cfg = self.cfg.loss_fn
-        micro_size = self.cfg.policy.train_micro_batch_size
+        loss_cfg = self.run_cfg.loss_fn
+        micro_size = self.cfg.train_micro_batch_size
         pad = self.policy.tokenizer.pad_token_id
         share = supports_shared_prefix(self.policy.model)
         steps = []
@@ -228,9 +202,9 @@ class GRPOPolicyWorker:
                     ratio_clip_min=loss_cfg.ratio_clip_min, ratio_clip_max=loss_cfg.ratio_clip_max,
                     dual_clip=loss_cfg.ratio_clip_c, ref_logprobs=batch.get("ref_logprobs"),
                     kl_coef=loss_cfg.reference_policy_kl_penalty, importance_weights=weights,
-                    normalization=_normalization(self.cfg), global_tokens=mb.global_tokens,
+                    normalization=_normalization(self.run_cfg), global_tokens=mb.global_tokens,
                     global_sequences=mb.global_sequences,
-                    max_response_length=self.cfg.policy.generation.max_new_tokens,
+                    max_response_length=self.cfg.generation.max_new_tokens,
                 )
                 gap = (old - generator).abs() * mask
                 sums.add_(torch.stack([

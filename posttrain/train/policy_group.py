@@ -22,7 +22,8 @@ from posttrain.train.policy import ModelLoader, Objective, Policy
 
 
 class PolicyWorker:
-    """One rank of a PolicyGroup, as a Ray actor: built, then `setup` once every rank knows where to meet."""
+    """One rank of a PolicyGroup (or of GRPO's policy workers), as a Ray actor: built, then `setup`
+    once every rank knows where to meet (rank 0's `rendezvous_address`)."""
 
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, rank: int, world_size: int, seed: int,
                  weights_path: str | None = None, model_loader: ModelLoader = load_model,
@@ -34,15 +35,17 @@ class PolicyWorker:
     def rendezvous_address(self) -> str:
         return free_tcp_address()
 
-    def setup(self, init_method: str) -> dict[str, Any]:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+    def setup(self, init_method: str | None = None) -> dict[str, Any]:
+        group = None
+        if self.world_size > 1:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, init_method=init_method, rank=self.rank, world_size=self.world_size)
+            group = dist.group.WORLD
         # The run's seed, as the loop sets it before building a local Policy: every rank (and a
         # one-process run) initialises new weights, such as a reward head, alike.
         transformers.set_seed(self.seed)
-        self.policy = Policy(self.cfg, self.total_steps, weights_path=self.weights_path,
-                             process_group=dist.group.WORLD, model_loader=self.model_loader,
-                             with_reference=self.with_reference)
+        self.policy = Policy(self.cfg, self.total_steps, weights_path=self.weights_path, process_group=group,
+                             model_loader=self.model_loader, with_reference=self.with_reference)
         return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device),
                 "supports_shared_prefix": self.policy.supports_shared_prefix}
 
