@@ -40,23 +40,30 @@ class Minibatch:
     global_sequences: float
 
 
-def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
-                         share_prompts: bool = True) -> dict[str, torch.Tensor]:
+def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int, share_prompts: bool = True,
+                         linear_to_attention_cost: float | None = None) -> dict[str, torch.Tensor]:
     """Rows for one forward pass, with per-token fields laid out [trajectory, response token].
 
     With `share_prompts`, the responses to one prompt (consecutive trajectories with the same
     prompt, as a GRPO group arrives) are packed after a single copy of it: a custom attention mask
     lets each response see the prompt and its own earlier tokens only, and its positions continue
     the prompt's, so every token has exactly the context it has in its own sequence. The prompt,
-    most of the tokens in a group, then costs one forward and backward instead of G. Without it
-    (attention kernels that take no custom mask), each trajectory is its own right-padded row.
+    most of the tokens in a group, then costs one forward and backward instead of G. But attention
+    over a row costs its width squared whatever the mask, so with long responses one row per group
+    would cost more than it saves: given `linear_to_attention_cost` (see `packing_cost_ratio`), a
+    row takes the next response only while that is cheaper than a new row with its own copy of the
+    prompt. Without sharing (attention kernels that take no custom mask), each trajectory is its
+    own right-padded row.
     `source_index` holds, for each response token, the flat (row * width + column) index of the
     position whose logits predict it.
     """
     groups: list[list[Trajectory]] = []
     for t in trajectories:
-        if share_prompts and groups and groups[-1][0].prompt_ids == t.prompt_ids:
-            groups[-1].append(t)
+        row = groups[-1] if groups else None
+        if share_prompts and row and row[0].prompt_ids == t.prompt_ids and _cheaper_in_the_row(
+                len(t.prompt_ids), sum(len(r.response_ids) for r in row), len(t.response_ids),
+                linear_to_attention_cost):
+            row.append(t)
         else:
             groups.append([t])
     width = max(len(g[0].prompt_ids) + sum(len(t.response_ids) for t in g) for g in groups)
@@ -103,6 +110,27 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int,
         "generator_logprobs": generator_logprobs,
         "advantages": torch.tensor([t.advantage for t in trajectories], dtype=torch.float32),
     }
+
+
+def packing_cost_ratio(model_config) -> float:
+    """FLOPs of one token through a layer's linear maps over those of one (query, key) pair of its
+    attention: how much attention one prompt token's linear work is worth."""
+    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    d = config.hidden_size
+    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    linear = 2 * d * (config.num_attention_heads * head_dim) + 2 * d * kv * head_dim  # q, o; k, v
+    linear += 3 * d * getattr(config, "intermediate_size", 4 * d)  # gated MLP
+    return linear / (2 * config.num_attention_heads * head_dim)  # scores and weighted sum, per pair
+
+
+def _cheaper_in_the_row(prompt: int, responses: int, new: int, ratio: float | None) -> bool:
+    """Whether a response of `new` tokens costs less added to a row holding the prompt and
+    `responses` tokens (its linear work, and the growth of the row's squared width in attention)
+    than in a new row of its own (the prompt's linear work again, and that row's attention):
+    new + 2*(prompt+responses)*new + new^2 / ratio <= prompt + new + ((prompt+new)^2) / ratio, which
+    reduces to 2 * new * responses - prompt^2 <= prompt * ratio."""
+    return ratio is None or 2 * new * responses - prompt * prompt <= prompt * ratio
 
 
 def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
@@ -164,12 +192,14 @@ class GRPOPolicyWorker(PolicyWorker):
         micro_size = self.cfg.train_micro_batch_size
         pad = self.policy.tokenizer.pad_token_id
         share = supports_shared_prefix(self.policy.model)
+        cost_ratio = packing_cost_ratio(self.policy.model.config)
         steps = []
         start = time.perf_counter()
         for mb in minibatches:
             # In arrival order, so that a group's responses stay together and share their prompt.
             ts = mb.trajectories
-            micro = [collate_trajectories(ts[i : i + micro_size], pad, share) for i in range(0, len(ts), micro_size)]
+            micro = [collate_trajectories(ts[i : i + micro_size], pad, share, cost_ratio)
+                     for i in range(0, len(ts), micro_size)]
             steps.append((mb, micro))
         steps = [(mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro])
                  for mb, micro in self._same_counts_on_every_rank(steps, pad, share)]

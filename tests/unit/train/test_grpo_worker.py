@@ -15,6 +15,7 @@ from posttrain.train.grpo_worker import (
     Minibatch,
     Trajectory,
     collate_trajectories,
+    packing_cost_ratio,
     response_logprobs,
 )
 
@@ -64,17 +65,39 @@ def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(ti
     trajectories = [Trajectory(prompt, ids(r), [0.0] * r, a)
                     for prompt in (ids(9), ids(4)) for r, a in ((3, 1.0), (1, -1.0), (5, 0.5))]
     results = []
-    for share in (True, False):
+    # A cost ratio of 1: the 4-token prompt's group puts its last response in a second row.
+    for share, cost_ratio in ((True, None), (True, 1.0), (False, None)):
         model.zero_grad()
-        batch = collate_trajectories(trajectories, PAD, share_prompts=share)
+        batch = collate_trajectories(trajectories, PAD, share_prompts=share, linear_to_attention_cost=cost_ratio)
         logprobs = response_logprobs(model, batch, 0.7)[0] * batch["loss_mask"]
         (logprobs.sum(-1) * batch["advantages"]).sum().backward()
         results.append((logprobs.detach(), [p.grad.clone() for p in model.parameters()]))
-    (packed, packed_grads), (plain, plain_grads) = results
+    *packed_runs, (plain, plain_grads) = results
     assert collate_trajectories(trajectories, PAD)["input_ids"].shape[0] == 2  # really packed
-    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
-    for a, b in zip(packed_grads, plain_grads, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert collate_trajectories(trajectories, PAD, linear_to_attention_cost=1.0)["input_ids"].shape == (3, 18)
+    for packed, packed_grads in packed_runs:
+        torch.testing.assert_close(packed, plain, atol=1e-5, rtol=0)
+        for a, b in zip(packed_grads, plain_grads, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_long_responses_start_new_rows_when_that_costs_less():
+    """Prompt 2, responses of 6: adding a second response to the row costs 2*6*6 - 2^2 = 68 more than
+    a row of its own, which is worth 2 * ratio: it joins at ratio 40 (68 <= 80), not at ratio 10.
+    The third would cost 2*6*12 - 4 = 140 > 80: it starts a new row either way."""
+    trajectories = [Trajectory([5, 6], list(range(10, 16)), [0.0] * 6, 0.0) for _ in range(3)]
+    rows = {ratio: collate_trajectories(trajectories, PAD, linear_to_attention_cost=ratio)["input_ids"]
+            for ratio in (10.0, 40.0)}
+    assert rows[10.0].shape == (3, 8)
+    assert rows[40.0].shape == (2, 14) and rows[40.0][1].tolist() == [5, 6, *range(10, 16)] + [PAD] * 6
+
+
+def test_packing_cost_ratio_counts_linear_and_attention_flops():
+    from transformers import Qwen2Config
+
+    config = Qwen2Config(hidden_size=192, intermediate_size=576, num_attention_heads=6, num_key_value_heads=2)
+    # q and o: 2 x 192 x 192; k and v: 2 x 192 x 64; gated MLP: 3 x 192 x 576; a pair: 2 x 192
+    assert packing_cost_ratio(config) == (2 * 192 * 192 + 2 * 192 * 64 + 3 * 192 * 576) / (2 * 192)
 
 
 @pytest.fixture
