@@ -1,7 +1,7 @@
 """A Policy split across `policy.num_workers` Ray actors, FSDP2 ranks behind the Policy interface.
 
-The loops call `train_step`, `evaluate`, `save`, `load_training_state` and `export_hf` the same
-way whether they hold a local `Policy` (one worker) or a `PolicyGroup` (several). The group deals
+The loops call `train_step`, `evaluate`, `reference_outputs`, `save`, `load_training_state` and
+`export_hf` the same way whether they hold a local `Policy` (one worker) or a `PolicyGroup` (several). The group deals
 each step's micro-batches round-robin to the ranks; a rank left with fewer than the others repeats
 one as a filler that counts for nothing, since FSDP2 ranks gather and reduce together on every pass.
 """
