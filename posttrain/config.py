@@ -80,6 +80,7 @@ class GenerationConfig:
     top_p: float = 1.0
     top_k: int | None = None
     stop_strings: list[str] | None = None  # generation ends after any of these (kept in the response)
+    stop_token_ids: list[int] | None = None  # besides the tokenizer's and the checkpoint's EOS ids (kept)
     batch_size: int = 64  # prompts per generate() call
     num_workers: int = 1  # generation actors (data-parallel)
 

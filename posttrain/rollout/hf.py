@@ -70,6 +70,16 @@ class SampledTokenLogprobs:
         return torch.stack(self.picked, dim=1).cpu()
 
 
+def _stop_token_ids(tokenizer, checkpoint_generation_config, extra: list[int] | None) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS, the checkpoint's own EOS ids (an instruct
+    model's end-of-turn token, e.g. Llama-3's <|eot_id|>) and `policy.generation.stop_token_ids`
+    (for a base model whose chat template ends turns with a token its config does not name)."""
+    configured = checkpoint_generation_config.eos_token_id
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    ids = [tokenizer.eos_token_id, *configured, *(extra or [])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
 class HFGenerationBackend(GenerationBackend):
     """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies."""
 
@@ -80,6 +90,7 @@ class HFGenerationBackend(GenerationBackend):
         self.tokenizer = load_tokenizer(cfg)
         # Generation holds no optimizer state, so it runs directly in the compute precision.
         self.model = load_model(cfg, self.device, path=weights_path, dtype=DTYPES[cfg.precision]).eval()
+        self.stop_token_ids = _stop_token_ids(self.tokenizer, self.model.generation_config, cfg.generation.stop_token_ids)
         # Sampling follows SamplingParams alone: `generate` fills what it is not given from the checkpoint's
         # generation_config.json, whose extras (Qwen2.5-Instruct's repetition_penalty) would change the
         # distribution sampled from, away from the policy whose log-probs are reported and trained on.
@@ -122,7 +133,7 @@ class HFGenerationBackend(GenerationBackend):
                 top_k=None if greedy else (sampling.top_k or 0),
                 stopping_criteria=StoppingCriteriaList(
                     [StopOnStrings(self.tokenizer, sampling.stop_strings, width)] if sampling.stop_strings else []),
-                eos_token_id=self.tokenizer.eos_token_id,
+                eos_token_id=self.stop_token_ids,
                 pad_token_id=pad,
                 use_cache=True,
             )
@@ -168,15 +179,17 @@ class HFGenerationBackend(GenerationBackend):
     def _trim(self, ids: list[int], sampling: SamplingParams) -> tuple[list[int], str]:
         """Cut the padding that follows a finished sequence and say why it finished.
 
-        Stop strings are looked for up to the first EOS, not only without one: a tokenizer whose pad
-        token is its EOS pads a row that a stop string ended with EOS tokens it never sampled.
+        Stop strings are looked for up to the first stop token (EOS), not only without one: a
+        tokenizer whose pad token is its EOS pads a row that a stop string ended with EOS tokens it
+        never sampled.
         """
-        eos = self.tokenizer.eos_token_id
-        end = ids.index(eos) + 1 if eos in ids else len(ids)
+        stop_ids = set(self.stop_token_ids)
+        stopped_at = next((i for i, token in enumerate(ids) if token in stop_ids), None)
+        end = len(ids) if stopped_at is None else stopped_at + 1
         stops = sampling.stop_strings or []
         if stops and any(stop in self.tokenizer.decode(ids[:end]) for stop in stops):
             for cut in range(1, end + 1):
                 text = self.tokenizer.decode(ids[:cut])
                 if any(stop in text for stop in stops):
                     return ids[:cut], "stop"
-        return ids[:end], "stop" if eos in ids else "length"
+        return ids[:end], "length" if stopped_at is None else "stop"

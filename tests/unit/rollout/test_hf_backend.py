@@ -179,3 +179,25 @@ def test_seeded_sampling_is_a_function_of_seed_and_rank(backend, prompts):
     assert sample(backend, 8) != first
     other_rank = HFGenerationBackend(backend.cfg, rank=1, world_size=2)  # data-parallel copies draw differently
     assert sample(other_rank, 7) != first
+
+
+@pytest.mark.parametrize("source", ["config", "checkpoint"])
+def test_extra_stop_tokens_end_a_response(tiny_model_dir, prompts, tmp_path, source):
+    """An end-of-turn token the tokenizer does not call EOS (a base model's chat template, Llama-3's
+    <|eot_id|>) ends a response when policy.generation.stop_token_ids or the checkpoint's
+    generation_config names it; the token is kept, as EOS is."""
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    free = HFGenerationBackend(PolicyConfig(model_name=str(tiny_model_dir), device="cpu")).generate(prompts[:1], params)
+    assert free[0].finish_reason == "length"  # no EOS in the 8 tokens: the token picked below is not EOS
+    token = free[0].token_ids[2]
+    cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu")
+    if source == "config":
+        cfg.generation.stop_token_ids = [token]
+    else:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model.generation_config.eos_token_id = [model.generation_config.eos_token_id, token]
+        model.save_pretrained(tmp_path / "model")
+        cfg.model_name, cfg.tokenizer = str(tmp_path / "model"), TokenizerConfig(name=str(tiny_model_dir))
+    [stopped] = HFGenerationBackend(cfg).generate(prompts[:1], params)
+    first = free[0].token_ids.index(token)
+    assert stopped.token_ids == free[0].token_ids[: first + 1] and stopped.finish_reason == "stop"
