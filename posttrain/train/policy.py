@@ -106,10 +106,9 @@ class Policy:
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         metrics: dict[str, float] = {}
-        sharded = is_sharded(self.model)
+        # Sharded gradients are reduce-scattered after every micro-batch (FSDP2's default): holding
+        # them unsharded until the last one would need a whole model's gradients on every rank.
         for i, batch in enumerate(micro_batches):
-            if sharded:  # reduce-scatter the summed gradients once, after the last micro-batch
-                self.model.set_requires_gradient_sync(i == len(micro_batches) - 1)
             with self.autocast():
                 loss, batch_metrics = _loss_and_metrics(objective, self.model, self._to_device(batch),
                                                         filler=real is not None and i >= real)
