@@ -106,7 +106,6 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     make_batches = make_shared_prefix_micro_batches if shared else make_pair_micro_batches
     logprobs_of = shared_prefix_logprobs if shared else sequence_logprobs
 
-    @torch.no_grad()
     def micro_batches(pairs: list[PreferencePair], size: int, training: bool) -> list[dict[str, torch.Tensor]]:
         """Micro-batches of `size` pairs (or their token budget) carrying the reference model's per-token log-probs."""
         budget = cfg.policy.token_budget(size, rows_per_item=2, training=training)

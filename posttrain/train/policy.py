@@ -9,7 +9,7 @@ divided by the *global* normaliser, the sum is exactly the single-process gradie
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -32,19 +32,6 @@ from posttrain.train.optim import build_optimizer, build_scheduler
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]],
                      torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model, like `load_model`
-
-
-def _loss_and_metrics(objective: Objective, model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                      filler: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """A filler micro-batch runs (FSDP2 ranks take part in every gather) but counts for nothing."""
-    out = objective(model, batch)
-    loss, metrics = out if isinstance(out, tuple) else (out, {})
-    return (loss * 0.0, {}) if filler else (loss, metrics)
-
-
-def _add_metrics(totals: dict[str, float], metrics: dict[str, torch.Tensor]) -> None:
-    for name, value in metrics.items():
-        totals[name] = totals.get(name, 0.0) + float(value)
 
 
 class Policy:
@@ -92,6 +79,21 @@ class Policy:
     def _to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
+    def _losses(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int | None,
+                metrics: dict[str, float]) -> Iterator[torch.Tensor]:
+        """Each micro-batch's loss, its metrics added into `metrics`. Micro-batches from index `real`
+        on are fillers: they run (FSDP2 ranks take part in every gather) but count for nothing."""
+        for i, batch in enumerate(micro_batches):
+            with self.autocast():
+                out = objective(self.model, self._to_device(batch))
+            loss, batch_metrics = out if isinstance(out, tuple) else (out, {})
+            if real is not None and i >= real:
+                yield loss * 0.0
+                continue
+            for name, value in batch_metrics.items():
+                metrics[name] = metrics.get(name, 0.0) + float(value)
+            yield loss
+
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
                    real: int | None = None) -> dict:
         """One optimizer step over the micro-batches of a global batch; the micro-batches from index
@@ -108,13 +110,9 @@ class Policy:
         metrics: dict[str, float] = {}
         # Sharded gradients are reduce-scattered after every micro-batch (FSDP2's default): holding
         # them unsharded until the last one would need a whole model's gradients on every rank.
-        for i, batch in enumerate(micro_batches):
-            with self.autocast():
-                loss, batch_metrics = _loss_and_metrics(objective, self.model, self._to_device(batch),
-                                                        filler=real is not None and i >= real)
+        for loss in self._losses(micro_batches, objective, real, metrics):
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
             total += loss.detach()
-            _add_metrics(metrics, batch_metrics)
         if self.process_group is not None:
             dist.all_reduce(total, group=self.process_group)
         if self.grad_scaler:
@@ -140,12 +138,8 @@ class Policy:
         self.model.eval()
         total = torch.zeros((), device=self.device)
         metrics: dict[str, float] = {}
-        for i, batch in enumerate(micro_batches):
-            with self.autocast():
-                loss, batch_metrics = _loss_and_metrics(objective, self.model, self._to_device(batch),
-                                                        filler=real is not None and i >= real)
-            total += loss.detach()
-            _add_metrics(metrics, batch_metrics)
+        for loss in self._losses(micro_batches, objective, real, metrics):
+            total += loss
         if self.process_group is not None:
             dist.all_reduce(total, group=self.process_group)
         return {"loss": total.item(), "metrics": metrics}
