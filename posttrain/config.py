@@ -196,6 +196,9 @@ class GRPOConfig:
     val_at_start: bool = True
     max_val_samples: int = 256
     val_temperature: float = 0.0  # greedy validation
+    # Turns of a multi-turn episode: after each response the environment may answer (a hint, a
+    # tool's output) and the model goes on, until the environment says done or this many turns
+    max_rollout_turns: int = 1
     seed: int = 42
 
 
@@ -213,7 +216,9 @@ class LossConfig:
 
 @dataclass
 class EnvConfig:
-    name: Literal["math", "reward_model"] = "math"
+    # "math", "number_guess" (multi-turn), "reward_model", or your own Environment subclass as
+    # "package.module:Class"
+    name: str = "math"
     reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
     error_reward: float = 0.0  # reward given when the reward function raises
     num_workers: int = 1  # environment actors
@@ -333,6 +338,7 @@ class GRPORunConfig:
                  f"policy.generation.max_new_tokens ({p.generation.max_new_tokens}) must be less than "
                  f"policy.max_total_sequence_length ({p.max_total_sequence_length}), which holds prompt and response")
         _require(g.val_period >= 0, f"grpo.val_period must be >= 0 (0 disables validation), got {g.val_period}")
+        _require(g.max_rollout_turns >= 1, f"grpo.max_rollout_turns must be >= 1, got {g.max_rollout_turns}")
         _require(g.max_val_samples > 0, f"grpo.max_val_samples must be > 0 (grpo.val_period=0 disables validation), "
                                         f"got {g.max_val_samples}")
         for key in ("sequence_packing", "dynamic_batching"):
@@ -354,6 +360,9 @@ class GRPORunConfig:
             max_len = shaping.max_response_length or p.generation.max_new_tokens
             _require(0 < shaping.overlong_buffer_length <= max_len,
                      f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
+        from posttrain.envs.base import environment_class  # the environments import this module
+
+        environment_class(self.env.name)  # an unknown name or a broken import path fails here, not in an actor
         if self.env.name == "reward_model":
             _require(bool(self.env.reward_model_path),
                      "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")

@@ -8,6 +8,7 @@ Ray actors (which pass `rank` and `world_size`).
 
 from __future__ import annotations
 
+import importlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -43,12 +44,41 @@ class Environment(ABC):
                              f"responses and {len(metadata)} metadata dicts; they must match one to one")
 
 
+BUILT_IN = ("math", "number_guess", "reward_model")
+
+
 def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> Environment:
+    return environment_class(cfg.name)(cfg, rank=rank, world_size=world_size)
+
+
+def environment_class(name: str) -> type[Environment]:
+    """A built-in environment by name, or a user's Environment subclass as "package.module:Class"."""
     # Imported here: the environment modules import this one for the base class.
     from posttrain.envs.math_env import MathEnvironment
+    from posttrain.envs.number_guess import NumberGuessEnvironment
     from posttrain.envs.reward_model_env import RewardModelEnvironment
 
-    environments: dict[str, type[Environment]] = {"math": MathEnvironment, "reward_model": RewardModelEnvironment}
-    if cfg.name not in environments:
-        raise ConfigError(f"env.name: unknown environment {cfg.name!r}; valid names: {sorted(environments)}")
-    return environments[cfg.name](cfg, rank=rank, world_size=world_size)
+    built_in = {"math": MathEnvironment, "number_guess": NumberGuessEnvironment, "reward_model": RewardModelEnvironment}
+    if name in built_in:
+        return built_in[name]
+    if ":" not in name:
+        raise ConfigError(f"env.name: unknown environment {name!r}; use one of {list(BUILT_IN)} or "
+                          "'package.module:Class' (a subclass of posttrain.envs.Environment)")
+    cls = import_object(name, "env.name")
+    if not (isinstance(cls, type) and issubclass(cls, Environment)):
+        raise ConfigError(f"env.name={name!r} is not a subclass of posttrain.envs.Environment")
+    return cls
+
+
+def import_object(spec: str, key: str) -> Any:
+    """Import "package.module:attribute", with errors that name the config key."""
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        raise ConfigError(f"{key} must look like 'package.module:name', got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as err:
+        raise ConfigError(f"{key}={spec!r}: cannot import module {module_name!r}: {err!r}") from err
+    if not hasattr(module, attr):
+        raise ConfigError(f"{key}={spec!r}: module {module_name!r} has no attribute {attr!r}")
+    return getattr(module, attr)

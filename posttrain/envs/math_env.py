@@ -10,7 +10,6 @@ when its timeouts are off.)
 
 from __future__ import annotations
 
-import importlib
 import math
 import re
 import threading
@@ -20,7 +19,7 @@ from typing import Any
 from math_verify import parse, verify
 
 from posttrain.config import ConfigError, EnvConfig
-from posttrain.envs.base import Environment, EnvStepResult, Message
+from posttrain.envs.base import Environment, EnvStepResult, Message, import_object
 
 RewardFn = Callable[[list[Message], str, dict[str, Any]], Any]
 
@@ -121,19 +120,9 @@ def _gold_answer(gold: str) -> str:
 
 def load_reward_fn(spec: str) -> RewardFn:
     """Import "package.module:function" once, with errors that name the config key."""
-    module_name, colon, attr = spec.partition(":")
-    if not colon or not module_name or not attr:
-        raise ConfigError(f"env.reward_fn must look like 'package.module:function', got {spec!r}")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as err:
-        raise ConfigError(f"env.reward_fn={spec!r}: cannot import module {module_name!r}: {err!r}") from err
-    if not hasattr(module, attr):
-        raise ConfigError(f"env.reward_fn={spec!r}: module {module_name!r} has no attribute {attr!r}")
-    fn = getattr(module, attr)
+    fn = import_object(spec, "env.reward_fn")
     if not callable(fn):
-        raise ConfigError(f"env.reward_fn={spec!r}: {module_name}.{attr} is a {type(fn).__name__}, "
-                          "not a function")
+        raise ConfigError(f"env.reward_fn={spec!r} is a {type(fn).__name__}, not a function")
     return fn
 
 

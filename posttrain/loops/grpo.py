@@ -25,10 +25,11 @@ from posttrain.config import GRPORunConfig, save_config, to_dict
 from posttrain.data.prompts import Prompt, PromptDataset
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows, load_validation_rows
-from posttrain.envs.worker import EnvironmentWorker, EnvItem, EnvOutcome
+from posttrain.envs.worker import EnvironmentWorker, EnvOutcome
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.rollout.multi_turn import run_episodes
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
@@ -123,14 +124,21 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     sampling = SamplingParams(gen.max_new_tokens, gen.temperature, gen.top_p, gen.top_k, gen.stop_strings)
 
     def rollout(prompts: list[Prompt], params: SamplingParams, repeats: int, timings: dict) -> list[Group]:
-        expanded = [p for p in prompts for _ in range(repeats)]
-        start = time.perf_counter()
-        completions = generators.call_sharded("generate", [p.token_ids for p in expanded], params)
-        timings["time/generation_s"] = timings.get("time/generation_s", 0.0) + time.perf_counter() - start
-        start = time.perf_counter()
-        outcomes = envs.call_sharded("step", [EnvItem(p.messages, c.text, p.metadata)
-                                              for p, c in zip(expanded, completions, strict=True)])
-        timings["time/env_s"] = timings.get("time/env_s", 0.0) + time.perf_counter() - start
+        def timed(key: str, call: Callable) -> Callable:
+            def run(*args):
+                start = time.perf_counter()
+                out = call(*args)
+                timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
+                return out
+            return run
+
+        # Turn by turn: generate for every unfinished episode, then let the environments score and answer.
+        completions, outcomes = run_episodes(
+            [p for p in prompts for _ in range(repeats)],
+            timed("time/generation_s", lambda contexts, sampling: generators.call_sharded("generate", contexts, sampling)),
+            timed("time/env_s", lambda items: envs.call_sharded("step", items)),
+            tokenizer, params, cfg.grpo.max_rollout_turns, cfg.policy.max_total_sequence_length,
+        )
         groups = []
         for i, prompt in enumerate(prompts):
             comps = completions[i * repeats : (i + 1) * repeats]
@@ -138,7 +146,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
             rewards = torch.tensor([o.reward for o in outs], dtype=torch.float32)
             shaping = cfg.grpo.reward_shaping
             if shaping.enabled:
-                lengths = torch.tensor([len(c.token_ids) for c in comps])
+                lengths = torch.tensor([_sampled_length(c) for c in comps])
                 rewards = rewards + overlong_penalty(lengths, shaping.max_response_length or gen.max_new_tokens,
                                                      shaping.overlong_buffer_length, shaping.overlong_buffer_penalty)
             groups.append(Group(prompt, comps, outs, rewards))
@@ -196,7 +204,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                         normalize_std=cfg.grpo.normalize_rewards,
                     )
                     trajectories = [
-                        Trajectory(g.prompt.token_ids, c.token_ids, c.logprobs, float(advantages[i, j]))
+                        Trajectory(g.prompt.token_ids, c.token_ids, c.logprobs, float(advantages[i, j]), c.mask)
                         for i, g in enumerate(groups) for j, c in enumerate(g.completions)
                     ]
 
@@ -205,7 +213,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                     chunks = [trajectories[i : i + minibatch_size] for i in range(0, len(trajectories), minibatch_size)]
                     per_rank = [[] for _ in range(policy.num_workers)]
                     for chunk in chunks:
-                        tokens = float(sum(len(t.response_ids) for t in chunk))
+                        tokens = float(sum(len(t.response_ids) if t.response_mask is None else sum(t.response_mask)
+                                           for t in chunk))
                         for rank, part in enumerate(shard(chunk, policy.num_workers)):
                             per_rank[rank].append(Minibatch(part, tokens, float(len(chunk))))
                     metrics.update(policy.call_each("train", [(mbs,) for mbs in per_rank])[0])
@@ -249,7 +258,7 @@ def _sampling_seed(seed: int, step: int, batch: int) -> int:
 def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
     rewards = [float(r) for g in groups for r in g.rewards]
     raw = [o.reward for g in groups for o in g.outcomes]
-    lengths = [len(c.token_ids) for g in groups for c in g.completions]
+    lengths = [_sampled_length(c) for g in groups for c in g.completions]
     return {
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
@@ -259,7 +268,13 @@ def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
         "response_length_max": max(lengths),
         "truncated_fraction": sum(c.finish_reason == "length" for g in groups for c in g.completions) / len(lengths),
         "reward_errors": sum("reward_error" in o.metadata for g in groups for o in g.outcomes),
+        "turns_mean": statistics.fmean(o.metadata["turns"] for g in groups for o in g.outcomes),
     }
+
+
+def _sampled_length(completion: Completion) -> int:
+    """Tokens the model sampled, over all turns (not the environment's)."""
+    return len(completion.token_ids) if completion.mask is None else sum(completion.mask)
 
 
 def _validation_prompts(cfg: GRPORunConfig, tokenizer, max_prompt_length: int) -> list[Prompt]:

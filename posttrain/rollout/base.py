@@ -29,6 +29,9 @@ class Completion:
     logprobs: list[float]
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     text: str
+    # A multi-turn episode (posttrain.rollout.multi_turn): 1 at sampled tokens, 0 at the environment's
+    # (whose log-probs are 0); None when every token was sampled
+    mask: list[int] | None = None
 
 
 class GenerationBackend(ABC):

@@ -5,10 +5,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from posttrain.config import PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
+
+# transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`
+# (the old name goes in 5.40); use whichever this version has.
+CACHE = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class StopOnStrings(StoppingCriteria):
@@ -120,10 +125,10 @@ class HFGenerationBackend(GenerationBackend):
             input_ids[row, width - len(prompt):] = torch.tensor(prompt)
             attention_mask[row, width - len(prompt):] = 1
         greedy = sampling.temperature == 0
-        past_key_values = self._shared_prompt_cache(prompts, input_ids, attention_mask)
+        shared_cache = self._shared_prompt_cache(prompts, input_ids, attention_mask)
         with SampledTokenLogprobs(self.model, 1.0 if greedy else sampling.temperature) as sampled:
             sequences = self.model.generate(
-                past_key_values=past_key_values,
+                **{CACHE: shared_cache},
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 max_new_tokens=sampling.max_new_tokens,
@@ -170,7 +175,7 @@ class HFGenerationBackend(GenerationBackend):
         ids, mask = input_ids[unique, :-1], attention_mask[unique, :-1]
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                           position_ids=positions.to(self.device), use_cache=True).past_key_values
+                           position_ids=positions.to(self.device), use_cache=True)[CACHE]
         if not hasattr(cache, "batch_select_indices"):  # a cache type that cannot be copied across rows
             return None
         cache.batch_select_indices(torch.tensor(source, device=self.device))

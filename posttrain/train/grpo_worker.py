@@ -28,6 +28,7 @@ class Trajectory:
     response_ids: list[int]
     generator_logprobs: list[float]
     advantage: float
+    response_mask: list[int] | None = None  # multi-turn: 0 at the environment's tokens (no loss); None: all 1
 
 
 @dataclass
@@ -92,7 +93,7 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int, shar
             predictors = torch.tensor([p - 1, *range(column, column + r - 1)][:r], dtype=torch.long)
             source_index[i, :r] = row * width + predictors
             targets[i, :r] = torch.tensor(t.response_ids)
-            loss_mask[i, :r] = 1.0
+            loss_mask[i, :r] = 1.0 if t.response_mask is None else torch.tensor(t.response_mask, dtype=torch.float32)
             generator_logprobs[i, :r] = torch.tensor(t.generator_logprobs)
             column += r
             i += 1
@@ -156,6 +157,9 @@ class GRPOPolicyWorker(PolicyWorker):
                          weights_path=weights_path, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0)
         self.run_cfg = cfg
         self.temperature = cfg.policy.generation.temperature
+        # The most sampled tokens an episode can hold (Dr. GRPO's constant normaliser).
+        self.max_trained_tokens = min(cfg.policy.generation.max_new_tokens * cfg.grpo.max_rollout_turns,
+                                      cfg.policy.max_total_sequence_length)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Weights for the generators, in their precision and on the CPU (Ray moves them); whole on
@@ -234,7 +238,7 @@ class GRPOPolicyWorker(PolicyWorker):
                     kl_coef=loss_cfg.reference_policy_kl_penalty, importance_weights=weights,
                     normalization=_normalization(self.run_cfg), global_tokens=mb.global_tokens,
                     global_sequences=mb.global_sequences,
-                    max_response_length=self.cfg.generation.max_new_tokens,
+                    max_response_length=self.max_trained_tokens,
                 )
                 gap = (old - generator).abs() * mask
                 sums.add_(torch.stack([

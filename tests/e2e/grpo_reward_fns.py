@@ -1,10 +1,24 @@
-"""Reward functions for the GRPO end-to-end tests, loaded by name through env.reward_fn.
+"""Reward functions and an environment for the GRPO end-to-end tests, loaded by name through
+env.reward_fn and env.name.
 
 They run inside Ray environment actors, so test_grpo_e2e.py puts this folder on the actors' PYTHONPATH.
 """
+
+from posttrain.envs import Environment, EnvStepResult
 
 
 def starts_with_space(conversation, response, metadata):
     """Trivially learnable by the untrained tiny model: about 1 in 6 of its tokens starts with a space,
     and the first response token barely depends on the prompt."""
     return 1.0 if response.startswith(" ") else 0.0
+
+
+class SpaceOnSecondTurn(Environment):
+    """A two-turn game: the first answer earns nothing and is told "Again."; the second earns 1 if
+    it starts with a space. What is learned is learned in the second turn, after the hint."""
+
+    def step(self, conversations, responses, metadata):
+        second = [any(m["role"] == "assistant" for m in c) for c in conversations]
+        rewards = [float(s and r.startswith(" ")) for s, r in zip(second, responses, strict=True)]
+        observations = [[] if s else [{"role": "user", "content": "Again."}] for s in second]
+        return EnvStepResult(rewards, observations, second, [{} for _ in responses])

@@ -170,6 +170,23 @@ def test_cli_kl_penalty_and_two_optimizer_steps_per_rollout(tiny_model_dir, tmp_
     assert (tmp_path / "ckpt" / "final_model" / "config.json").is_file()
 
 
+def test_multi_turn_episodes_learn_in_their_second_turn(tiny_model_dir, tmp_path):
+    """The reward comes only from the answer after the environment's hint, so it rises only if the
+    trainer scores the second turn in its true context: prompt, first answer, hint."""
+    steps = 20
+    result = _run(_cfg(tiny_model_dir, tmp_path, f"grpo.max_num_steps={steps}", "grpo.max_rollout_turns=3",
+                       "env.name=grpo_reward_fns:SpaceOnSecondTurn", "env.reward_fn=null",
+                       "checkpointing.enabled=false", "data.val_split=null"))
+    rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, rewards
+    for row in _train_rows(tmp_path / "logs"):
+        assert row["rollout/turns_mean"] == 2.0  # the game ends after the second answer, before max_rollout_turns
+        assert row["train/gen_logprob_mismatch"] < 1e-3  # the second turn is scored as it was sampled
+        assert row["rollout/response_length_max"] <= 2 * 4  # sampled tokens only, not the hint's
+        assert row["rollout/reward_errors"] == 0
+
+
 def test_dynamic_sampling_and_reward_shaping(tiny_model_dir, tmp_path):
     max_batches, penalty = 4, 0.5
     result = _run(_cfg(tiny_model_dir, tmp_path, "grpo.max_num_steps=2", "checkpointing.enabled=false",

@@ -376,6 +376,8 @@ def test_number_for_a_text_key_is_rejected_not_rewritten(value, parsed):
     ("policy.generation.max_new_tokens=1024", r"max_new_tokens \(1024\) must be less than "
                                               r"policy\.max_total_sequence_length \(1024\)"),
     ("grpo.val_period=-1", r"grpo\.val_period must be >= 0"),
+    ("grpo.max_rollout_turns=0", r"grpo\.max_rollout_turns must be >= 1"),
+    ("env.name=chess", r"env\.name: unknown environment 'chess'"),
     ("grpo.max_val_samples=0", r"grpo\.max_val_samples must be > 0"),
 ])
 def test_grpo_generation_and_validation_settings_are_checked(override, message):

@@ -1,4 +1,6 @@
-"""User reward functions loaded by name through env.reward_fn in test_math_env.py."""
+"""User reward functions and environments loaded by name (env.reward_fn, env.name) in the env tests."""
+
+from posttrain.envs import Environment, EnvStepResult
 
 NOT_CALLABLE = 3
 
@@ -23,3 +25,15 @@ def return_nan(conversation, response, metadata):
 
 def return_string(conversation, response, metadata):
     return "1.0"
+
+
+class EchoEnvironment(Environment):
+    """A user's environment, loaded through env.name: reward 1 for repeating the answer."""
+
+    def step(self, conversations, responses, metadata):
+        rewards = [float(r == m["answer"]) for r, m in zip(responses, metadata, strict=True)]
+        return EnvStepResult(rewards, [[] for _ in responses], [True] * len(responses), [{} for _ in responses])
+
+
+class NotAnEnvironment:
+    pass

@@ -4,7 +4,6 @@ per-sample error isolation."""
 import math
 import pickle
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -18,13 +17,6 @@ from posttrain.envs import (
 )
 
 CONVERSATION = [{"role": "user", "content": "What is 1/2 as a decimal?"}]
-
-
-@pytest.fixture
-def reward_fns(monkeypatch):
-    """Makes tests/unit/envs/reward_fns_for_tests.py importable by its module name."""
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    return "reward_fns_for_tests"
 
 
 def score(env, responses, answers):
@@ -126,8 +118,9 @@ def test_step_from_a_thread():
 def test_make_environment():
     env = make_environment(EnvConfig(), rank=1, world_size=2)
     assert isinstance(env, MathEnvironment) and (env.rank, env.world_size) == (1, 2)
-    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'reward_model'\]"):
-        make_environment(EnvConfig(name="chess"))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'number_guess', 'reward_model'\] or "
+                                         r"'package\.module:Class'"):
+        make_environment(EnvConfig(name="chess"))
 
 
 def test_user_reward_fn(reward_fns):
@@ -145,7 +138,7 @@ def test_environment_with_user_fn_pickles(reward_fns):
 
 
 @pytest.mark.parametrize(("spec", "message"), [
-    ("no_colon_here", "must look like 'package.module:function'"),
+    ("no_colon_here", "must look like 'package.module:name'"),
     (":exact_match", "must look like"),
     ("posttrain_no_such_module:fn", "cannot import module 'posttrain_no_such_module'.*ModuleNotFoundError"),
     ("{mod}:no_such_fn", "has no attribute 'no_such_fn'"),

@@ -53,6 +53,15 @@ def test_collate_without_sharing_gives_one_padded_row_per_trajectory():
     assert batch["source_index"].tolist() == [[1, 2], [4 + 1, 0]]
 
 
+def test_collate_masks_the_environments_tokens_of_a_multi_turn_episode():
+    # response: sampled 8 9, the environment's 30 31, sampled 10
+    episode = Trajectory([5, 6], [8, 9, 30, 31, 10], [-0.1, -0.2, 0.0, 0.0, -0.3], 1.0, response_mask=[1, 1, 0, 0, 1])
+    batch = collate_trajectories([episode, Trajectory([5, 6], [12], [-0.4], -1.0)], PAD)
+    assert batch["input_ids"].tolist() == [[5, 6, 8, 9, 30, 31, 10, 12]]
+    assert batch["targets"].tolist() == [[8, 9, 30, 31, 10], [12, 0, 0, 0, 0]]
+    assert batch["loss_mask"].tolist() == [[1, 1, 0, 0, 1], [1, 0, 0, 0, 0]]
+
+
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_shared_prompt_rows_give_the_log_probs_and_gradients_of_separate_rows(tiny_model_dir, attention):
     """Packing is an exact rewrite: per-token log-probs and the loss gradient match unpacked rows."""

@@ -1,0 +1,51 @@
+"""The multi-turn number game, and environments chosen by name or import path."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.config import ConfigError, EnvConfig, GRPORunConfig
+from posttrain.envs import make_environment
+from posttrain.envs.number_guess import NumberGuessEnvironment
+
+GAME = [{"role": "user", "content": "Guess my number."}]
+
+
+def play(responses: list[str], secrets: list[object]):
+    env = NumberGuessEnvironment(EnvConfig(name="number_guess", error_reward=-1.0))
+    return env.step([GAME] * len(responses), responses, [{"answer": s} for s in secrets])
+
+
+def test_hints_point_to_the_secret_and_a_hit_ends_the_game():
+    result = play(["I guess 3", "12", "Is it 4? No, 7", "no idea"], ["7", 7, " 7 ", "7"])
+    assert result.rewards == [0.0, 0.0, 1.0, 0.0]
+    assert result.done == [False, False, True, False]
+    assert result.observations == [[{"role": "user", "content": "Higher."}], [{"role": "user", "content": "Lower."}],
+                                   [], [{"role": "user", "content": "Reply with a whole number."}]]
+    assert [m["guess"] for m in result.metadata] == [3, 12, 7, None]
+
+
+def test_a_secret_that_is_not_a_number_ends_that_game_with_the_error_reward():
+    result = play(["3", "3"], ["three", "3"])
+    assert result.rewards == [-1.0, 1.0] and result.done == [True, True]
+    assert "the secret number (metadata 'answer') is not a whole number" in result.metadata[0]["reward_error"]
+
+
+def test_an_environment_by_import_path(reward_fns):
+    env = make_environment(EnvConfig(name=f"{reward_fns}:EchoEnvironment"), rank=1, world_size=2)
+    assert type(env).__name__ == "EchoEnvironment" and (env.rank, env.world_size) == (1, 2)
+    assert env.step([GAME], ["5"], [{"answer": "5"}]).rewards == [1.0]
+
+
+@pytest.mark.parametrize(("name", "message"), [
+    ("{mod}:NotAnEnvironment", "is not a subclass of posttrain.envs.Environment"),
+    ("{mod}:Missing", "has no attribute 'Missing'"),
+    ("posttrain_no_such_module:Env", "cannot import module 'posttrain_no_such_module'"),
+])
+def test_a_bad_environment_path_fails_at_config_check(reward_fns, name, message):
+    cfg = GRPORunConfig()
+    cfg.policy.model_name = "some/model"
+    cfg.env.name = name.format(mod=reward_fns)
+    with pytest.raises(ConfigError, match=message) as info:
+        cfg.check()
+    assert "env.name" in str(info.value)
