@@ -216,14 +216,19 @@ class LossConfig:
 
 @dataclass
 class EnvConfig:
-    # "math", "number_guess" (multi-turn), "reward_model", or your own Environment subclass as
-    # "package.module:Class"
+    # "math", "python_tool" (math with a Python tool), "code" (unit tests), "number_guess",
+    # "reward_model", or your own Environment subclass as "package.module:Class"
     name: str = "math"
     reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
     error_reward: float = 0.0  # reward given when the reward function raises
     num_workers: int = 1  # environment actors
     reward_model_path: str | None = None  # env.name=reward_model: a folder exported by `posttrain rm`
     reward_model_batch_size: int = 32  # sequences per reward-model forward pass
+    # env.name=code and python_tool run the model's Python programs (posttrain/envs/sandbox.py)
+    sandbox_timeout_s: float = 5.0  # wall-clock limit per program
+    sandbox_memory_mb: int = 1024  # address-space limit per program
+    sandbox_max_output_chars: int = 1000  # output shown to the model beyond this is cut
+    sandbox_parallel: int = 4  # programs run at once per environment actor
 
 
 @dataclass
@@ -363,6 +368,8 @@ class GRPORunConfig:
         from posttrain.envs.base import environment_class  # the environments import this module
 
         environment_class(self.env.name)  # an unknown name or a broken import path fails here, not in an actor
+        _require(self.env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {self.env.sandbox_timeout_s}")
+        _positive(self, "env.sandbox_memory_mb", "env.sandbox_max_output_chars", "env.sandbox_parallel")
         if self.env.name == "reward_model":
             _require(bool(self.env.reward_model_path),
                      "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")

@@ -44,7 +44,7 @@ class Environment(ABC):
                              f"responses and {len(metadata)} metadata dicts; they must match one to one")
 
 
-BUILT_IN = ("math", "number_guess", "reward_model")
+BUILT_IN = ("math", "python_tool", "code", "number_guess", "reward_model")
 
 
 def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> Environment:
@@ -54,11 +54,14 @@ def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> E
 def environment_class(name: str) -> type[Environment]:
     """A built-in environment by name, or a user's Environment subclass as "package.module:Class"."""
     # Imported here: the environment modules import this one for the base class.
+    from posttrain.envs.code_env import CodeEnvironment
     from posttrain.envs.math_env import MathEnvironment
     from posttrain.envs.number_guess import NumberGuessEnvironment
+    from posttrain.envs.python_tool import PythonToolEnvironment
     from posttrain.envs.reward_model_env import RewardModelEnvironment
 
-    built_in = {"math": MathEnvironment, "number_guess": NumberGuessEnvironment, "reward_model": RewardModelEnvironment}
+    built_in = {"math": MathEnvironment, "python_tool": PythonToolEnvironment, "code": CodeEnvironment,
+                "number_guess": NumberGuessEnvironment, "reward_model": RewardModelEnvironment}
     if name in built_in:
         return built_in[name]
     if ":" not in name:

@@ -76,7 +76,8 @@ def _after_hashes(text: str) -> str | None:
     if not marker:
         return None
     lines = after.strip().splitlines()
-    return lines[0].strip() if lines else None
+    # Chat models often bold the final answer in markdown: "#### **72**"
+    return lines[0].strip().strip("*").strip() if lines else None
 
 
 def _last_number(text: str) -> str | None:

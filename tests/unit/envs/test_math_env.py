@@ -32,6 +32,8 @@ def score(env, responses, answers):
     (r"\boxed{} 12", ""),
     ("work 12\n#### 1,234\nthanks 9", "1,234"),
     ("#### 5 #### 6", "6"),
+    ("#### **72**", "72"),  # markdown bold
+    ("#### ** 2*3 **", "2*3"),
     ("The answer is 68.", "68"),
     ("it was -5 degrees", "-5"),
     ("from 3-5 pages", "5"),
@@ -118,7 +120,7 @@ def test_step_from_a_thread():
 def test_make_environment():
     env = make_environment(EnvConfig(), rank=1, world_size=2)
     assert isinstance(env, MathEnvironment) and (env.rank, env.world_size) == (1, 2)
-    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'number_guess', 'reward_model'\] or "
+    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'python_tool', 'code', 'number_guess', 'reward_model'\] or "
                                          r"'package\.module:Class'"):
         make_environment(EnvConfig(name="chess"))
 

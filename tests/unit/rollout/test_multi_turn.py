@@ -192,3 +192,15 @@ def test_multi_turn_generator_logprobs_match_the_trainer_forward(tiny_model_dir,
     assert mask.sum() == sum(sum(c.mask) for c in completions)
     assert mask.sum() < sum(len(c.token_ids) for c in completions)  # the hints are masked out
     assert (trainer - batch["generator_logprobs"])[mask].abs().max().item() < 1e-3
+
+
+def test_a_python_tool_episode_runs_code_then_answers(tokenizer):
+    messages = [{"role": "user", "content": "What is 6 * 7?"}]
+    prompt = Prompt(messages, tokenize_prompt(tokenizer, messages), {"answer": "42"})
+    generate = ScriptedGenerator(tokenizer, [prompt], [["```python\nprint(6 * 7)\n```", "So \\boxed{42}"]])
+    completions, outcomes = run_episodes([prompt], generate, EnvironmentWorker(EnvConfig(name="python_tool")).step,
+                                         tokenizer, SamplingParams(max_new_tokens=32), max_turns=4, max_total_length=300)
+    assert outcomes[0].reward == 1.0 and outcomes[0].metadata["turns"] == 2
+    # The model's second turn was generated after the program's output.
+    assert tokenizer.decode(generate.calls[1][0][0]).endswith(
+        "```<|im_end|>\n<|im_start|>user\n```output\n42\n```<|im_end|>\n<|im_start|>assistant\n")
