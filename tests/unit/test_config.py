@@ -281,7 +281,7 @@ def test_grpo_unknown_key_suggests_the_closest(override, suggestion):
         grpo(override)
 
 
-@pytest.mark.parametrize("name", ["grpo_tiny", "grpo_math_1B", "grpo_math_8B"])
+@pytest.mark.parametrize("name", ["grpo_tiny", "grpo_math_1B", "grpo_math_8B", "grpo_python_tool_1B"])
 def test_grpo_example_configs_load_and_pass_check(name):
     cfg = load_config(GRPORunConfig, Path(__file__).parents[2] / "examples" / "configs" / f"{name}.yaml")
     cfg.check()  # (load_config has already run it; explicit here since it is what this test is about)
