@@ -216,8 +216,8 @@ class LossConfig:
 
 @dataclass
 class EnvConfig:
-    # "math", "python_tool" (math with a Python tool), "code" (unit tests), "number_guess",
-    # "reward_model", or your own Environment subclass as "package.module:Class"
+    # "math", "python_tool" (math with a Python tool), "tools" (function calling), "code" (unit
+    # tests), "number_guess", "reward_model", or your own Environment subclass as "package.module:Class"
     name: str = "math"
     reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
     error_reward: float = 0.0  # reward given when the reward function raises
@@ -229,6 +229,9 @@ class EnvConfig:
     sandbox_memory_mb: int = 1024  # address-space limit per program
     sandbox_max_output_chars: int = 1000  # output shown to the model beyond this is cut
     sandbox_parallel: int = 4  # programs run at once per environment actor
+    # Functions the model may call ("package.module:function"), shown to it through the chat
+    # template's `tools`; env.name=tools runs them (posttrain/envs/tool_calling.py)
+    tools: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -366,8 +369,12 @@ class GRPORunConfig:
             _require(0 < shaping.overlong_buffer_length <= max_len,
                      f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
         from posttrain.envs.base import environment_class  # the environments import this module
+        from posttrain.envs.tool_calling import load_tools
 
         environment_class(self.env.name)  # an unknown name or a broken import path fails here, not in an actor
+        load_tools(self.env.tools)
+        _require(self.env.name != "tools" or bool(self.env.tools),
+                 "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'")
         _require(self.env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {self.env.sandbox_timeout_s}")
         _positive(self, "env.sandbox_memory_mb", "env.sandbox_max_output_chars", "env.sandbox_parallel")
         if self.env.name == "reward_model":

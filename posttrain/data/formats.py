@@ -169,7 +169,8 @@ class SFTDataset:
             raise DataError(f"{self.source.describe(index)}: {err}") from err
 
 
-def tokenize_prompt(tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    """Prompt ids ending with the assistant header, exactly as training renders the same turn."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def tokenize_prompt(tokenizer, messages: list[dict[str, str]], tools: list | None = None) -> list[int]:
+    """Prompt ids ending with the assistant header, exactly as training renders the same turn;
+    `tools` (functions or JSON schemas) are shown to the model as the chat template does."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -20,7 +20,8 @@ class Prompt:
 class PromptDataset:
     """Rows are validated and tokenized up front: prompts are short and reused every epoch."""
 
-    def __init__(self, source: RowSource, tokenizer, cfg: DataConfig, max_prompt_length: int):
+    def __init__(self, source: RowSource, tokenizer, cfg: DataConfig, max_prompt_length: int,
+                 tools: list | None = None):
         self.prompts: list[Prompt] = []
         for i in range(len(source)):
             where = source.describe(i)
@@ -34,7 +35,7 @@ class PromptDataset:
                         else [{"role": "user", "content": check_text(prompt, where, cfg.prompt_key)}])
             if cfg.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-            ids = tokenize_prompt(tokenizer, messages)
+            ids = tokenize_prompt(tokenizer, messages, tools)
             if len(ids) > max_prompt_length:
                 raise DataError(f"{where}: the prompt has {len(ids)} tokens, more than the {max_prompt_length} "
                                 "allowed (policy.max_total_sequence_length - policy.generation.max_new_tokens)")

@@ -44,7 +44,7 @@ class Environment(ABC):
                              f"responses and {len(metadata)} metadata dicts; they must match one to one")
 
 
-BUILT_IN = ("math", "python_tool", "code", "number_guess", "reward_model")
+BUILT_IN = ("math", "python_tool", "tools", "code", "number_guess", "reward_model")
 
 
 def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> Environment:
@@ -59,8 +59,10 @@ def environment_class(name: str) -> type[Environment]:
     from posttrain.envs.number_guess import NumberGuessEnvironment
     from posttrain.envs.python_tool import PythonToolEnvironment
     from posttrain.envs.reward_model_env import RewardModelEnvironment
+    from posttrain.envs.tool_calling import ToolCallingEnvironment
 
-    built_in = {"math": MathEnvironment, "python_tool": PythonToolEnvironment, "code": CodeEnvironment,
+    built_in = {"math": MathEnvironment, "python_tool": PythonToolEnvironment, "tools": ToolCallingEnvironment,
+                "code": CodeEnvironment,
                 "number_guess": NumberGuessEnvironment, "reward_model": RewardModelEnvironment}
     if name in built_in:
         return built_in[name]

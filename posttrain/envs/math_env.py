@@ -173,3 +173,33 @@ class MathEnvironment(Environment):
         if "answer" not in meta:
             raise KeyError("metadata has no 'answer' (the gold answer; see data.answer_key)")
         return float(extracted is not None and answers_match(_gold_answer(str(meta["answer"])), extracted))
+
+
+class MathToolEnvironment(MathEnvironment):
+    """Math where a response may be an action (a tool call) instead of the final answer: an action
+    gets an observation and the episode goes on; anything else is scored as the answer and ends it."""
+
+    def find_action(self, response: str) -> Any | None:
+        """The action the response takes, or None when it is the final answer."""
+        raise NotImplementedError
+
+    def act(self, actions: dict[int, Any]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
+        """The observation and metadata of each sample's action, by sample index."""
+        raise NotImplementedError
+
+    def step(self, conversations: list[list[Message]], responses: list[str],
+             metadata: list[dict[str, Any]]) -> EnvStepResult:
+        self._check_batch(conversations, responses, metadata)
+        actions = {i: action for i, response in enumerate(responses)
+                   if (action := self.find_action(response)) is not None}
+        answered = [i for i in range(len(responses)) if i not in actions]
+        scored = super().step([conversations[i] for i in answered], [responses[i] for i in answered],
+                              [metadata[i] for i in answered])
+        n = len(responses)
+        rewards, observations, done = [0.0] * n, [[] for _ in range(n)], [False] * n
+        infos: list[dict[str, Any]] = [{} for _ in range(n)]
+        for k, i in enumerate(answered):
+            rewards[i], done[i], infos[i] = scored.rewards[k], True, scored.metadata[k]
+        for i, (observation, info) in self.act(actions).items():
+            observations[i], infos[i] = observation, info
+        return EnvStepResult(rewards, observations, done, infos)

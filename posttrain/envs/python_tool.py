@@ -11,34 +11,22 @@ from __future__ import annotations
 
 from typing import Any
 
-from posttrain.envs.base import EnvStepResult, Message
-from posttrain.envs.math_env import MathEnvironment, _last_boxed
+from posttrain.envs.base import Message
+from posttrain.envs.math_env import MathToolEnvironment, _last_boxed
 from posttrain.envs.sandbox import last_code_block, run_many
 
 
-class PythonToolEnvironment(MathEnvironment):
+class PythonToolEnvironment(MathToolEnvironment):
     # Every chat template has the user role; a subclass may use "tool" where its template has one.
     observation_role = "user"
 
-    def step(self, conversations: list[list[Message]], responses: list[str],
-             metadata: list[dict[str, Any]]) -> EnvStepResult:
-        self._check_batch(conversations, responses, metadata)
-        calls = {i: code for i, response in enumerate(responses)
-                 if _last_boxed(response) is None and (code := last_code_block(response)) is not None}
-        answered = [i for i in range(len(responses)) if i not in calls]
-        # The answers are scored by the math environment, in this thread (see math_env on timeouts).
-        scored = super().step([conversations[i] for i in answered], [responses[i] for i in answered],
-                              [metadata[i] for i in answered])
-        n = len(responses)
-        rewards, observations, done = [0.0] * n, [[] for _ in range(n)], [False] * n
-        infos: list[dict[str, Any]] = [{} for _ in range(n)]
-        for k, i in enumerate(answered):
-            rewards[i], done[i], infos[i] = scored.rewards[k], True, scored.metadata[k]
+    def find_action(self, response: str) -> str | None:
+        return last_code_block(response) if _last_boxed(response) is None else None
+
+    def act(self, actions: dict[int, str]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
         cfg = self.cfg
-        results = run_many(list(calls.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
+        results = run_many(list(actions.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
                            cfg.sandbox_max_output_chars, cfg.sandbox_parallel)
-        for i, result in zip(calls, results, strict=True):
-            infos[i]["tool_passed"] = result.passed
-            output = result.output.strip() or "(no output)"
-            observations[i] = [{"role": self.observation_role, "content": f"```output\n{output}\n```"}]
-        return EnvStepResult(rewards, observations, done, infos)
+        return {i: ([{"role": self.observation_role, "content": f"```output\n{r.output.strip() or '(no output)'}\n```"}],
+                    {"tool_passed": r.passed})
+                for i, r in zip(actions, results, strict=True)}

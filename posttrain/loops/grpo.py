@@ -25,6 +25,7 @@ from posttrain.config import GRPORunConfig, save_config, to_dict
 from posttrain.data.prompts import Prompt, PromptDataset
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows, load_validation_rows
+from posttrain.envs.tool_calling import load_tools
 from posttrain.envs.worker import EnvironmentWorker, EnvOutcome
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.rollout.base import Completion, SamplingParams
@@ -79,11 +80,12 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     gen = cfg.policy.generation
     tokenizer = load_tokenizer(cfg.policy)
     max_prompt_length = cfg.policy.max_total_sequence_length - gen.max_new_tokens
+    tools = load_tools(cfg.env.tools) or None  # functions the model may call, shown through the chat template
     data = cfg.data
     train_prompts = PromptDataset(load_rows(data.dataset_name, data.train_split, subset=data.dataset_config,
                                             arithmetic=data.arithmetic, seed=cfg.grpo.seed),
-                                  tokenizer, data, max_prompt_length)
-    val_prompts = _validation_prompts(cfg, tokenizer, max_prompt_length)
+                                  tokenizer, data, max_prompt_length, tools)
+    val_prompts = _validation_prompts(cfg, tokenizer, max_prompt_length, tools)
     sampler = EpochSampler(len(train_prompts), cfg.grpo.num_prompts_per_step, cfg.grpo.seed, data.shuffle)
     total_steps = min(cfg.grpo.max_num_steps, cfg.grpo.max_num_epochs * sampler.batches_per_epoch)
     group_size = cfg.grpo.num_generations_per_prompt
@@ -137,7 +139,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
             [p for p in prompts for _ in range(repeats)],
             timed("time/generation_s", lambda contexts, sampling: generators.call_sharded("generate", contexts, sampling)),
             timed("time/env_s", lambda items: envs.call_sharded("step", items)),
-            tokenizer, params, cfg.grpo.max_rollout_turns, cfg.policy.max_total_sequence_length,
+            tokenizer, params, cfg.grpo.max_rollout_turns, cfg.policy.max_total_sequence_length, tools,
         )
         groups = []
         for i, prompt in enumerate(prompts):
@@ -277,10 +279,10 @@ def _sampled_length(completion: Completion) -> int:
     return len(completion.token_ids) if completion.mask is None else sum(completion.mask)
 
 
-def _validation_prompts(cfg: GRPORunConfig, tokenizer, max_prompt_length: int) -> list[Prompt]:
+def _validation_prompts(cfg: GRPORunConfig, tokenizer, max_prompt_length: int, tools: list | None) -> list[Prompt]:
     rows = load_validation_rows(cfg.data, seed=cfg.grpo.seed)
     if rows is None:
         return []
-    dataset = PromptDataset(rows, tokenizer, cfg.data, max_prompt_length)
+    dataset = PromptDataset(rows, tokenizer, cfg.data, max_prompt_length, tools)
     return [dataset[i] for i in range(min(len(dataset), cfg.grpo.max_val_samples))]
 

@@ -47,6 +47,7 @@ def run_episodes(
     sampling: SamplingParams,
     max_turns: int,
     max_total_length: int,
+    tools: list | None = None,
 ) -> tuple[list[Completion], list[EnvOutcome]]:
     """One episode per prompt; each turn generates for all unfinished episodes at once.
 
@@ -85,7 +86,7 @@ def run_episodes(
             if outcome.done or turn == max_turns - 1:
                 continue
             observed = observation_token_ids(tokenizer, episode.conversation, outcome.observation,
-                                             completion.token_ids)
+                                             completion.token_ids, tools)
             if len(episode.context) + len(observed) >= max_total_length:  # no room left to answer
                 episode.finish_reason = "length"
                 continue
@@ -102,7 +103,7 @@ def run_episodes(
 
 
 def observation_token_ids(tokenizer, conversation: list[Message], observation: list[Message],
-                          response_ids: list[int]) -> list[int]:
+                          response_ids: list[int], tools: list | None = None) -> list[int]:
     """The tokens that close the model's turn (ending `conversation`), show it the environment's
     `observation` messages and open its next turn, as the chat template renders them.
 
@@ -111,8 +112,9 @@ def observation_token_ids(tokenizer, conversation: list[Message], observation: l
     ended its turn with a token of that closing text (e.g. <|im_end|>), only the rest is added.
     """
     probe = conversation[:-1] + [{"role": "assistant", "content": _CONTENT_MARKER}]
-    closed = tokenizer.apply_chat_template(probe, tokenize=False)
-    opened = tokenizer.apply_chat_template(probe + list(observation), tokenize=False, add_generation_prompt=True)
+    closed = tokenizer.apply_chat_template(probe, tools=tools, tokenize=False)
+    opened = tokenizer.apply_chat_template(probe + list(observation), tools=tools, tokenize=False,
+                                           add_generation_prompt=True)
     if _CONTENT_MARKER not in closed or not opened.startswith(closed):
         raise ValueError("the chat template cannot continue a conversation turn by turn: rendering it with the "
                          "environment's messages added does not extend its rendering without them")

@@ -37,3 +37,28 @@ class EchoEnvironment(Environment):
 
 class NotAnEnvironment:
     pass
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two whole numbers.
+
+    Args:
+        a: the first factor
+        b: the second factor
+    """
+    return a * b
+
+
+def lookup(key: str) -> dict:
+    """Look a key up.
+
+    Args:
+        key: what to look up
+    """
+    if key == "missing":
+        raise KeyError(key)
+    return {"key": key, "found": True}
+
+
+def undocumented(a: int) -> int:
+    return a

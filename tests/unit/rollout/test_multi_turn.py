@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from posttrain.data.formats import tokenize_prompt
 from posttrain.data.prompts import Prompt
 from posttrain.demo.tiny_model import build_tiny_tokenizer
 from posttrain.envs.number_guess import NumberGuessEnvironment
+from posttrain.envs.tool_calling import load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
@@ -204,3 +207,31 @@ def test_a_python_tool_episode_runs_code_then_answers(tokenizer):
     # The model's second turn was generated after the program's output.
     assert tokenizer.decode(generate.calls[1][0][0]).endswith(
         "```<|im_end|>\n<|im_start|>user\n```output\n42\n```<|im_end|>\n<|im_start|>assistant\n")
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def test_a_tool_calling_episode_shows_the_tools_and_their_results(monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "envs"))
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    env_cfg = EnvConfig(name="tools", tools=["reward_fns_for_tests:multiply"])
+    tools = load_tools(env_cfg.tools)
+    messages = [{"role": "user", "content": "What is 6 * 7?"}]
+    prompt = Prompt(messages, tokenize_prompt(tok, messages, tools), {"answer": "42"})
+    assert tok.decode(prompt.token_ids).startswith("<|im_start|>system\nTools: multiply<|im_end|>")
+    tool_call = '<tool_call>{"name": "multiply", "arguments": {"a": 6, "b": 7}}</tool_call>'
+    generate = ScriptedGenerator(tok, [prompt], [[tool_call, "It is \\boxed{42}"]])
+    completions, outcomes = run_episodes([prompt], generate, EnvironmentWorker(env_cfg).step, tok,
+                                         SamplingParams(max_new_tokens=64), max_turns=3, max_total_length=400,
+                                         tools=tools)
+    assert outcomes[0].reward == 1.0 and outcomes[0].metadata["turns"] == 2
+    # The second turn was generated from exactly the template's rendering of the conversation so far.
+    conversation = [*messages, {"role": "assistant", "content": tool_call}, {"role": "tool", "content": "42"}]
+    assert tok.decode(generate.calls[1][0][0]) == tok.apply_chat_template(conversation, tools=tools, tokenize=False,
+                                                                           add_generation_prompt=True)

@@ -1,0 +1,94 @@
+"""Tool calling in the chat template's own format: the model calls Python functions, reads their
+results and answers.
+
+`env.tools` names the functions ("package.module:function"). Each needs type hints and a
+Google-style docstring with an Args section, from which transformers builds the JSON schema the
+chat template shows the model (the prompts and every later turn are rendered with `tools=`). A
+response holding calls in the Hermes format that Qwen2.5, Qwen3 and Hermes models are trained on,
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>`, gets each call's result back as a
+`tool` message and the episode goes on (set `grpo.max_rollout_turns` > 1). A response without a
+call is the final answer, scored as the math environment scores it (its verifier or
+`env.reward_fn`).
+
+The functions run in the environment actor's process: a call that raises returns the error to the
+model as its result, but one that never returns stalls the actor. For arbitrary code, use
+`env.name=python_tool`, which runs it in a limited subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import Any
+
+from transformers.utils import get_json_schema
+
+from posttrain.config import ConfigError, EnvConfig
+from posttrain.envs.base import Message, import_object
+from posttrain.envs.math_env import MathToolEnvironment
+
+_TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+
+
+def load_tools(specs: list[str]) -> list[Callable]:
+    """The functions of `env.tools`, each checked to have the schema a chat template needs."""
+    tools = []
+    for spec in specs:
+        fn = import_object(spec, "env.tools")
+        if not callable(fn):
+            raise ConfigError(f"env.tools: {spec!r} is a {type(fn).__name__}, not a function")
+        try:
+            get_json_schema(fn)
+        except Exception as err:
+            raise ConfigError(f"env.tools: {spec!r} has no usable schema ({err}); a tool needs type hints and a "
+                              "Google-style docstring with an Args section") from err
+        tools.append(fn)
+    names = [fn.__name__ for fn in tools]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"env.tools: two tools share a name ({names}); the model calls them by name")
+    return tools
+
+
+class ToolCallingEnvironment(MathToolEnvironment):
+    def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
+        super().__init__(cfg, rank=rank, world_size=world_size)
+        if not cfg.tools:
+            raise ConfigError("env.name=tools needs env.tools: the functions the model may call, "
+                              "as 'package.module:function'")
+        self.tools = {fn.__name__: fn for fn in load_tools(cfg.tools)}
+
+    def find_action(self, response: str) -> list[str] | None:
+        return _TOOL_CALL.findall(response) or None
+
+    def act(self, actions: dict[int, list[str]]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
+        out = {}
+        for i, bodies in actions.items():
+            results = [self._call(body) for body in bodies]
+            out[i] = ([{"role": "tool", "content": text} for text, _ in results],
+                      {"tool_calls": len(results), "tool_errors": sum(not ok for _, ok in results)})
+        return out
+
+    def _call(self, body: str) -> tuple[str, bool]:
+        """The result of one call as text for the model, and whether the call worked."""
+        try:
+            call = json.loads(body)
+        except json.JSONDecodeError as err:
+            return f"Error: the tool call is not valid JSON ({err})", False
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return 'Error: a tool call is {"name": ..., "arguments": {...}}', False
+        arguments = call.get("arguments", {})
+        if isinstance(arguments, str):  # some models encode the arguments as a JSON string
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as err:
+                return f"Error: the arguments are not valid JSON ({err})", False
+        if call["name"] not in self.tools:
+            return f"Error: unknown tool {call['name']!r}; the tools are {sorted(self.tools)}", False
+        if not isinstance(arguments, dict):
+            return "Error: the arguments must be a JSON object", False
+        try:
+            result = self.tools[call["name"]](**arguments)
+        except Exception as exc:
+            return f"Error: {exc!r}", False
+        return (result if isinstance(result, str) else json.dumps(result, default=str)), True
