@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config import EnvConfig
-from posttrain.envs.base import make_environment
+from posttrain.envs.base import EnvStepResult, make_environment
 
 
 @dataclass
@@ -31,5 +32,30 @@ class EnvironmentWorker:
     def step(self, items: list[EnvItem]) -> list[EnvOutcome]:
         result = self.env.step([i.conversation for i in items], [i.response for i in items],
                                [i.metadata for i in items])
-        return [EnvOutcome(*fields) for fields in zip(result.rewards, result.observations, result.done,
-                                                      result.metadata, strict=True)]
+        return _outcomes(result, len(items), f"{type(self.env).__name__}.step")
+
+
+def _outcomes(result: Any, n: int, where: str) -> list[EnvOutcome]:
+    """Per-sample outcomes of an environment's result, checked: a user's environment that returns
+    the wrong shapes or types fails here, by name, not later inside tokenization or training."""
+    if not isinstance(result, EnvStepResult):
+        raise TypeError(f"{where} returned {type(result).__name__}, not an EnvStepResult")
+    for field in ("rewards", "observations", "done", "metadata"):
+        values = getattr(result, field)
+        if not isinstance(values, list | tuple) or len(values) != n:
+            length = len(values) if isinstance(values, list | tuple) else type(values).__name__
+            raise ValueError(f"{where} returned {field} of length {length} for {n} samples")
+    outcomes = []
+    for i, (reward, observation, done, metadata) in enumerate(zip(result.rewards, result.observations, result.done,
+                                                                  result.metadata, strict=True)):
+        if isinstance(reward, str | bytes) or not hasattr(type(reward), "__float__") or not math.isfinite(float(reward)):
+            raise ValueError(f"{where}: sample {i} has reward {reward!r}; rewards must be finite numbers")
+        if not isinstance(observation, list) or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in observation):
+            raise ValueError(f"{where}: sample {i} has observation {observation!r}; an observation is a list of "
+                             'messages {"role": str, "content": str} ([] when done)')
+        if not isinstance(metadata, dict):
+            raise ValueError(f"{where}: sample {i} has metadata {metadata!r}; it must be a dict")
+        outcomes.append(EnvOutcome(float(reward), observation, bool(done), metadata))
+    return outcomes

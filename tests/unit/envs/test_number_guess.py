@@ -1,12 +1,14 @@
-"""The multi-turn number game, and environments chosen by name or import path."""
+"""The multi-turn number game, environments chosen by name or import path, and the checks on what
+an environment returns."""
 
 from __future__ import annotations
 
 import pytest
 
 from posttrain.config import ConfigError, EnvConfig, GRPORunConfig
-from posttrain.envs import make_environment
+from posttrain.envs import Environment, EnvStepResult, make_environment
 from posttrain.envs.number_guess import NumberGuessEnvironment
+from posttrain.envs.worker import EnvironmentWorker, EnvItem
 
 GAME = [{"role": "user", "content": "Guess my number."}]
 
@@ -49,3 +51,38 @@ def test_a_bad_environment_path_fails_at_config_check(reward_fns, name, message)
     with pytest.raises(ConfigError, match=message) as info:
         cfg.check()
     assert "env.name" in str(info.value)
+
+
+@pytest.mark.parametrize(("result", "message"), [
+    ({"rewards": [1.0]}, "returned dict, not an EnvStepResult"),
+    (EnvStepResult([1.0, 0.0], [[], []], [True, True], [{}, {}]), "returned rewards of length 2 for 1 samples"),
+    (EnvStepResult([1.0], [[]], [True], None), "returned metadata of length NoneType for 1 samples"),
+    (EnvStepResult([float("nan")], [[]], [True], [{}]), "sample 0 has reward nan; rewards must be finite"),
+    (EnvStepResult(["1"], [[]], [True], [{}]), "sample 0 has reward '1'"),
+    (EnvStepResult([1.0], [["Higher."]], [False], [{}]), r"sample 0 has observation \['Higher.'\]"),
+    (EnvStepResult([1.0], [[{"role": "user"}]], [False], [{}]), "an observation is a list of messages"),
+    (EnvStepResult([1.0], [[]], [True], ["info"]), "sample 0 has metadata 'info'; it must be a dict"),
+])
+def test_a_users_environment_that_returns_malformed_results_is_named(result, message):
+    class Broken(Environment):
+        def step(self, conversations, responses, metadata):
+            return result
+
+    worker = EnvironmentWorker(EnvConfig())
+    worker.env = Broken(EnvConfig())
+    with pytest.raises((TypeError, ValueError), match=message) as info:
+        worker.step([EnvItem(GAME, "3", {"answer": "3"})])
+    assert "Broken.step" in str(info.value)
+
+
+def test_numpy_rewards_and_flags_become_plain_values():
+    import numpy as np
+
+    class NumPy(Environment):
+        def step(self, conversations, responses, metadata):
+            return EnvStepResult([np.float32(0.5)], [[]], [np.bool_(True)], [{}])
+
+    worker = EnvironmentWorker(EnvConfig())
+    worker.env = NumPy(EnvConfig())
+    outcome = worker.step([EnvItem(GAME, "3", {})])[0]
+    assert (outcome.reward, outcome.done) == (0.5, True) and type(outcome.reward) is float and type(outcome.done) is bool
