@@ -212,6 +212,9 @@ class LossConfig:
     constant_normalization: bool = False  # Dr. GRPO: token sum / (sequences x max_new_tokens)
     use_importance_sampling_correction: bool = False  # weight by pi_trainer / pi_generator
     importance_sampling_cap: float = 2.0
+    # GSPO: one importance ratio per response (the geometric mean of its token ratios), clipped as a
+    # whole; needs token_level_loss=false and much tighter clips (GSPO used 3e-4 / 4e-4)
+    sequence_level_importance_ratios: bool = False
 
 
 @dataclass
@@ -361,6 +364,9 @@ class GRPORunConfig:
         _require(loss.reference_policy_kl_penalty >= 0, "loss_fn.reference_policy_kl_penalty must be >= 0")
         _require(loss.ratio_clip_min >= 0 and loss.ratio_clip_max >= 0, "loss_fn.ratio_clip_min/max must be >= 0")
         _require(loss.ratio_clip_c is None or loss.ratio_clip_c > 1, "loss_fn.ratio_clip_c must be > 1 (or null)")
+        _require(not (loss.sequence_level_importance_ratios and loss.token_level_loss),
+                 "loss_fn.sequence_level_importance_ratios (GSPO) averages each response's loss over its "
+                 "tokens; set loss_fn.token_level_loss=false")
         _require(not (loss.constant_normalization and not loss.token_level_loss),
                  "loss_fn.constant_normalization (Dr. GRPO) sums over tokens; it needs loss_fn.token_level_loss=true")
         shaping = g.reward_shaping

@@ -52,6 +52,7 @@ def clipped_pg_loss(
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     importance_weights: torch.Tensor | None = None,
+    sequence_level_ratio: bool = False,
     normalization: Normalization = "token",
     global_tokens: float,
     global_sequences: float,
@@ -62,12 +63,19 @@ def clipped_pg_loss(
     `advantages` is per sequence [B] (broadcast over tokens) or per token [B, T].
     `importance_weights` [B, T] corrects for generator/trainer mismatch (e.g. a truncated
     pi_trainer / pi_generator ratio); it multiplies the policy-gradient term only.
+    `sequence_level_ratio` (GSPO) gives every token of a sequence the sequence's ratio, the
+    geometric mean of its token ratios, so clipping keeps or drops whole responses; with
+    "sequence" normalization this is GSPO's objective.
     Returns the loss and per-micro-batch sums for metrics (divide by token counts to average).
     """
     if advantages.ndim == 1:
         advantages = advantages[:, None]
     mask = mask.float()
-    ratio = torch.exp(logprobs - old_logprobs)
+    log_ratio = logprobs - old_logprobs
+    if sequence_level_ratio:
+        mean = (log_ratio * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)
+        log_ratio = mean.expand_as(logprobs)
+    ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - ratio_clip_min, 1.0 + ratio_clip_max)
     pg = torch.maximum(unclipped, clipped)

@@ -236,6 +236,7 @@ class GRPOPolicyWorker(PolicyWorker):
                     ratio_clip_min=loss_cfg.ratio_clip_min, ratio_clip_max=loss_cfg.ratio_clip_max,
                     dual_clip=loss_cfg.ratio_clip_c, ref_logprobs=batch.get("ref_logprobs"),
                     kl_coef=loss_cfg.reference_policy_kl_penalty, importance_weights=weights,
+                    sequence_level_ratio=loss_cfg.sequence_level_importance_ratios,
                     normalization=_normalization(self.run_cfg), global_tokens=mb.global_tokens,
                     global_sequences=mb.global_sequences,
                     max_response_length=self.max_trained_tokens,

@@ -187,6 +187,21 @@ def test_multi_turn_episodes_learn_in_their_second_turn(tiny_model_dir, tmp_path
         assert row["rollout/reward_errors"] == 0
 
 
+def test_gspo_sequence_level_ratios_learn(tiny_model_dir, tmp_path):
+    """GSPO's loss (one clipped ratio per response), with two optimizer steps per rollout so that
+    the second step's ratios differ from 1 and its tight clip range matters."""
+    steps = 20
+    result = _run(_cfg(tiny_model_dir, tmp_path, f"grpo.max_num_steps={steps}", "policy.train_global_batch_size=32",
+                       "policy.train_micro_batch_size=32", "loss_fn.sequence_level_importance_ratios=true",
+                       "loss_fn.token_level_loss=false", "loss_fn.ratio_clip_min=3e-4", "loss_fn.ratio_clip_max=4e-4",
+                       "checkpointing.enabled=false", "data.val_split=null"))
+    rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
+    rows = _train_rows(tmp_path / "logs")
+    assert all(r["train/optimizer_steps"] == 2 for r in rows)
+    assert any(r["train/clip_fraction"] > 0 for r in rows)  # whole responses were clipped in second steps
+
+
 def test_dynamic_sampling_and_reward_shaping(tiny_model_dir, tmp_path):
     max_batches, penalty = 4, 0.5
     result = _run(_cfg(tiny_model_dir, tmp_path, "grpo.max_num_steps=2", "checkpointing.enabled=false",

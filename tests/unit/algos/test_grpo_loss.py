@@ -70,3 +70,18 @@ def test_normalisations_on_sequences_of_different_lengths():
                      max_response_length=5).item() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="max_response_length"):
         aggregate(per_token, mask, "dr_grpo", global_tokens=8, global_sequences=4)
+
+
+def test_sequence_level_ratio_is_gspo():
+    """GSPO: s_i = (pi / pi_old)(y_i) ** (1 / |y_i|), loss = -mean_i min(s_i A_i, clip(s_i) A_i)."""
+    new = torch.log(torch.tensor([[1.0, 1.5, 0.5], [2.0, 7.0, 7.0]])).requires_grad_(True)  # 7.0: padding
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    loss, metrics = clipped_pg_loss(new, torch.zeros(2, 3), torch.tensor([1.0, 1.0]), mask, ratio_clip_min=0.2,
+                                    ratio_clip_max=0.2, sequence_level_ratio=True, normalization="sequence",
+                                    global_tokens=4, global_sequences=2)
+    s1 = 0.75 ** (1 / 3)  # the geometric mean of 1.0, 1.5, 0.5: inside the clip range
+    assert loss.item() == pytest.approx((-s1 - 1.2) / 2, rel=1e-6)  # s2 = 2.0 is clipped to 1.2
+    assert metrics["clipped_tokens"].item() == 1 and metrics["ratio_sum"].item() == pytest.approx(3 * s1 + 2.0)
+    loss.backward()
+    # d/dlogp_t of -s1 / 2 = -s1 / (3 * 2) for each token of the first response; the clipped one gets none
+    torch.testing.assert_close(new.grad, torch.tensor([[-s1 / 6] * 3, [0.0] * 3]))
