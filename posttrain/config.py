@@ -204,7 +204,8 @@ class GRPOConfig:
 
 @dataclass
 class LossConfig:
-    reference_policy_kl_penalty: float = 0.01  # beta of the k3 KL; 0 keeps no reference model
+    reference_policy_kl_penalty: float = 0.01  # beta of the KL penalty; 0 keeps no reference model
+    reference_policy_kl_type: Literal["k1", "k2", "k3"] = "k3"  # the per-token KL estimator
     ratio_clip_min: float = 0.2
     ratio_clip_max: float = 0.2  # > ratio_clip_min is clip-higher (DAPO)
     ratio_clip_c: float | None = None  # dual clip for negative advantages (e.g. 3)

@@ -7,6 +7,7 @@ from typing import Literal
 import torch
 
 Normalization = Literal["token", "sequence", "dr_grpo"]
+KLEstimator = Literal["k1", "k2", "k3"]
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
@@ -16,6 +17,19 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """
     d = ref_logprobs - logprobs
     return torch.exp(d) - d - 1.0
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: KLEstimator) -> torch.Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from tokens sampled from pi (Schulman's k1, k2, k3):
+    k1 = log pi - log pi_ref (unbiased, can be negative), k2 = (log pi - log pi_ref)^2 / 2 (biased,
+    low variance), k3 (unbiased, non-negative; NeMo RL's default)."""
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    if estimator == "k2":
+        return 0.5 * (logprobs - ref_logprobs) ** 2
+    if estimator == "k3":
+        return kl_k3(logprobs, ref_logprobs)
+    raise ValueError(f"unknown KL estimator {estimator!r}; use k1, k2 or k3")
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, normalization: Normalization, *,
@@ -51,6 +65,7 @@ def clipped_pg_loss(
     dual_clip: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    kl_estimator: KLEstimator = "k3",
     importance_weights: torch.Tensor | None = None,
     sequence_level_ratio: bool = False,
     normalization: Normalization = "token",
@@ -58,7 +73,7 @@ def clipped_pg_loss(
     global_sequences: float,
     max_response_length: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate with asymmetric clip (clip-higher), optional dual clip and k3 KL.
+    """PPO clipped surrogate with asymmetric clip (clip-higher), optional dual clip and a KL penalty.
 
     `advantages` is per sequence [B] (broadcast over tokens) or per token [B, T].
     `importance_weights` [B, T] corrects for generator/trainer mismatch (e.g. a truncated
@@ -89,7 +104,7 @@ def clipped_pg_loss(
     per_token = pg
     kl = None
     if ref_logprobs is not None and kl_coef != 0.0:
-        kl = kl_k3(logprobs, ref_logprobs)
+        kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
         per_token = per_token + kl_coef * kl
     loss = aggregate(per_token, mask, normalization, global_tokens=global_tokens,
                      global_sequences=global_sequences, max_response_length=max_response_length)

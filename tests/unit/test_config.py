@@ -272,7 +272,7 @@ def test_grpo_constant_normalization_needs_token_level_loss():
 
 @pytest.mark.parametrize(("override", "suggestion"), [
     ("grpo.num_generation_per_prompt=4", "grpo.num_generations_per_prompt"),
-    ("loss_fn.reference_policy_kl=0.1", "loss_fn.reference_policy_kl_penalty"),
+    ("loss_fn.reference_policy_kl_penalt=0.1", "loss_fn.reference_policy_kl_penalty"),
     ("grpo.reward_shaping.overlong_buffer=4", "grpo.reward_shaping.overlong_buffer_length"),
 ])
 def test_grpo_unknown_key_suggests_the_closest(override, suggestion):

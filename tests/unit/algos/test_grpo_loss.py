@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from posttrain.algos.grpo import aggregate, clipped_pg_loss, kl_k3
+from posttrain.algos.grpo import aggregate, clipped_pg_loss, kl_estimate, kl_k3
 
 # One sequence of three tokens whose new/old probability ratios are 1.0, 1.5 and 0.5.
 OLD = torch.zeros(1, 3)
@@ -52,6 +52,23 @@ def test_k3_kl_value_and_penalty():
     expected_kl = sum(1 / r - math.log(1 / r) - 1 for r in (1.0, 1.5, 0.5))  # d = log(1/r)
     assert metrics["kl_sum"].item() == pytest.approx(expected_kl, rel=1e-5)
     assert with_kl.item() == pytest.approx(base.item() + 0.1 * expected_kl / 3, rel=1e-5)
+
+
+def test_kl_estimators():
+    lp, ref = torch.log(torch.tensor([[0.5, 0.25]])), torch.log(torch.tensor([[0.25, 0.5]]))
+    torch.testing.assert_close(kl_estimate(lp, ref, "k1"), torch.tensor([[math.log(2), -math.log(2)]]))
+    torch.testing.assert_close(kl_estimate(lp, ref, "k2"), torch.tensor([[0.5 * math.log(2) ** 2] * 2]))
+    torch.testing.assert_close(kl_estimate(lp, ref, "k3"), kl_k3(lp, ref))
+    # Over samples from pi, k1 and k3 average to the true KL; here pi = (0.5, 0.5) against pi_ref = (0.25, 0.75).
+    pi, pi_ref = torch.tensor([0.5, 0.5]), torch.tensor([0.25, 0.75])
+    true_kl = (pi * (pi / pi_ref).log()).sum()
+    for estimator in ("k1", "k3"):
+        expected = (pi * kl_estimate(pi.log(), pi_ref.log(), estimator)).sum()
+        assert expected.item() == pytest.approx(true_kl.item(), rel=1e-6)
+    with_k1, metrics = _loss(1.0, ref_logprobs=OLD, kl_coef=0.1, kl_estimator="k1")
+    assert metrics["kl_sum"].item() == pytest.approx(sum(math.log(r) for r in (1.0, 1.5, 0.5)), abs=1e-6)
+    with pytest.raises(ValueError, match="unknown KL estimator 'k4'"):
+        kl_estimate(lp, ref, "k4")  # type: ignore[arg-type]
 
 
 def test_importance_weights_scale_the_policy_term():
