@@ -375,19 +375,7 @@ class GRPORunConfig:
             max_len = shaping.max_response_length or p.generation.max_new_tokens
             _require(0 < shaping.overlong_buffer_length <= max_len,
                      f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
-        from posttrain.envs.base import environment_class  # the environments import this module
-        from posttrain.envs.tool_calling import load_tools
-
-        environment_class(self.env.name)  # an unknown name or a broken import path fails here, not in an actor
-        load_tools(self.env.tools)
-        _require(self.env.name != "tools" or bool(self.env.tools),
-                 "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'")
-        _require(self.env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {self.env.sandbox_timeout_s}")
-        _positive(self, "env.sandbox_memory_mb", "env.sandbox_max_output_chars", "env.sandbox_parallel")
-        if self.env.name == "reward_model":
-            _require(bool(self.env.reward_model_path),
-                     "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
-            _positive(self, "env.reward_model_batch_size")
+        _check_env(self.env)
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
@@ -483,6 +471,7 @@ class EvalConfig:
     k_values: list[int] = field(default_factory=lambda: [1])  # pass@k and maj@k for each k <= num_tests_per_prompt
     seed: int = 42
     save_path: str | None = "results/eval/report.json"  # the JSON report; null disables writing it
+    max_rollout_turns: int = 1  # turns per episode with a multi-turn environment (env.name=python_tool, tools, ...)
 
 
 @dataclass
@@ -490,6 +479,9 @@ class EvalRunConfig:
     generation: EvalGenerationConfig = field(default_factory=EvalGenerationConfig)
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # Scores the samples, in-process (env.num_workers is not used): the math verifier by default, or
+    # any GRPO environment, e.g. python_tool with eval.max_rollout_turns > 1 for a tool-using model
+    env: EnvConfig = field(default_factory=EnvConfig)
 
     def check(self) -> None:
         g, d, e = self.generation, self.data, self.eval
@@ -504,6 +496,8 @@ class EvalRunConfig:
         _require(not (g.temperature == 0 and e.num_tests_per_prompt > 1),
                  f"generation.temperature=0 (greedy) makes all {e.num_tests_per_prompt} samples of a problem "
                  "identical; set generation.temperature > 0 or eval.num_tests_per_prompt=1")
+        _require(e.max_rollout_turns >= 1, f"eval.max_rollout_turns must be >= 1, got {e.max_rollout_turns}")
+        _check_env(self.env)
         _require(bool(e.k_values), "eval.k_values must list at least one k")
         for k in e.k_values:
             _require(1 <= k <= e.num_tests_per_prompt,
@@ -579,6 +573,21 @@ def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
+
+
+def _check_env(env: EnvConfig) -> None:
+    from posttrain.envs.base import environment_class  # the environments import this module
+    from posttrain.envs.tool_calling import load_tools
+
+    environment_class(env.name)  # an unknown name or a broken import path fails here, not in an actor
+    load_tools(env.tools)
+    _require(env.name != "tools" or bool(env.tools),
+             "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'")
+    _require(env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {env.sandbox_timeout_s}")
+    for key in ("sandbox_memory_mb", "sandbox_max_output_chars", "sandbox_parallel", "reward_model_batch_size"):
+        _require(getattr(env, key) > 0, f"env.{key} must be > 0, got {getattr(env, key)}")
+    _require(env.name != "reward_model" or bool(env.reward_model_path),
+             "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
 
 
 def _positive(cfg: Any, *keys: str) -> None:

@@ -1,7 +1,9 @@
-"""Evaluation: n samples per problem, scored by the math verifier, summarised as pass@k / maj@k.
+"""Evaluation: n samples per problem, scored by the math verifier (or another environment),
+summarised as pass@k / maj@k.
 
-Generation runs in-process through the same backend GRPO uses, so a checkpoint is evaluated
-with exactly the prompts (chat template, system prompt) and answer checking it was trained on.
+Generation runs in-process through the same backend and episode loop GRPO uses, so a checkpoint is
+evaluated with exactly the prompts (chat template, system prompt, tools), turns and answer checking
+it was trained on.
 """
 
 from __future__ import annotations
@@ -16,14 +18,16 @@ import transformers
 from rich.console import Console
 from rich.table import Table
 
-from posttrain.config import DataConfig, EnvConfig, EvalRunConfig, to_dict
+from posttrain.config import DataConfig, EvalRunConfig, to_dict
 from posttrain.data.prompts import PromptDataset
-from posttrain.envs.math_env import MathEnvironment
+from posttrain.envs.tool_calling import load_tools
+from posttrain.envs.worker import EnvironmentWorker
 from posttrain.eval.benchmarks import load_eval_rows
 from posttrain.eval.metrics import mean_metrics, problem_metrics
 from posttrain.logging import make_progress
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.rollout.multi_turn import run_episodes
 
 _NO_PROMPT_LIMIT = 10**9  # eval has no training sequence length; the model's own context is the limit
 
@@ -41,13 +45,15 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
     backend = HFGenerationBackend(policy_cfg)
     source, prompt_key, answer_key = load_eval_rows(cfg.data)
     prompt_cfg = DataConfig(prompt_key=prompt_key, answer_key=answer_key, system_prompt=cfg.data.system_prompt)
-    prompts = PromptDataset(source, backend.tokenizer, prompt_cfg, _NO_PROMPT_LIMIT).prompts
+    tools = load_tools(cfg.env.tools) or None
+    prompts = PromptDataset(source, backend.tokenizer, prompt_cfg, _NO_PROMPT_LIMIT, tools).prompts
     n, g = cfg.eval.num_tests_per_prompt, cfg.generation
     console.print(f"Eval: {g.model_name} on {source.name}; {len(prompts)} problems x {n} sample(s)")
 
     expanded = [p for p in prompts for _ in range(n)]
     sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.stop_strings)
-    env = MathEnvironment(EnvConfig())  # in the main thread, so math_verify's timeouts are on
+    env = EnvironmentWorker(cfg.env)  # in the main thread, so math_verify's timeouts are on
+    context_limit = getattr(backend.model.config, "max_position_embeddings", None) or _NO_PROMPT_LIMIT
     completions, rewards, infos = [], [], []
     start = time.perf_counter()
     transformers.set_seed(cfg.eval.seed)  # samples depend only on the seed, not on what loading drew
@@ -55,11 +61,11 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
         task = progress.add_task("eval", total=len(expanded), info="")
         for begin in range(0, len(expanded), g.batch_size):
             chunk = expanded[begin : begin + g.batch_size]
-            done = backend.generate([p.token_ids for p in chunk], sampling)
-            scored = env.step([p.messages for p in chunk], [c.text for c in done], [p.metadata for p in chunk])
+            done, outcomes = run_episodes(chunk, backend.generate, env.step, backend.tokenizer, sampling,
+                                          cfg.eval.max_rollout_turns, context_limit, tools)
             completions += done
-            rewards += scored.rewards
-            infos += scored.metadata
+            rewards += [o.reward for o in outcomes]
+            infos += [o.metadata for o in outcomes]
             running = sum(r == 1.0 for r in rewards) / len(rewards)
             progress.update(task, advance=len(chunk), info=f"accuracy {running:.3f}")
     elapsed_s = time.perf_counter() - start
@@ -71,7 +77,7 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
             info = infos[j]
             samples.append({"response": completions[j].text, "extracted_answer": info.get("extracted_answer"),
                             "correct": rewards[j] == 1.0, "finish_reason": completions[j].finish_reason,
-                            "num_tokens": len(completions[j].token_ids),
+                            "num_tokens": completions[j].num_sampled, "turns": info["turns"],
                             **({"error": info["reward_error"]} if "reward_error" in info else {})})
         metrics = problem_metrics([s["extracted_answer"] for s in samples], [s["correct"] for s in samples],
                                   cfg.eval.k_values)

@@ -148,7 +148,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
             rewards = torch.tensor([o.reward for o in outs], dtype=torch.float32)
             shaping = cfg.grpo.reward_shaping
             if shaping.enabled:
-                lengths = torch.tensor([_sampled_length(c) for c in comps])
+                lengths = torch.tensor([c.num_sampled for c in comps])
                 rewards = rewards + overlong_penalty(lengths, shaping.max_response_length or gen.max_new_tokens,
                                                      shaping.overlong_buffer_length, shaping.overlong_buffer_penalty)
             groups.append(Group(prompt, comps, outs, rewards))
@@ -260,7 +260,7 @@ def _sampling_seed(seed: int, step: int, batch: int) -> int:
 def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
     rewards = [float(r) for g in groups for r in g.rewards]
     raw = [o.reward for g in groups for o in g.outcomes]
-    lengths = [_sampled_length(c) for g in groups for c in g.completions]
+    lengths = [c.num_sampled for g in groups for c in g.completions]
     return {
         "reward_mean": statistics.fmean(rewards),
         "reward_std": statistics.pstdev(rewards),
@@ -272,11 +272,6 @@ def _rollout_metrics(groups: list[Group]) -> dict[str, float]:
         "reward_errors": sum("reward_error" in o.metadata for g in groups for o in g.outcomes),
         "turns_mean": statistics.fmean(o.metadata["turns"] for g in groups for o in g.outcomes),
     }
-
-
-def _sampled_length(completion: Completion) -> int:
-    """Tokens the model sampled, over all turns (not the environment's)."""
-    return len(completion.token_ids) if completion.mask is None else sum(completion.mask)
 
 
 def _validation_prompts(cfg: GRPORunConfig, tokenizer, max_prompt_length: int, tools: list | None) -> list[Prompt]:

@@ -33,6 +33,11 @@ class Completion:
     # (whose log-probs are 0); None when every token was sampled
     mask: list[int] | None = None
 
+    @property
+    def num_sampled(self) -> int:
+        """Tokens the model sampled, over all turns (not the environment's)."""
+        return len(self.token_ids) if self.mask is None else sum(self.mask)
+
 
 class GenerationBackend(ABC):
     @abstractmethod

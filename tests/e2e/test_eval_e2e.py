@@ -14,12 +14,12 @@ from posttrain.envs.math_env import answers_match, extract_final_answer
 pytestmark = pytest.mark.e2e
 
 
-def _eval(model_dir, problems, report_path) -> dict:
+def _eval(model_dir, problems, report_path, *extra: str) -> dict:
     code = main(["eval", f"generation.model_name={model_dir}", f"data.dataset_name={problems}",
                  "data.prompt_key=question", "data.answer_key=gold", "data.system_prompt=null",
                  "generation.max_new_tokens=8", "generation.temperature=1.0", "generation.batch_size=12",
                  "generation.precision=float32", "generation.device=cpu", "eval.num_tests_per_prompt=4",
-                 "eval.k_values=[1,2,4]", f"eval.save_path={report_path}"])
+                 "eval.k_values=[1,2,4]", f"eval.save_path={report_path}", *extra])
     assert code == 0
     return json.loads(report_path.read_text())
 
@@ -59,6 +59,19 @@ def test_eval_writes_a_consistent_report(tiny_model_dir, tmp_path):
             assert s["extracted_answer"] == extracted
             assert s["correct"] == (extracted is not None and answers_match(row["answer"], extracted))
         assert problem["metrics"]["pass@4"] == float(any(s["correct"] for s in problem["samples"]))
+
+
+def test_eval_with_a_multi_turn_environment(tiny_model_dir, tmp_path):
+    rows = [{"prompt": f"Guess my number, game {i}.", "answer": str(i)} for i in range(3)]
+    _write(tmp_path / "games.jsonl", rows)
+    report = _eval(tiny_model_dir, tmp_path / "games.jsonl", tmp_path / "report.json", "env.name=number_guess",
+                   "eval.max_rollout_turns=3")
+    samples = [s for p in report["problems"] for s in p["samples"]]
+    assert all(1 <= s["turns"] <= 3 for s in samples)
+    assert any(s["turns"] > 1 for s in samples)  # the untrained model seldom guesses right at once
+    for s in samples:  # a game ends early only when it is won
+        assert s["turns"] == 3 or s["correct"]
+        assert s["num_tokens"] <= 3 * 8  # sampled tokens only, not the hints
 
 
 def test_eval_rejects_a_missing_column(tiny_model_dir, tmp_path, capsys):
