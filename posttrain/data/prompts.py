@@ -21,7 +21,8 @@ class PromptDataset:
     """Rows are validated and tokenized up front: prompts are short and reused every epoch."""
 
     def __init__(self, source: RowSource, tokenizer, cfg: DataConfig, max_prompt_length: int,
-                 tools: list | None = None):
+                 tools: list | None = None,
+                 limit_source: str = "policy.max_total_sequence_length - policy.generation.max_new_tokens"):
         self.prompts: list[Prompt] = []
         for i in range(len(source)):
             where = source.describe(i)
@@ -38,7 +39,7 @@ class PromptDataset:
             ids = tokenize_prompt(tokenizer, messages, tools)
             if len(ids) > max_prompt_length:
                 raise DataError(f"{where}: the prompt has {len(ids)} tokens, more than the {max_prompt_length} "
-                                "allowed (policy.max_total_sequence_length - policy.generation.max_new_tokens)")
+                                f"allowed ({limit_source})")
             metadata = {k: v for k, v in row.items() if k != cfg.prompt_key and isinstance(v, str | int | float | bool)}
             metadata["answer"] = _answer_text(row[cfg.answer_key], where, cfg.answer_key)
             self.prompts.append(Prompt(messages, ids, metadata))

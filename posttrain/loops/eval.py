@@ -29,7 +29,7 @@ from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
 from posttrain.rollout.multi_turn import run_episodes
 
-_NO_PROMPT_LIMIT = 10**9  # eval has no training sequence length; the model's own context is the limit
+_UNKNOWN_CONTEXT = 10**9  # a model config without max_position_embeddings: no limit of ours
 
 
 @dataclass
@@ -46,14 +46,16 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
     source, prompt_key, answer_key = load_eval_rows(cfg.data)
     prompt_cfg = DataConfig(prompt_key=prompt_key, answer_key=answer_key, system_prompt=cfg.data.system_prompt)
     tools = load_tools(cfg.env.tools) or None
-    prompts = PromptDataset(source, backend.tokenizer, prompt_cfg, _NO_PROMPT_LIMIT, tools).prompts
+    # Eval has no training sequence length: the model's context bounds a prompt and all its turns.
+    context_limit = getattr(backend.model.config, "max_position_embeddings", None) or _UNKNOWN_CONTEXT
+    prompts = PromptDataset(source, backend.tokenizer, prompt_cfg, context_limit - 1, tools,
+                            "the model's max_position_embeddings, less one token to generate").prompts
     n, g = cfg.eval.num_tests_per_prompt, cfg.generation
     console.print(f"Eval: {g.model_name} on {source.name}; {len(prompts)} problems x {n} sample(s)")
 
     expanded = [p for p in prompts for _ in range(n)]
     sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.stop_strings)
     env = EnvironmentWorker(cfg.env)  # in the main thread, so math_verify's timeouts are on
-    context_limit = getattr(backend.model.config, "max_position_embeddings", None) or _NO_PROMPT_LIMIT
     completions, rewards, infos = [], [], []
     start = time.perf_counter()
     transformers.set_seed(cfg.eval.seed)  # samples depend only on the seed, not on what loading drew

@@ -81,3 +81,13 @@ def test_eval_rejects_a_missing_column(tiny_model_dir, tmp_path, capsys):
                  "generation.device=cpu", "eval.save_path=null"])
     assert code == 2
     assert "missing field 'answer'" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+
+
+def test_eval_rejects_a_prompt_longer_than_the_models_context(tiny_model_dir, tmp_path, capsys):
+    problems = tmp_path / "p.jsonl"
+    problems.write_text(json.dumps({"prompt": "What is 1 + 1? " * 200, "answer": "2"}) + "\n")
+    code = main(["eval", f"generation.model_name={tiny_model_dir}", f"data.dataset_name={problems}",
+                 "generation.device=cpu", "eval.save_path=null"])
+    assert code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "line 1: the prompt has" in err and "more than the 511 allowed (the model's max_position_embeddings" in err
