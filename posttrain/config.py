@@ -145,6 +145,8 @@ class DataConfig:
     prompt_key: str = "prompt"
     completion_key: str = "completion"
     answer_key: str = "answer"  # RL: the reference answer handed to the environment
+    # SFT: a row's tools (a list of JSON schemas, or a JSON string of one), shown through the chat template
+    tools_key: str = "tools"
     system_prompt: str | None = None
     use_chat_template: bool = True  # False: raw prompt + completion + EOS
     shuffle: bool = True

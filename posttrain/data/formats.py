@@ -3,10 +3,14 @@
 Only assistant turns are trained on. We find them by rendering the chat template on growing
 prefixes of the conversation: the text a prefix adds when it ends with an assistant message is
 that message (plus its end-of-turn marker, so the model learns to stop).
+
+Tool-calling conversations keep what chat templates render of them: an assistant message's
+`tool_calls`, a tool message's `name` and `tool_call_id`, and the row's tools (`data.tools_key`).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +73,23 @@ def check_text(value: Any, where: str, key: str) -> str:
     return value
 
 
-def check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
+def row_tools(row: dict[str, Any], key: str, where: str) -> list[dict[str, Any]] | None:
+    """The row's tool schemas for the chat template's `tools`, None when it has none."""
+    tools = row.get(key)
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError:
+            tools = None
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise DataError(f"{where}: field '{key}' must be a list of tool schemas (JSON objects) or a JSON string "
+                        "of one; set data.tools_key to the dataset's column")
+    return tools or None
+
+
+def check_messages(value: Any, where: str, key: str) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise DataError(f"{where}: field '{key}' must be a non-empty list of messages")
     out = []
@@ -78,28 +98,38 @@ def check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
             raise DataError(f"{where}: {key}[{i}] must be an object with 'role' and 'content'")
         if msg["role"] not in ROLES:
             raise DataError(f"{where}: {key}[{i}] has role {msg['role']!r}; expected one of {list(ROLES)}")
-        if not isinstance(msg["content"], str):
-            raise DataError(f"{where}: {key}[{i}].content must be a string, got {type(msg['content']).__name__}")
-        if msg["role"] in ("user", "assistant") and not msg["content"].strip():
+        calls = msg.get("tool_calls") if msg["role"] == "assistant" else None
+        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+            raise DataError(f"{where}: {key}[{i}].tool_calls must be a list of objects")
+        content = "" if msg["content"] is None and calls else msg["content"]  # a call alone may have no text
+        if not isinstance(content, str):
+            raise DataError(f"{where}: {key}[{i}].content must be a string, got {type(content).__name__}")
+        if msg["role"] in ("user", "assistant") and not content.strip() and not calls:
             raise DataError(f"{where}: {key}[{i}] is an empty {msg['role']} message")
-        out.append({"role": msg["role"], "content": msg["content"]})
+        kept: dict[str, Any] = {"role": msg["role"], "content": content}
+        if calls:
+            kept["tool_calls"] = calls
+        if msg["role"] == "tool":
+            kept |= {k: msg[k] for k in ("name", "tool_call_id") if isinstance(msg.get(k), str)}
+        out.append(kept)
     return out
 
 
-def tokenize_conversation(tokenizer, messages: list[dict[str, str]], max_length: int,
-                          trainable_from: int = 0) -> Sample:
+def tokenize_conversation(tokenizer, messages: list[dict[str, Any]], max_length: int,
+                          trainable_from: int = 0, tools: list[dict[str, Any]] | None = None) -> Sample:
     """Token ids of the rendered conversation, with the mask set on assistant turns only.
 
     `trainable_from` leaves assistant turns before that message index out of the mask (DPO trains
-    on the reply, not on assistant turns that are part of its prompt).
+    on the reply, not on assistant turns that are part of its prompt). `tools` are rendered as the
+    chat template shows them.
     """
     segments: list[tuple[str, bool]] = []
     done = ""
     for i, msg in enumerate(messages):
         if msg["role"] != "assistant" or i < trainable_from:
             continue
-        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
+        upto = _render(tokenizer, messages[: i + 1], add_generation_prompt=False, tools=tools)
         if not before.startswith(done) or not upto.startswith(before):
             raise DataError(
                 "the tokenizer's chat template renders a conversation differently from its prefixes, so "
@@ -133,10 +163,12 @@ def _finish(ids: list[int], mask: list[int], max_length: int) -> Sample:
     return Sample(ids, mask, truncated)
 
 
-def _render(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+def _render(tokenizer, messages: list[dict[str, Any]], add_generation_prompt: bool,
+            tools: list[dict[str, Any]] | None = None) -> str:
     if not messages and not add_generation_prompt:
         return ""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
 class SFTDataset:
@@ -149,6 +181,7 @@ class SFTDataset:
             raise DataError("the tokenizer has no chat template: set policy.tokenizer.chat_template, "
                             "or data.use_chat_template=false for plain prompt + completion text")
         self.conversations = [row_to_messages(source.rows[i], cfg, source.describe(i)) for i in range(len(source))]
+        self.tools = [row_tools(source.rows[i], cfg.tools_key, source.describe(i)) for i in range(len(source))]
         if not self.chat:
             for i, messages in enumerate(self.conversations):
                 if sum(m["role"] == "assistant" for m in messages) > 1 or messages[-1]["role"] != "assistant":
@@ -162,7 +195,7 @@ class SFTDataset:
         messages = self.conversations[index]
         try:
             if self.chat:
-                return tokenize_conversation(self.tokenizer, messages, self.max_length)
+                return tokenize_conversation(self.tokenizer, messages, self.max_length, tools=self.tools[index])
             prompt = "\n".join(m["content"] for m in messages[:-1])
             return tokenize_prompt_completion(self.tokenizer, prompt, messages[-1]["content"], self.max_length)
         except DataError as err:

@@ -245,3 +245,58 @@ def test_dataset_template_error_names_row(tokenizer, monkeypatch, tmp_path):
     monkeypatch.setattr(tokenizer, "chat_template", REVERSED_TEMPLATE)
     with pytest.raises(DataError, match="^" + re.escape(f"{path}, line 1: the tokenizer's chat template")):
         ds[0]
+
+
+# --------------------------------------------------------------------------- tool calling
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% for c in m.tool_calls or [] %}<tool_call>{{ c.function.name }} {{ c.function.arguments | tojson }}"
+    "</tool_call>{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+MULTIPLY = {"type": "function", "function": {
+    "name": "multiply", "description": "Multiply two whole numbers.",
+    "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+                   "required": ["a", "b"]}}}
+TOOL_CONVERSATION = [
+    {"role": "user", "content": "What is 6 * 7?"},
+    {"role": "assistant", "content": "",
+     "tool_calls": [{"type": "function", "function": {"name": "multiply", "arguments": {"a": 6, "b": 7}}}]},
+    {"role": "tool", "name": "multiply", "content": "42"},
+    {"role": "assistant", "content": "It is 42."},
+]
+
+
+def test_tool_calls_and_tool_message_names_are_kept():
+    assert row_to_messages({"messages": TOOL_CONVERSATION}, DataConfig(), WHERE) == TOOL_CONVERSATION
+
+
+def test_sft_on_a_tool_calling_conversation_shows_the_tools_and_trains_the_calls(tmp_path):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps({"messages": TOOL_CONVERSATION, "tools": [MULTIPLY]}),
+                                              json.dumps({"messages": TOOL_CONVERSATION, "tools": json.dumps([MULTIPLY])}),
+                                              json.dumps({"messages": TOOL_CONVERSATION})])
+    ds = SFTDataset(load_rows(str(path), "train"), tok, DataConfig(), max_length=400)
+    for index in (0, 1):  # the tools as a list, or as a JSON string of one
+        sample = ds[index]
+        assert tok.decode(sample.input_ids).startswith("<|im_start|>system\nTools: multiply<|im_end|>\n")
+        assert [tok.decode(r) for r in runs(sample.input_ids, sample.loss_mask)] == [
+            '<tool_call>multiply {"a": 6, "b": 7}</tool_call><|im_end|>\n', "It is 42.<|im_end|>\n"]
+    assert not tok.decode(ds[2].input_ids).startswith("<|im_start|>system")  # a row without tools
+
+
+@pytest.mark.parametrize(("row", "pattern"), [
+    ({"messages": TOOL_CONVERSATION, "tools": "not json"}, r"field 'tools' must be a list of tool schemas"),
+    ({"messages": TOOL_CONVERSATION, "tools": {"name": "multiply"}}, r"field 'tools' must be a list"),
+    ({"messages": [TOOL_CONVERSATION[0], {"role": "assistant", "content": "", "tool_calls": "multiply"}]},
+     r"messages\[1\]\.tool_calls must be a list of objects"),
+    ({"messages": [TOOL_CONVERSATION[0], {"role": "assistant", "content": ""}]}, r"messages\[1\] is an empty assistant"),
+])
+def test_tool_row_errors_name_the_row(tmp_path, row, pattern):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = TOOLS_TEMPLATE
+    path = write_jsonl(tmp_path / "d.jsonl", [json.dumps(row)])
+    with pytest.raises(DataError, match=r"d\.jsonl, line 1: .*" + pattern):
+        SFTDataset(load_rows(str(path), "train"), tok, DataConfig(), max_length=400)
