@@ -1,6 +1,7 @@
 """Math with a Python tool: the model may run code before it answers.
 
-A response with a ```python block and no \\boxed{} answer is a tool call: the program runs in a
+A response with a ```python block and no \\boxed{} answer is a tool call (one cut off inside its
+block is answered with an error, not run, and the episode goes on): the program runs in a
 sandboxed interpreter (posttrain/envs/sandbox.py) and its output comes back as the next user
 message, in a ```output block; the episode goes on (set `grpo.max_rollout_turns` > 1). Any other
 response is the final answer, scored as the math environment scores it (the math verifier, or
@@ -13,20 +14,31 @@ from typing import Any
 
 from posttrain.envs.base import Message
 from posttrain.envs.math_env import MathToolEnvironment, _last_boxed
-from posttrain.envs.sandbox import last_code_block, run_many
+from posttrain.envs.sandbox import ends_in_open_code_block, last_code_block, run_many
+
+_UNCLOSED = "unclosed"  # the action of a response cut off inside its code block
 
 
 class PythonToolEnvironment(MathToolEnvironment):
     # Every chat template has the user role; a subclass may use "tool" where its template has one.
     observation_role = "user"
 
-    def find_action(self, response: str) -> str | None:
-        return last_code_block(response) if _last_boxed(response) is None else None
+    def find_action(self, response: str) -> tuple[str, str] | None:
+        if _last_boxed(response) is not None:
+            return None
+        if ends_in_open_code_block(response):
+            return (_UNCLOSED, "")
+        code = last_code_block(response)
+        return None if code is None else ("run", code)
 
-    def act(self, actions: dict[int, str]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
+    def act(self, actions: dict[int, tuple[str, str]]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
         cfg = self.cfg
-        results = run_many(list(actions.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
+        to_run = {i: code for i, (kind, code) in actions.items() if kind == "run"}
+        results = run_many(list(to_run.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
                            cfg.sandbox_max_output_chars, cfg.sandbox_parallel)
-        return {i: ([{"role": self.observation_role, "content": f"```output\n{r.output.strip() or '(no output)'}\n```"}],
-                    {"tool_passed": r.passed})
-                for i, r in zip(actions, results, strict=True)}
+        out = {i: (f"```output\n{r.output.strip() or '(no output)'}\n```", r.passed)
+               for i, r in zip(to_run, results, strict=True)}
+        out |= {i: ("Error: the ```python block is not closed, so it was not run.", False)
+                for i in actions if i not in to_run}
+        return {i: ([{"role": self.observation_role, "content": text}], {"tool_passed": passed})
+                for i, (text, passed) in sorted(out.items())}

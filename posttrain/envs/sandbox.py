@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
+_OPENING_FENCE = re.compile(r"```(?:python|py)?[ \t]*(?:\n|$)")
 # Sets the limits, then replaces itself with the program's interpreter, which keeps them (a
 # preexec_fn would do the same in the forked child, but is unsafe while other threads run).
 _LIMITED = ("import os, resource, sys; cpu, memory = int(sys.argv[2]), int(sys.argv[3]); "
@@ -33,6 +34,13 @@ class RunResult:
     passed: bool  # exited with status 0 within the limits
     output: str  # stdout then stderr, cut to the output limit
     timed_out: bool = False
+
+
+def ends_in_open_code_block(text: str) -> bool:
+    """Whether the text's last ``` fence opens a code block that never closes (a response cut at
+    its token limit in the middle of a program)."""
+    fences = [m.start() for m in re.finditer("```", text)]
+    return len(fences) % 2 == 1 and _OPENING_FENCE.match(text, fences[-1]) is not None
 
 
 def last_code_block(text: str) -> str | None:

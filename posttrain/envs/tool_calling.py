@@ -58,10 +58,13 @@ class ToolCallingEnvironment(MathToolEnvironment):
                               "as 'package.module:function'")
         self.tools = {fn.__name__: fn for fn in load_tools(cfg.tools)}
 
-    def find_action(self, response: str) -> list[str] | None:
-        return _TOOL_CALL.findall(response) or None
+    def find_action(self, response: str) -> list[str | None] | None:
+        calls: list[str | None] = list(_TOOL_CALL.findall(response))
+        if response.count("<tool_call>") > response.count("</tool_call>"):
+            calls.append(None)  # a call cut off at the token limit
+        return calls or None
 
-    def act(self, actions: dict[int, list[str]]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
+    def act(self, actions: dict[int, list[str | None]]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
         out = {}
         for i, bodies in actions.items():
             results = [self._call(body) for body in bodies]
@@ -69,8 +72,10 @@ class ToolCallingEnvironment(MathToolEnvironment):
                       {"tool_calls": len(results), "tool_errors": sum(not ok for _, ok in results)})
         return out
 
-    def _call(self, body: str) -> tuple[str, bool]:
+    def _call(self, body: str | None) -> tuple[str, bool]:
         """The result of one call as text for the model, and whether the call worked."""
+        if body is None:
+            return "Error: the tool call is not closed with </tool_call>, so it was not made", False
         try:
             call = json.loads(body)
         except json.JSONDecodeError as err:

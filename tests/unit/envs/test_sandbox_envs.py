@@ -8,7 +8,7 @@ import pytest
 
 from posttrain.config import EnvConfig
 from posttrain.envs import make_environment
-from posttrain.envs.sandbox import last_code_block, run_many, run_python
+from posttrain.envs.sandbox import ends_in_open_code_block, last_code_block, run_many, run_python
 
 LIMITS = dict(timeout_s=5.0, memory_mb=1024, max_output_chars=1000)
 
@@ -56,6 +56,18 @@ def test_last_code_block(text, code):
     assert last_code_block(text) == code
 
 
+@pytest.mark.parametrize(("text", "open_block"), [
+    ("```python\nprint(1)", True),
+    ("```python", True),
+    ("```\nx = 1\n```\nand then ```py\nwhile", True),
+    (block("x = 1"), False),
+    ("no code", False),
+    ("use ``` fences", False),  # an odd fence that opens no block
+])
+def test_ends_in_open_code_block(text, open_block):
+    assert ends_in_open_code_block(text) == open_block
+
+
 def test_code_environment_rewards_passing_tests_and_shows_failures():
     env = make_environment(EnvConfig(name="code", error_reward=-1.0))
     tests = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
@@ -86,3 +98,14 @@ def test_python_tool_runs_code_turns_and_scores_answers():
     assert result.metadata[1]["extracted_answer"] == "42"
     assert "ZeroDivisionError" in result.observations[3][0]["content"]
     assert result.metadata[3] == {"tool_passed": False}
+
+
+def test_python_tool_answers_a_program_cut_off_by_the_token_limit_without_running_it():
+    env = make_environment(EnvConfig(name="python_tool"))
+    result = env.step([[{"role": "user", "content": "What is 6 * 7?"}]] * 2,
+                      ["```python\nprint(6 *", block("print(6 * 7)")], [{"answer": "42"}] * 2)
+    assert result.done == [False, False] and result.rewards == [0.0, 0.0]
+    assert result.observations[0] == [{"role": "user", "content": "Error: the ```python block is not closed, "
+                                                                  "so it was not run."}]
+    assert result.metadata == [{"tool_passed": False}, {"tool_passed": True}]
+    assert result.observations[1] == [{"role": "user", "content": "```output\n42\n```"}]

@@ -52,6 +52,14 @@ def test_a_bad_call_tells_the_model_what_went_wrong(env, body, error):
     assert result.metadata[0] == {"tool_calls": 1, "tool_errors": 1}
 
 
+def test_a_call_cut_off_by_the_token_limit_is_answered_with_an_error(env):
+    result = env.step([QUESTION], [call("multiply", a=6, b=7) + ' <tool_call>{"name": "mult'], [{"answer": "42"}])
+    assert result.done == [False]
+    assert result.observations[0] == [{"role": "tool", "content": "42"}, {
+        "role": "tool", "content": "Error: the tool call is not closed with </tool_call>, so it was not made"}]
+    assert result.metadata[0] == {"tool_calls": 2, "tool_errors": 1}
+
+
 def test_arguments_encoded_as_a_json_string_are_accepted(env):
     body = '<tool_call>{"name": "multiply", "arguments": "{\\"a\\": 6, \\"b\\": 7}"}</tool_call>'
     assert env.step([QUESTION], [body], [{"answer": "42"}]).observations[0][0]["content"] == "42"
