@@ -35,6 +35,7 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
+    resumed_message,
     run_identity,
     save_run_checkpoint,
     set_rng_state,
@@ -91,7 +92,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
         sampler.load_state_dict(state["sampler"])
         set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
         step = state["step"]
-        console.print(f"[bold]Resumed[/] from {resume_dir} at step {step}")
+        console.print(resumed_message(resume_dir, step, total_steps))
 
     log_dir = Path(cfg.logger.log_dir)
     save_config(cfg, log_dir / "config.yaml")

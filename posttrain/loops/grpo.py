@@ -36,6 +36,7 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
+    resumed_message,
     save_run_checkpoint,
     set_rng_state,
 )
@@ -116,7 +117,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         sampler.load_state_dict(state["sampler"])
         set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
         step = state["step"]
-        console.print(f"[bold]Resumed[/] from {resume_dir} at step {step}")
+        console.print(resumed_message(resume_dir, step, total_steps))
 
     save_config(cfg, Path(cfg.logger.log_dir) / "config.yaml")
     console.print(f"GRPO: {cfg.policy.model_name}; {len(train_prompts)} training prompts, {len(val_prompts)} "

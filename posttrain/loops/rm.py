@@ -36,6 +36,7 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
+    resumed_message,
     run_identity,
     save_run_checkpoint,
     set_rng_state,
@@ -88,7 +89,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
         sampler.load_state_dict(state["sampler"])
         set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
         step = state["step"]
-        console.print(f"[bold]Resumed[/] from {resume_dir} at step {step}")
+        console.print(resumed_message(resume_dir, step, total_steps))
     elif not has_reward_head(cfg.policy.model_name, cfg.policy.trust_remote_code):
         console.print(f"Reward head: {cfg.policy.model_name} is not a sequence-classification model; "
                       "its backbone is kept and the scalar `score` head is newly initialised")

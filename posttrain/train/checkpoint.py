@@ -133,6 +133,15 @@ def find_resume_checkpoint(cfg: CheckpointingConfig, manager: CheckpointManager)
     return latest
 
 
+def resumed_message(resume_dir: Path, step: int, total_steps: int) -> str:
+    """What a resumed run prints; it says so when the checkpoint leaves no step to train."""
+    message = f"[bold]Resumed[/] from {resume_dir} at step {step}"
+    if step >= total_steps:
+        message += (f"; the run has {total_steps} steps, so none is left to train (raise the step or epoch "
+                    "limit to train on, or set checkpointing.resume=never to start over)")
+    return message
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """The state file, with an error naming the file when it is not JSON (a damaged or hand-edited checkpoint)."""
     file = Path(path) / STATE_FILE

@@ -15,6 +15,7 @@ from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
     read_state,
+    resumed_message,
     rng_state,
     set_rng_state,
 )
@@ -240,3 +241,10 @@ def test_check_identity_names_the_nested_key_that_differs(tmp_path):
     msg = str(info.value)
     assert "data.arithmetic.num_train: checkpoint=10 run=20" in msg
     assert "shuffle" not in msg and "num_val" not in msg
+
+
+def test_resumed_message_says_when_nothing_is_left_to_train():
+    assert resumed_message(Path("ckpt/step_4"), 4, 10) == "[bold]Resumed[/] from ckpt/step_4 at step 4"
+    done = resumed_message(Path("ckpt/step_10"), 10, 6)
+    assert done.startswith("[bold]Resumed[/] from ckpt/step_10 at step 10; the run has 6 steps, so none is left")
+    assert "checkpointing.resume=never" in done
