@@ -28,6 +28,7 @@ from posttrain.data.formats import (
     Sample,
     check_messages,
     check_text,
+    row_tools,
     tokenize_conversation,
     tokenize_prompt_completion,
 )
@@ -104,6 +105,7 @@ class PreferenceDataset:
                             "or data.use_chat_template=false for plain prompt + reply text")
         self.rows: list[tuple[Messages, Messages, Messages]] = []
         self.source_rows: list[int] = []  # the source row of each pair, for error messages
+        self.tools: list[list[dict[str, Any]] | None] = []  # each pair's tools for the chat template
         ties = 0
         for i in range(len(source)):
             row, where = source.rows[i], source.describe(i)
@@ -114,6 +116,7 @@ class PreferenceDataset:
                     continue
             self.rows.append(row_to_pair(row, cfg, where))
             self.source_rows.append(i)
+            self.tools.append(row_tools(row, cfg.tools_key, where))
         if ties:
             log.warning("%s: left out %d HelpSteer3 rows with overall_preference 0 (a tie prefers neither "
                         "response); %d pairs remain", source.name, ties, len(self.rows))
@@ -132,13 +135,15 @@ class PreferenceDataset:
     def __getitem__(self, index: int) -> PreferencePair:
         prompt, chosen, rejected = self.rows[index]
         try:
-            return PreferencePair(self._tokenize(prompt, chosen), self._tokenize(prompt, rejected))
+            tools = self.tools[index]
+            return PreferencePair(self._tokenize(prompt, chosen, tools), self._tokenize(prompt, rejected, tools))
         except DataError as err:
             raise DataError(f"{self.source.describe(self.source_rows[index])}: {err}") from err
 
-    def _tokenize(self, prompt: Messages, reply: Messages) -> Sample:
+    def _tokenize(self, prompt: Messages, reply: Messages, tools: list[dict[str, Any]] | None) -> Sample:
         if self.chat:
-            return tokenize_conversation(self.tokenizer, prompt + reply, self.max_length, trainable_from=len(prompt))
+            return tokenize_conversation(self.tokenizer, prompt + reply, self.max_length, trainable_from=len(prompt),
+                                         tools=tools)
         text = "\n".join(m["content"] for m in prompt)
         return tokenize_prompt_completion(self.tokenizer, text, reply[-1]["content"], self.max_length)
 

@@ -185,3 +185,20 @@ def test_helpsteer3_bad_preference_names_the_line(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "hs3.jsonl", [_helpsteer(1), _helpsteer("high")])
     with pytest.raises(DataError, match=r"hs3.jsonl, line 2: 'overall_preference' must be an integer from -3 to 3"):
         PreferenceDataset(load_rows(str(path), "train"), tokenizer, DataConfig(dataset_name=str(path)), 128)
+
+
+def test_a_rows_tools_reach_both_replies(tmp_path):
+    tok = build_tiny_tokenizer()
+    tok.chat_template = (  # shows the tools' names in a system turn
+        "{% if tools %}<|im_start|>system\nTools:{% for t in tools %} {{ t.function.name }}{% endfor %}<|im_end|>\n"
+        "{% endif %}{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tools = [{"type": "function", "function": {"name": "multiply", "parameters": {"type": "object"}}}]
+    row = {"prompt": "What is 6 * 7?", "chosen": "42", "rejected": "41", "tools": tools}
+    pair = PreferenceDataset(load_rows(str(write_jsonl(tmp_path / "p.jsonl", [row])), "train"), tok, CFG, 256)[0]
+    for sample in (pair.chosen, pair.rejected):
+        assert tok.decode(sample.input_ids).startswith("<|im_start|>system\nTools: multiply<|im_end|>\n")
+    assert masked_text(tok, pair.chosen).strip() == "42<|im_end|>"
+    bad = {**row, "tools": "multiply"}
+    with pytest.raises(DataError, match=r"p\.jsonl, line 1: field 'tools' must be a list of tool schemas"):
+        PreferenceDataset(load_rows(str(write_jsonl(tmp_path / "p.jsonl", [bad])), "train"), tok, CFG, 256)
