@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from posttrain.envs.base import Environment, EnvStepResult, Message
-from posttrain.envs.sandbox import last_code_block, run_many
+from posttrain.envs.sandbox import ends_in_open_code_block, last_code_block, run_many
 
 
 class CodeEnvironment(Environment):
@@ -28,9 +28,12 @@ class CodeEnvironment(Environment):
                 rewards[i], done[i] = self.cfg.error_reward, True
                 infos[i]["reward_error"] = "the row has no test code (metadata 'answer'; see data.answer_key)"
                 continue
-            code = last_code_block(response)
+            cut_off = ends_in_open_code_block(response)
+            code = None if cut_off else last_code_block(response)
             if code is None:
-                observations[i] = [{"role": "user", "content": "Reply with your solution in a ```python code block."}]
+                hint = ("Your ```python block is not closed (the reply was cut off); reply with a shorter solution."
+                        if cut_off else "Reply with your solution in a ```python code block.")
+                observations[i] = [{"role": "user", "content": hint}]
                 continue
             to_run[i] = f"{code}\n\n{tests}\n"
         cfg = self.cfg

@@ -82,6 +82,11 @@ def test_code_environment_rewards_passing_tests_and_shows_failures():
     assert feedback.startswith("The tests failed:") and "AssertionError" in feedback and "assert add(2, 3) == 5" in feedback
     assert "```python code block" in result.observations[2][0]["content"]
     assert "no test code" in result.metadata[3]["reward_error"]
+    cut = env.step([[{"role": "user", "content": "Write add."}]], [block("def add(a, b):\n    return a + b") +
+                                                                   "\n```python\ndef add(a, b):\n    return"],
+                   [{"answer": tests}])
+    assert cut.rewards == [0.0] and cut.done == [False]  # the last, unfinished block is not run
+    assert "```python block is not closed" in cut.observations[0][0]["content"]
 
 
 def test_python_tool_runs_code_turns_and_scores_answers():
