@@ -579,12 +579,11 @@ def _require(condition: bool, message: str) -> None:
 
 def _check_env(env: EnvConfig) -> None:
     from posttrain.envs.base import environment_class  # the environments import this module
-    from posttrain.envs.tool_calling import load_tools
+    from posttrain.envs.tool_calling import NO_TOOLS, load_tools
 
     environment_class(env.name)  # an unknown name or a broken import path fails here, not in an actor
     load_tools(env.tools)
-    _require(env.name != "tools" or bool(env.tools),
-             "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'")
+    _require(env.name != "tools" or bool(env.tools), NO_TOOLS)
     _require(env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {env.sandbox_timeout_s}")
     for key in ("sandbox_memory_mb", "sandbox_max_output_chars", "sandbox_parallel", "reward_model_batch_size"):
         _require(getattr(env, key) > 0, f"env.{key} must be > 0, got {getattr(env, key)}")

@@ -9,6 +9,7 @@ Ray actors (which pass `rank` and `world_size`).
 from __future__ import annotations
 
 import importlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +45,15 @@ class Environment(ABC):
                              f"responses and {len(metadata)} metadata dicts; they must match one to one")
 
 
-BUILT_IN = ("math", "python_tool", "tools", "code", "number_guess", "reward_model")
+# Built-in environments by name, imported when used (their modules import this one).
+BUILT_IN = {
+    "math": "posttrain.envs.math_env:MathEnvironment",
+    "python_tool": "posttrain.envs.python_tool:PythonToolEnvironment",
+    "tools": "posttrain.envs.tool_calling:ToolCallingEnvironment",
+    "code": "posttrain.envs.code_env:CodeEnvironment",
+    "number_guess": "posttrain.envs.number_guess:NumberGuessEnvironment",
+    "reward_model": "posttrain.envs.reward_model_env:RewardModelEnvironment",
+}
 
 
 def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> Environment:
@@ -53,19 +62,8 @@ def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> E
 
 def environment_class(name: str) -> type[Environment]:
     """A built-in environment by name, or a user's Environment subclass as "package.module:Class"."""
-    # Imported here: the environment modules import this one for the base class.
-    from posttrain.envs.code_env import CodeEnvironment
-    from posttrain.envs.math_env import MathEnvironment
-    from posttrain.envs.number_guess import NumberGuessEnvironment
-    from posttrain.envs.python_tool import PythonToolEnvironment
-    from posttrain.envs.reward_model_env import RewardModelEnvironment
-    from posttrain.envs.tool_calling import ToolCallingEnvironment
-
-    built_in = {"math": MathEnvironment, "python_tool": PythonToolEnvironment, "tools": ToolCallingEnvironment,
-                "code": CodeEnvironment,
-                "number_guess": NumberGuessEnvironment, "reward_model": RewardModelEnvironment}
-    if name in built_in:
-        return built_in[name]
+    if name in BUILT_IN:
+        return import_object(BUILT_IN[name], "env.name")
     if ":" not in name:
         raise ConfigError(f"env.name: unknown environment {name!r}; use one of {list(BUILT_IN)} or "
                           "'package.module:Class' (a subclass of posttrain.envs.Environment)")
@@ -73,6 +71,16 @@ def environment_class(name: str) -> type[Environment]:
     if not (isinstance(cls, type) and issubclass(cls, Environment)):
         raise ConfigError(f"env.name={name!r} is not a subclass of posttrain.envs.Environment")
     return cls
+
+
+def as_reward(value: Any) -> float:
+    """A reward as a float: anything float() takes except text (bool, int, NumPy and torch scalars), finite."""
+    if isinstance(value, str | bytes) or not hasattr(type(value), "__float__"):
+        raise TypeError(f"reward function returned {type(value).__name__} {value!r}, not a number")
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise ValueError(f"reward function returned {reward}, not a finite number")
+    return reward
 
 
 def import_object(spec: str, key: str) -> Any:

@@ -10,7 +10,6 @@ when its timeouts are off.)
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Any
 from math_verify import parse, verify
 
 from posttrain.config import ConfigError, EnvConfig
-from posttrain.envs.base import Environment, EnvStepResult, Message, import_object
+from posttrain.envs.base import Environment, EnvStepResult, Message, as_reward, import_object
 
 RewardFn = Callable[[list[Message], str, dict[str, Any]], Any]
 
@@ -127,16 +126,6 @@ def load_reward_fn(spec: str) -> RewardFn:
     return fn
 
 
-def _as_reward(value: Any) -> float:
-    # Anything float() takes except text: bool, int, numpy and torch scalars.
-    if isinstance(value, str | bytes) or not hasattr(type(value), "__float__"):
-        raise TypeError(f"reward function returned {type(value).__name__} {value!r}, not a number")
-    reward = float(value)
-    if not math.isfinite(reward):
-        raise ValueError(f"reward function returned {reward}, not a finite number")
-    return reward
-
-
 class MathEnvironment(Environment):
     """Reward 1 when the final answer equals metadata["answer"], else 0; `env.reward_fn` replaces the check.
 
@@ -167,7 +156,7 @@ class MathEnvironment(Environment):
     def _score(self, conversation: list[Message], response: str, meta: dict[str, Any],
                info: dict[str, Any]) -> float:
         if self.reward_fn is not None:
-            return _as_reward(self.reward_fn(conversation, response, meta))
+            return as_reward(self.reward_fn(conversation, response, meta))
         extracted = extract_final_answer(response)
         info["extracted_answer"] = extracted
         if "answer" not in meta:

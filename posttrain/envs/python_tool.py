@@ -16,29 +16,25 @@ from posttrain.envs.base import Message
 from posttrain.envs.math_env import MathToolEnvironment, _last_boxed
 from posttrain.envs.sandbox import ends_in_open_code_block, last_code_block, run_many
 
-_UNCLOSED = "unclosed"  # the action of a response cut off inside its code block
+_CUT_OFF = object()  # the action of a response cut off inside its code block: nothing to run
 
 
 class PythonToolEnvironment(MathToolEnvironment):
     # Every chat template has the user role; a subclass may use "tool" where its template has one.
     observation_role = "user"
 
-    def find_action(self, response: str) -> tuple[str, str] | None:
+    def find_action(self, response: str) -> str | object | None:
         if _last_boxed(response) is not None:
             return None
-        if ends_in_open_code_block(response):
-            return (_UNCLOSED, "")
-        code = last_code_block(response)
-        return None if code is None else ("run", code)
+        return _CUT_OFF if ends_in_open_code_block(response) else last_code_block(response)
 
-    def act(self, actions: dict[int, tuple[str, str]]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
+    def act(self, actions: dict[int, str | object]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
         cfg = self.cfg
-        to_run = {i: code for i, (kind, code) in actions.items() if kind == "run"}
+        to_run = {i: code for i, code in actions.items() if code is not _CUT_OFF}
         results = run_many(list(to_run.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
                            cfg.sandbox_max_output_chars, cfg.sandbox_parallel)
-        out = {i: (f"```output\n{r.output.strip() or '(no output)'}\n```", r.passed)
-               for i, r in zip(to_run, results, strict=True)}
-        out |= {i: ("Error: the ```python block is not closed, so it was not run.", False)
-                for i in actions if i not in to_run}
+        replies = {i: ("Error: the ```python block is not closed, so it was not run.", False) for i in actions}
+        replies |= {i: (f"```output\n{r.output.strip() or '(no output)'}\n```", r.passed)
+                    for i, r in zip(to_run, results, strict=True)}
         return {i: ([{"role": self.observation_role, "content": text}], {"tool_passed": passed})
-                for i, (text, passed) in sorted(out.items())}
+                for i, (text, passed) in replies.items()}

@@ -29,6 +29,7 @@ from posttrain.envs.base import Message, import_object
 from posttrain.envs.math_env import MathToolEnvironment
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
+NO_TOOLS = "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'"
 
 
 def load_tools(specs: list[str]) -> list[Callable]:
@@ -54,8 +55,7 @@ class ToolCallingEnvironment(MathToolEnvironment):
     def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
         super().__init__(cfg, rank=rank, world_size=world_size)
         if not cfg.tools:
-            raise ConfigError("env.name=tools needs env.tools: the functions the model may call, "
-                              "as 'package.module:function'")
+            raise ConfigError(NO_TOOLS)
         self.tools = {fn.__name__: fn for fn in load_tools(cfg.tools)}
 
     def find_action(self, response: str) -> list[str | None] | None:

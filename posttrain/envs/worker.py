@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config import EnvConfig
-from posttrain.envs.base import EnvStepResult, make_environment
+from posttrain.envs.base import EnvStepResult, as_reward, make_environment
 
 
 @dataclass
@@ -48,8 +47,10 @@ def _outcomes(result: Any, n: int, where: str) -> list[EnvOutcome]:
     outcomes = []
     for i, (reward, observation, done, metadata) in enumerate(zip(result.rewards, result.observations, result.done,
                                                                   result.metadata, strict=True)):
-        if isinstance(reward, str | bytes) or not hasattr(type(reward), "__float__") or not math.isfinite(float(reward)):
-            raise ValueError(f"{where}: sample {i} has reward {reward!r}; rewards must be finite numbers")
+        try:
+            value = as_reward(reward)
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: sample {i} has reward {reward!r}; rewards must be finite numbers") from None
         if not isinstance(observation, list) or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                 for m in observation):
@@ -57,5 +58,5 @@ def _outcomes(result: Any, n: int, where: str) -> list[EnvOutcome]:
                              'messages {"role": str, "content": str} ([] when done)')
         if not isinstance(metadata, dict):
             raise ValueError(f"{where}: sample {i} has metadata {metadata!r}; it must be a dict")
-        outcomes.append(EnvOutcome(float(reward), observation, bool(done), metadata))
+        outcomes.append(EnvOutcome(value, observation, bool(done), metadata))
     return outcomes

@@ -216,8 +216,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                     chunks = [trajectories[i : i + minibatch_size] for i in range(0, len(trajectories), minibatch_size)]
                     per_rank = [[] for _ in range(policy.num_workers)]
                     for chunk in chunks:
-                        tokens = float(sum(len(t.response_ids) if t.response_mask is None else sum(t.response_mask)
-                                           for t in chunk))
+                        tokens = float(sum(t.num_trained for t in chunk))
                         for rank, part in enumerate(shard(chunk, policy.num_workers)):
                             per_rank[rank].append(Minibatch(part, tokens, float(len(chunk))))
                     metrics.update(policy.call_each("train", [(mbs,) for mbs in per_rank])[0])

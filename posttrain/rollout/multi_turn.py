@@ -16,10 +16,10 @@ from collections.abc import Callable
 import numpy as np
 
 from posttrain.data.prompts import Prompt
+from posttrain.envs.base import Message
 from posttrain.envs.worker import EnvItem, EnvOutcome
 from posttrain.rollout.base import Completion, SamplingParams
 
-Message = dict[str, str]
 # Stands in for an assistant turn's content, to find the text the chat template puts after it.
 _CONTENT_MARKER = "\u2063posttrain-turn-end\u2063"
 
@@ -36,7 +36,7 @@ class _Episode:
     reward: float = 0.0
     outcome: EnvOutcome | None = None
     finish_reason: str = "stop"
-    errors: list[str] = dataclasses.field(default_factory=list)
+    first_error: str | None = None  # the earliest turn's "reward_error", if any turn had one
 
 
 def run_episodes(
@@ -79,8 +79,8 @@ def run_episodes(
             episode.reward += outcome.reward
             episode.outcome = outcome
             episode.finish_reason = completion.finish_reason
-            if "reward_error" in outcome.metadata:
-                episode.errors.append(outcome.metadata["reward_error"])
+            if episode.first_error is None:
+                episode.first_error = outcome.metadata.get("reward_error")
             episode.conversation = episode.conversation + [{"role": "assistant", "content": completion.text}]
             episode.context = episode.context + completion.token_ids
             if outcome.done or turn == max_turns - 1:
@@ -143,14 +143,13 @@ def _turn_seed(seed: int | None, turn: int) -> int | None:
 
 
 def _as_completion(episode: _Episode, max_turns: int) -> Completion:
-    text = episode.texts[0] if max_turns == 1 else "\n".join(episode.texts)
-    return Completion(episode.token_ids, episode.logprobs, episode.finish_reason, text,
+    return Completion(episode.token_ids, episode.logprobs, episode.finish_reason, "\n".join(episode.texts),
                       mask=None if max_turns == 1 else episode.mask)
 
 
 def _as_outcome(episode: _Episode) -> EnvOutcome:
     last = episode.outcome
     metadata = {**last.metadata, "turns": len(episode.texts)}
-    if episode.errors:
-        metadata["reward_error"] = episode.errors[0]
+    if episode.first_error is not None:
+        metadata["reward_error"] = episode.first_error
     return EnvOutcome(episode.reward, last.observation, last.done, metadata)

@@ -30,6 +30,10 @@ class Trajectory:
     advantage: float
     response_mask: list[int] | None = None  # multi-turn: 0 at the environment's tokens (no loss); None: all 1
 
+    @property
+    def num_trained(self) -> int:
+        return len(self.response_ids) if self.response_mask is None else sum(self.response_mask)
+
 
 @dataclass
 class Minibatch:
