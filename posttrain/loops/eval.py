@@ -25,8 +25,7 @@ from posttrain.envs.worker import EnvironmentWorker
 from posttrain.eval.benchmarks import load_eval_rows
 from posttrain.eval.metrics import mean_metrics, problem_metrics
 from posttrain.logging import make_progress
-from posttrain.rollout.base import SamplingParams
-from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.rollout.base import SamplingParams, backend_class
 from posttrain.rollout.multi_turn import run_episodes
 
 _UNKNOWN_CONTEXT = 10**9  # a model config without max_position_embeddings: no limit of ours
@@ -42,14 +41,14 @@ class EvalResult:
 def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
     console = console or Console()
     policy_cfg = cfg.generation.to_policy_config()
-    backend = HFGenerationBackend(policy_cfg)
+    backend = backend_class(policy_cfg.generation.backend)(policy_cfg)
     source, prompt_key, answer_key = load_eval_rows(cfg.data)
     prompt_cfg = DataConfig(prompt_key=prompt_key, answer_key=answer_key, system_prompt=cfg.data.system_prompt)
     tools = load_tools(cfg.env.tools) or None
     # Eval has no training sequence length: the model's context bounds a prompt and all its turns.
-    context_limit = getattr(backend.model.config, "max_position_embeddings", None) or _UNKNOWN_CONTEXT
+    context_limit = backend.context_length or _UNKNOWN_CONTEXT
     prompts = PromptDataset(source, backend.tokenizer, prompt_cfg, context_limit - 1, tools,
-                            "the model's max_position_embeddings, less one token to generate").prompts
+                            "the model's context length, less one token to generate").prompts
     n, g = cfg.eval.num_tests_per_prompt, cfg.generation
     console.print(f"Eval: {g.model_name} on {source.name}; {len(prompts)} problems x {n} sample(s)")
 

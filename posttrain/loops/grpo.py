@@ -28,8 +28,7 @@ from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.envs.tool_calling import load_tools
 from posttrain.envs.worker import EnvironmentWorker, EnvOutcome
 from posttrain.logging import MetricsLogger, make_progress
-from posttrain.rollout.base import Completion, SamplingParams
-from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.rollout.base import Completion, SamplingParams, backend_class
 from posttrain.rollout.multi_turn import run_episodes
 from posttrain.train.checkpoint import (
     CheckpointManager,
@@ -105,7 +104,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                          num_gpus_per_worker=policy_gpus)
     # Several policy workers are one FSDP2 group, meeting at an address on rank 0's node.
     policy.call_all("setup", policy.call_rank(0, "rendezvous_address") if policy.num_workers > 1 else None)
-    generators = WorkerGroup(HFGenerationBackend, gen.num_workers, name="generation", args=(cfg.policy,),
+    generators = WorkerGroup(backend_class(gen.backend), gen.num_workers, name="generation", args=(cfg.policy,),
                              kwargs={"weights_path": weights}, num_gpus_per_worker=generation_gpus)
     envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
                        num_cpus_per_worker=0.5)

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -23,7 +24,8 @@ class SamplingParams:
 @dataclass
 class Completion:
     """One response. Log-probs are of the sampled tokens under the temperature-scaled distribution
-    before top-p/top-k filtering: the same quantity the trainer computes."""
+    (Hugging Face: before top-p/top-k filtering; vLLM: after it, so GRPO with vLLM allows no
+    filter): the same quantity the trainer computes."""
 
     token_ids: list[int]  # ends with EOS when the model stopped by itself
     logprobs: list[float]
@@ -40,6 +42,9 @@ class Completion:
 
 
 class GenerationBackend(ABC):
+    tokenizer: PreTrainedTokenizerBase
+    context_length: int | None  # the most tokens a prompt and its response may hold; None if unknown
+
     @abstractmethod
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         """Complete token-id prompts; one Completion per prompt, in order (so worker groups can shard)."""
@@ -47,3 +52,22 @@ class GenerationBackend(ABC):
     @abstractmethod
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         """Load the trainer's latest weights (same architecture and parameter names)."""
+
+
+def stop_token_ids(tokenizer, checkpoint_generation_config, extra: list[int] | None) -> list[int]:
+    """The tokens that end a response: the tokenizer's EOS, the checkpoint's own EOS ids (an instruct
+    model's end-of-turn token, e.g. Llama-3's <|eot_id|>) and `policy.generation.stop_token_ids`
+    (for a base model whose chat template ends turns with a token its config does not name)."""
+    configured = checkpoint_generation_config.eos_token_id
+    configured = [configured] if isinstance(configured, int) else list(configured or [])
+    ids = [tokenizer.eos_token_id, *configured, *(extra or [])]
+    return list(dict.fromkeys(i for i in ids if i is not None))
+
+
+def backend_class(name: str) -> type[GenerationBackend]:
+    """`policy.generation.backend` -> its class; vLLM is imported only when chosen."""
+    if name == "vllm":
+        from posttrain.rollout.vllm import VLLMGenerationBackend
+        return VLLMGenerationBackend
+    from posttrain.rollout.hf import HFGenerationBackend
+    return HFGenerationBackend

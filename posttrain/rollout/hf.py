@@ -8,7 +8,7 @@ from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaLis
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from posttrain.config import PolicyConfig
-from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams
+from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`
@@ -75,16 +75,6 @@ class SampledTokenLogprobs:
         return torch.stack(self.picked, dim=1).cpu()
 
 
-def _stop_token_ids(tokenizer, checkpoint_generation_config, extra: list[int] | None) -> list[int]:
-    """The tokens that end a response: the tokenizer's EOS, the checkpoint's own EOS ids (an instruct
-    model's end-of-turn token, e.g. Llama-3's <|eot_id|>) and `policy.generation.stop_token_ids`
-    (for a base model whose chat template ends turns with a token its config does not name)."""
-    configured = checkpoint_generation_config.eos_token_id
-    configured = [configured] if isinstance(configured, int) else list(configured or [])
-    ids = [tokenizer.eos_token_id, *configured, *(extra or [])]
-    return list(dict.fromkeys(i for i in ids if i is not None))
-
-
 class HFGenerationBackend(GenerationBackend):
     """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies."""
 
@@ -95,7 +85,8 @@ class HFGenerationBackend(GenerationBackend):
         self.tokenizer = load_tokenizer(cfg)
         # Generation holds no optimizer state, so it runs directly in the compute precision.
         self.model = load_model(cfg, self.device, path=weights_path, dtype=DTYPES[cfg.precision]).eval()
-        self.stop_token_ids = _stop_token_ids(self.tokenizer, self.model.generation_config, cfg.generation.stop_token_ids)
+        self.stop_token_ids = stop_token_ids(self.tokenizer, self.model.generation_config, cfg.generation.stop_token_ids)
+        self.context_length = getattr(self.model.config, "max_position_embeddings", None)
         # Sampling follows SamplingParams alone: `generate` fills what it is not given from the checkpoint's
         # generation_config.json, whose extras (Qwen2.5-Instruct's repetition_penalty) would change the
         # distribution sampled from, away from the policy whose log-probs are reported and trained on.

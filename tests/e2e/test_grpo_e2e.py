@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.cli import main
 from posttrain.cluster import init_ray
 from posttrain.config import ClusterConfig, GRPORunConfig, load_config
+from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.grpo import run_grpo
 
 pytestmark = pytest.mark.e2e
@@ -185,6 +186,24 @@ def test_multi_turn_episodes_learn_in_their_second_turn(tiny_model_dir, tmp_path
         assert row["train/gen_logprob_mismatch"] < 1e-3  # the second turn is scored as it was sampled
         assert row["rollout/response_length_max"] <= 2 * 4  # sampled tokens only, not the hint's
         assert row["rollout/reward_errors"] == 0
+
+
+def test_vllm_generation_learns_with_weights_synced_every_step(tmp_path):
+    """vLLM (its CPU build) generates; every step's weight sync must reach the engine, or the
+    trainer's log-probs part from the generator's after the first update (lr 1e-2)."""
+    pytest.importorskip("vllm")
+    model_dir = save_tiny_model(tmp_path / "model", size="demo")  # vLLM's CPU attention needs head size >= 32
+    steps = 15
+    result = _run(_cfg(model_dir, tmp_path, f"grpo.max_num_steps={steps}", "policy.generation.backend=vllm",
+                       "policy.generation.vllm.enforce_eager=true", "checkpointing.enabled=false"))
+    rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
+    assert result.val_accuracy[steps] > result.val_accuracy[0]  # greedy validation, through vLLM too
+    rows = _train_rows(tmp_path / "logs")
+    assert len(rows) == steps
+    for row in rows:
+        assert row["train/gen_logprob_mismatch"] < 1e-3, row["step"]
+        assert row["rollout/response_length_max"] <= 4
 
 
 def test_gspo_sequence_level_ratios_learn(tiny_model_dir, tmp_path):

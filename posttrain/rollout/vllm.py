@@ -1,0 +1,98 @@
+"""Generation with vLLM: paged KV cache, continuous batching, prefix caching; weights updated in place.
+
+The engine runs inside this process (a generation actor), not in a child process of its own, so
+`update_weights` hands the trainer's tensors to the model directly, with no serialisation. vLLM
+is optional (`pip install 'posttrain[vllm]'`) and imported only when this backend is built.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from posttrain.config import VLLM_INSTALL_HINT, PolicyConfig
+from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
+from posttrain.train.model import load_tokenizer
+
+
+class VLLMGenerationBackend(GenerationBackend):
+    """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies."""
+
+    def __init__(self, cfg: PolicyConfig, *, rank: int = 0, world_size: int = 1, weights_path: str | None = None,
+                 device: torch.device | None = None):
+        # Before vLLM reads its settings: the engine in this process (see the module docstring), and
+        # its per-request log lines off (a rollout makes thousands).
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        try:
+            import vllm
+        except ImportError as err:
+            raise ImportError(f"{VLLM_INSTALL_HINT} ({err})") from err
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.tokenizer = load_tokenizer(cfg)
+        model = weights_path or cfg.model_name
+        try:
+            checkpoint_generation = GenerationConfig.from_pretrained(model)
+        except OSError:  # a checkpoint without generation_config.json
+            checkpoint_generation = GenerationConfig()
+        self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
+        options = cfg.generation.vllm
+        self.llm = vllm.LLM(
+            model=model,
+            tokenizer=cfg.tokenizer.name or cfg.model_name,
+            dtype=cfg.precision,
+            max_model_len=options.max_model_len,
+            seed=rank,
+            trust_remote_code=cfg.trust_remote_code,
+            gpu_memory_utilization=options.gpu_memory_utilization,
+            enforce_eager=options.enforce_eager,
+            enable_prefix_caching=options.enable_prefix_caching,
+            # The log-probs of the distribution sampled from (after temperature), as the trainer scores them.
+            logprobs_mode="processed_logprobs",
+            # Sampling follows SamplingParams alone, not the checkpoint's generation_config.json (whose
+            # extras, e.g. a repetition penalty, would change the distribution away from the policy's).
+            generation_config="vllm",
+        )
+        self.context_length = self.llm.llm_engine.model_config.max_model_len
+
+    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+        # reload_weights copies into the engine's tensors in place (fused QKV and MLP included, under
+        # the checkpoint's names); the prefix cache holds KV computed with the old weights.
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items()),
+                                                          "is_checkpoint_format": True})
+        self.llm.reset_prefix_cache()
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
+        from vllm import SamplingParams as VLLMSamplingParams
+
+        greedy = sampling.temperature == 0
+        # One seed per request: its samples depend only on (seed, rank, position in the call), not on
+        # how the engine happens to batch requests together.
+        seeds = ([None] * len(prompts) if sampling.seed is None else
+                 np.random.SeedSequence([sampling.seed, self.rank]).generate_state(len(prompts), np.uint32).tolist())
+        params = [VLLMSamplingParams(
+            max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=1.0 if greedy else sampling.top_p,
+            top_k=0 if greedy or not sampling.top_k else sampling.top_k,
+            stop=sampling.stop_strings or None,
+            include_stop_str_in_output=True,
+            stop_token_ids=self.stop_token_ids,
+            logprobs=0,  # the sampled token's only
+            seed=seed,
+        ) for seed in seeds]
+        requests = [{"prompt_token_ids": list(prompt)} for prompt in prompts]
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        completions = []
+        for output in outputs:
+            sample = output.outputs[0]
+            ids = list(sample.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(sample.logprobs, ids, strict=True)]
+            if sample.finish_reason not in ("stop", "length"):  # aborted or failed in the engine
+                raise RuntimeError(f"vLLM ended a request with finish_reason={sample.finish_reason!r}")
+            reason = sample.finish_reason
+            completions.append(Completion(ids, logprobs, reason, self.tokenizer.decode(ids, skip_special_tokens=True)))
+        return completions
