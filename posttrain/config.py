@@ -81,6 +81,8 @@ class VLLMConfig:
     enforce_eager: bool = False  # true skips CUDA graphs / compilation: slower steps, faster start (use on CPU)
     enable_prefix_caching: bool = True  # a GRPO group's prompts are prefilled once
     max_model_len: int | None = None  # the longest prompt + response; null: the model's own context length
+    # KV cache size; null: what gpu_memory_utilization leaves (on a CPU, that share of the RAM: set this there)
+    kv_cache_memory_gb: float | None = None
 
 
 @dataclass
@@ -617,6 +619,8 @@ def _check_generation(gen: GenerationConfig, prefix: str, max_total_length: int 
     options = gen.vllm
     _require(0 < options.gpu_memory_utilization <= 1,
              f"{prefix}.vllm.gpu_memory_utilization must be in (0, 1], got {options.gpu_memory_utilization}")
+    _require(options.kv_cache_memory_gb is None or options.kv_cache_memory_gb > 0,
+             f"{prefix}.vllm.kv_cache_memory_gb must be > 0 or null, got {options.kv_cache_memory_gb}")
     _require(options.max_model_len is None or options.max_model_len > 0,
              f"{prefix}.vllm.max_model_len must be > 0 or null (the model's own), got {options.max_model_len}")
     if max_total_length is not None:

@@ -50,6 +50,8 @@ class VLLMGenerationBackend(GenerationBackend):
             gpu_memory_utilization=options.gpu_memory_utilization,
             enforce_eager=options.enforce_eager,
             enable_prefix_caching=options.enable_prefix_caching,
+            kv_cache_memory_bytes=(None if options.kv_cache_memory_gb is None
+                                   else int(options.kv_cache_memory_gb * 2**30)),
             # The log-probs of the distribution sampled from (after temperature), as the trainer scores them.
             logprobs_mode="processed_logprobs",
             # Sampling follows SamplingParams alone, not the checkpoint's generation_config.json (whose

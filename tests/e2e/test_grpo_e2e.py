@@ -195,7 +195,8 @@ def test_vllm_generation_learns_with_weights_synced_every_step(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model", size="demo")  # vLLM's CPU attention needs head size >= 32
     steps = 15
     result = _run(_cfg(model_dir, tmp_path, f"grpo.max_num_steps={steps}", "policy.generation.backend=vllm",
-                       "policy.generation.vllm.enforce_eager=true", "checkpointing.enabled=false"))
+                       "policy.generation.vllm.enforce_eager=true", "policy.generation.vllm.kv_cache_memory_gb=0.25",
+                       "checkpointing.enabled=false"))
     rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
     assert result.val_accuracy[steps] > result.val_accuracy[0]  # greedy validation, through vLLM too

@@ -394,6 +394,7 @@ def test_grpo_generation_and_validation_settings_are_checked(override, message):
                                     r"policy\.generation\.top_k=null \(got top_p=0\.9, top_k=None\)"),
     ("policy.generation.top_k=20", r"after top-p/top-k filtering.*\(got top_p=1\.0, top_k=20\)"),
     ("policy.generation.vllm.gpu_memory_utilization=1.5", r"gpu_memory_utilization must be in \(0, 1\], got 1\.5"),
+    ("policy.generation.vllm.kv_cache_memory_gb=0", r"vllm\.kv_cache_memory_gb must be > 0 or null, got 0"),
     ("policy.generation.vllm.max_model_len=512", r"max_model_len \(512\) must hold policy\.max_total_sequence_length "
                                                  r"\(1024\)"),
 ])

@@ -58,6 +58,7 @@ def _cfg(model_dir, stop_token: int | None) -> PolicyConfig:
     cfg = PolicyConfig(model_name=str(model_dir), device="cpu", max_total_sequence_length=128)
     cfg.generation.backend = "vllm"
     cfg.generation.vllm.enforce_eager = True
+    cfg.generation.vllm.kv_cache_memory_gb = 0.25
     cfg.generation.stop_token_ids = None if stop_token is None else [stop_token]
     return cfg
 
