@@ -583,6 +583,9 @@ def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig
              "policy.max_grad_norm must be > 0 (or null to disable clipping)")
     _require(cluster.num_nodes >= 1, f"cluster.num_nodes must be >= 1, got {cluster.num_nodes}")
     _require(cluster.gpus_per_node >= 0, f"cluster.gpus_per_node must be >= 0, got {cluster.gpus_per_node}")
+    _require(ckpt.enabled or ckpt.resume != "required",
+             "checkpointing.resume=required (or --resume) needs checkpointing.enabled=true: a run with "
+             "checkpointing off neither saves nor resumes")
     _require(ckpt.save_period >= 1, f"checkpointing.save_period must be >= 1, got {ckpt.save_period}")
     _require(ckpt.keep_top_k is None or ckpt.keep_top_k >= 1,
              f"checkpointing.keep_top_k must be >= 1 or null, got {ckpt.keep_top_k}")

@@ -124,8 +124,9 @@ class CheckpointManager:
 
 
 def find_resume_checkpoint(cfg: CheckpointingConfig, manager: CheckpointManager) -> Path | None:
-    """The checkpoint a run continues from, per `checkpointing.resume`."""
-    if cfg.resume == "never":
+    """The checkpoint a run continues from, per `checkpointing.resume`. A run with checkpointing off
+    neither saves nor resumes: it would otherwise pick up whatever an earlier run left in the folder."""
+    if cfg.resume == "never" or not cfg.enabled:
         return None
     latest = manager.latest()
     if latest is None and cfg.resume == "required":

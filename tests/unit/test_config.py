@@ -416,6 +416,14 @@ def test_vllm_backend_without_vllm_says_how_to_install_it(monkeypatch):
         load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.backend=vllm"])
 
 
+@pytest.mark.parametrize("schema", [SFTRunConfig, DPORunConfig, RMRunConfig, GRPORunConfig])
+def test_required_resume_needs_checkpointing_on(schema):
+    with pytest.raises(ConfigError, match=r"checkpointing\.resume=required \(or --resume\) needs "
+                                          r"checkpointing\.enabled=true"):
+        load_config(schema, None, [*BASE, "checkpointing.enabled=false", "checkpointing.resume=required"])
+    assert not load_config(schema, None, [*BASE, "checkpointing.enabled=false"]).checkpointing.enabled
+
+
 def test_top_k_zero_means_no_filter_for_grpo_and_eval():
     assert grpo("policy.generation.top_k=0").policy.generation.top_k == 0
     cfg = load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.top_k=0"])

@@ -14,6 +14,7 @@ from posttrain.train.checkpoint import (
     STATE_FILE,
     CheckpointManager,
     check_identity,
+    find_resume_checkpoint,
     read_state,
     resumed_message,
     rng_state,
@@ -248,3 +249,12 @@ def test_resumed_message_says_when_nothing_is_left_to_train():
     done = resumed_message(Path("ckpt/step_10"), 10, 6)
     assert done.startswith("[bold]Resumed[/] from ckpt/step_10 at step 10; the run has 6 steps, so none is left")
     assert "checkpointing.resume=never" in done
+
+
+def test_a_run_with_checkpointing_off_does_not_resume_what_an_earlier_run_left(tmp_path):
+    mgr = manager(tmp_path)
+    mgr.save(3, {}, write_weights)
+    on = CheckpointingConfig(checkpoint_dir=str(tmp_path / "ckpt"))
+    assert find_resume_checkpoint(on, mgr) == tmp_path / "ckpt" / "step_3"
+    off = CheckpointingConfig(checkpoint_dir=str(tmp_path / "ckpt"), enabled=False)
+    assert find_resume_checkpoint(off, mgr) is None
