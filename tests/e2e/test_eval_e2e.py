@@ -116,4 +116,4 @@ def test_eval_rejects_a_prompt_longer_than_the_models_context(tiny_model_dir, tm
                  "generation.device=cpu", "eval.save_path=null"])
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
-    assert "line 1: the prompt has" in err and "more than the 511 allowed (the model's max_position_embeddings" in err
+    assert "line 1: the prompt has" in err and "more than the 511 allowed (the model's context length" in err
