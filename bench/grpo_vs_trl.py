@@ -74,6 +74,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (each posttrain actor too)")
     parser.add_argument("--workdir", default=None, help="model and run folders (default: a temporary folder)")
+    parser.add_argument("--backend", default="hf", choices=["hf", "vllm"], help="posttrain's generation backend")
     args = parser.parse_args(argv)
     rollout = args.prompts * args.generations
     if rollout % args.minibatches or (rollout // args.minibatches) % args.micro_batch:
@@ -110,6 +111,9 @@ def posttrain_config(args: argparse.Namespace, model_dir: Path, out: Path) -> GR
         f"policy.generation.max_new_tokens={args.max_new_tokens}",
         "policy.generation.temperature=1.0",
         f"policy.generation.batch_size={rollout}",
+        f"policy.generation.backend={args.backend}",
+        "policy.generation.vllm.enforce_eager=true",  # a CPU: no compilation
+        "policy.generation.vllm.kv_cache_memory_gb=0.25",  # rather than a share of the RAM
         f"grpo.num_prompts_per_step={args.prompts}",
         f"grpo.num_generations_per_prompt={args.generations}",
         f"grpo.max_num_steps={args.steps}",
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-grpo-") as tmp, torch_threads(args.threads):
         work = Path(args.workdir or tmp)
         info = machine_info()
-        print("GRPO: posttrain vs TRL GRPOTrainer (use_vllm off)")
+        print(f"GRPO: posttrain ({args.backend} generation) vs TRL GRPOTrainer (use_vllm off)")
         print_machine_info(info)
         model_dir = starting_model(args, work)
         cfg = posttrain_config(args, model_dir, work / "posttrain")

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import AutoConfig, GenerationConfig
 
 from posttrain.config import VLLM_INSTALL_HINT, PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
@@ -29,6 +29,7 @@ class VLLMGenerationBackend(GenerationBackend):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
         try:
             import vllm
+            from vllm.platforms import current_platform
         except ImportError as err:
             raise ImportError(f"{VLLM_INSTALL_HINT} ({err})") from err
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
@@ -40,6 +41,13 @@ class VLLMGenerationBackend(GenerationBackend):
             checkpoint_generation = GenerationConfig()
         self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
         options = cfg.generation.vllm
+        whole_prefills = {}
+        if current_platform.is_cpu():
+            # vLLM's CPU build fails on a seeded request whose prompt is prefilled over several engine
+            # steps ("CPU Generator does not use offset"): prefill whole prompts, one step holding a longest one.
+            context = options.max_model_len or getattr(
+                AutoConfig.from_pretrained(model, trust_remote_code=cfg.trust_remote_code), "max_position_embeddings", 0)
+            whole_prefills = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
         self.llm = vllm.LLM(
             model=model,
             tokenizer=cfg.tokenizer.name or cfg.model_name,
@@ -57,6 +65,7 @@ class VLLMGenerationBackend(GenerationBackend):
             # Sampling follows SamplingParams alone, not the checkpoint's generation_config.json (whose
             # extras, e.g. a repetition penalty, would change the distribution away from the policy's).
             generation_config="vllm",
+            **whole_prefills,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
 

@@ -115,12 +115,17 @@ def test_sampled_logprobs_equal_the_trainer_forward(vllm_backend, model_dir, hf,
 
 
 def test_seeded_sampling_is_reproducible(vllm_backend, prompts):
+    # More prompt tokens than one engine step takes (4096): the CPU build must not split a seeded prefill.
+    many = prompts * 50
+    assert sum(map(len, many)) > 4096
+
     def sample(seed):
-        return [c.token_ids for c in _generate(vllm_backend, prompts, SamplingParams(8, 1.0, seed=seed))]
+        return [c.token_ids for c in _generate(vllm_backend, many, SamplingParams(4, 1.0, seed=seed))]
 
     first = sample(7)
     assert sample(7) == first
     assert sample(8) != first
+    assert first[0] != first[len(prompts)]  # copies of a prompt get their own seeds
 
 
 def test_update_weights_reaches_the_engine_and_clears_the_prefix_cache(vllm_backend, model_dir, stop_token, hf,
