@@ -79,6 +79,8 @@ class VLLMGenerationBackend(GenerationBackend):
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         from vllm import SamplingParams as VLLMSamplingParams
 
+        if not prompts:
+            return []
         greedy = sampling.temperature == 0
         # One seed per request: its samples depend only on (seed, rank, position in the call), not on
         # how the engine happens to batch requests together.

@@ -97,6 +97,7 @@ def test_greedy_responses_stop_tokens_and_stop_strings_match_the_hf_backend(vllm
     ours, theirs = _generate(vllm_backend, prompts[1:2], with_stop), hf.generate(prompts[1:2], with_stop)
     assert ours[0].token_ids == theirs[0].token_ids and ours[0].finish_reason == theirs[0].finish_reason == "stop"
     assert len(ours[0].token_ids) < 8
+    assert _generate(vllm_backend, [], GREEDY) == hf.generate([], GREEDY) == []
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
