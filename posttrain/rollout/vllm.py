@@ -19,7 +19,8 @@ from posttrain.train.model import load_tokenizer
 
 
 class VLLMGenerationBackend(GenerationBackend):
-    """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies."""
+    """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies.
+    `device` is taken for the HF backend's signature only: vLLM runs on the platform it was built for."""
 
     def __init__(self, cfg: PolicyConfig, *, rank: int = 0, world_size: int = 1, weights_path: str | None = None,
                  device: torch.device | None = None):
