@@ -73,7 +73,6 @@ def config(args: argparse.Namespace, model_dir: Path, out: Path) -> GRPORunConfi
         f"policy.generation.batch_size={args.generation_batch}",
         f"policy.generation.backend={args.backend}",
         f"policy.generation.vllm.enforce_eager={not gpu}",  # on a CPU, compiling costs more than it saves
-        *([] if gpu else ["policy.generation.vllm.kv_cache_memory_gb=0.25"]),  # not a share of the RAM
         "policy.generation.temperature=1.0",
         f"data.arithmetic.num_train={rollout * args.steps}",
         f"grpo.num_prompts_per_step={args.prompts}",

@@ -113,7 +113,6 @@ def posttrain_config(args: argparse.Namespace, model_dir: Path, out: Path) -> GR
         f"policy.generation.batch_size={rollout}",
         f"policy.generation.backend={args.backend}",
         "policy.generation.vllm.enforce_eager=true",  # a CPU: no compilation
-        "policy.generation.vllm.kv_cache_memory_gb=0.25",  # rather than a share of the RAM
         f"grpo.num_prompts_per_step={args.prompts}",
         f"grpo.num_generations_per_prompt={args.generations}",
         f"grpo.max_num_steps={args.steps}",

@@ -81,7 +81,7 @@ class VLLMConfig:
     enforce_eager: bool = False  # true skips CUDA graphs / compilation: slower steps, faster start (use on CPU)
     enable_prefix_caching: bool = True  # a GRPO group's prompts are prefilled once
     max_model_len: int | None = None  # the longest prompt + response; null: the model's own context length
-    # KV cache size; null: what gpu_memory_utilization leaves (on a CPU, that share of the RAM: set this there)
+    # KV cache size; null: on a GPU what gpu_memory_utilization leaves, on a CPU 1 GB (not a share of the RAM)
     kv_cache_memory_gb: float | None = None
 
 

@@ -42,13 +42,15 @@ class VLLMGenerationBackend(GenerationBackend):
             checkpoint_generation = GenerationConfig()
         self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
         options = cfg.generation.vllm
-        whole_prefills = {}
+        kv_cache_gb, cpu_settings = options.kv_cache_memory_gb, {}
         if current_platform.is_cpu():
-            # vLLM's CPU build fails on a seeded request whose prompt is prefilled over several engine
-            # steps ("CPU Generator does not use offset"): prefill whole prompts, one step holding a longest one.
+            # vLLM's CPU build would take gpu_memory_utilization of the RAM for its KV cache.
+            kv_cache_gb = kv_cache_gb or 1.0
+            # It also fails on a seeded request whose prompt is prefilled over several engine steps
+            # ("CPU Generator does not use offset"): prefill whole prompts, one step holding a longest one.
             context = options.max_model_len or getattr(
                 AutoConfig.from_pretrained(model, trust_remote_code=cfg.trust_remote_code), "max_position_embeddings", 0)
-            whole_prefills = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
+            cpu_settings = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
         self.llm = vllm.LLM(
             model=model,
             tokenizer=cfg.tokenizer.name or cfg.model_name,
@@ -59,14 +61,13 @@ class VLLMGenerationBackend(GenerationBackend):
             gpu_memory_utilization=options.gpu_memory_utilization,
             enforce_eager=options.enforce_eager,
             enable_prefix_caching=options.enable_prefix_caching,
-            kv_cache_memory_bytes=(None if options.kv_cache_memory_gb is None
-                                   else int(options.kv_cache_memory_gb * 2**30)),
+            kv_cache_memory_bytes=None if kv_cache_gb is None else int(kv_cache_gb * 2**30),
             # The log-probs of the distribution sampled from (after temperature), as the trainer scores them.
             logprobs_mode="processed_logprobs",
             # Sampling follows SamplingParams alone, not the checkpoint's generation_config.json (whose
             # extras, e.g. a repetition penalty, would change the distribution away from the policy's).
             generation_config="vllm",
-            **whole_prefills,
+            **cpu_settings,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
 

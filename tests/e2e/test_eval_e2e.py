@@ -90,8 +90,7 @@ def test_eval_with_vllm_gives_the_hf_backends_greedy_episodes(tmp_path):
               "generation.device=cpu", "env.name=number_guess", "eval.max_rollout_turns=2"]
     assert main(["eval", *common, f"eval.save_path={tmp_path / 'hf.json'}"]) == 0
     subprocess.run([sys.executable, "-m", "posttrain.cli", "eval", *common, "generation.backend=vllm",
-                    "generation.vllm.enforce_eager=true", "generation.vllm.kv_cache_memory_gb=0.25",
-                    f"eval.save_path={tmp_path / 'vllm.json'}"], check=True)
+                    "generation.vllm.enforce_eager=true", f"eval.save_path={tmp_path / 'vllm.json'}"], check=True)
     hf, vllm = (json.loads((tmp_path / name).read_text()) for name in ("hf.json", "vllm.json"))
     samples = [[s for p in report["problems"] for s in p["samples"]] for report in (hf, vllm)]
     assert [s["response"] for s in samples[1]] == [s["response"] for s in samples[0]]
