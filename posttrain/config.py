@@ -363,6 +363,12 @@ class GRPORunConfig:
         _require(p.generation.top_k is None or p.generation.top_k >= 0,
                  f"policy.generation.top_k must be >= 0 or null (0 and null: no top-k filter), got {p.generation.top_k}")
         _check_generation(p.generation, "policy.generation", p.max_total_sequence_length)
+        # The trainer scores tokens under the temperature-scaled distribution; vLLM reports log-probs
+        # after its top-p/top-k filter, and the two would no longer agree (eval trains on none).
+        _require(p.generation.backend != "vllm" or (p.generation.top_p == 1 and not p.generation.top_k),
+                 "policy.generation.backend=vllm trains on vLLM's log-probs, which are taken after top-p/top-k "
+                 "filtering while the trainer's are not; set policy.generation.top_p=1 and "
+                 f"policy.generation.top_k=null (got top_p={p.generation.top_p}, top_k={p.generation.top_k})")
         _require(p.generation.max_new_tokens < p.max_total_sequence_length,
                  f"policy.generation.max_new_tokens ({p.generation.max_new_tokens}) must be less than "
                  f"policy.max_total_sequence_length ({p.max_total_sequence_length}), which holds prompt and response")
@@ -626,16 +632,9 @@ def _check_generation(gen: GenerationConfig, prefix: str, max_total_length: int 
              f"{prefix}.vllm.kv_cache_memory_gb must be > 0 or null, got {options.kv_cache_memory_gb}")
     _require(options.max_model_len is None or options.max_model_len > 0,
              f"{prefix}.vllm.max_model_len must be > 0 or null (the model's own), got {options.max_model_len}")
-    if max_total_length is not None:
-        _require(options.max_model_len is None or options.max_model_len >= max_total_length,
-                 f"{prefix}.vllm.max_model_len ({options.max_model_len}) must hold "
-                 f"policy.max_total_sequence_length ({max_total_length})")
-        # The trainer scores tokens under the temperature-scaled distribution; vLLM reports log-probs
-        # after its top-p/top-k filter, and the two would no longer agree.
-        _require(gen.top_p == 1 and not gen.top_k,
-                 f"{prefix}.backend=vllm trains on vLLM's log-probs, which are taken after top-p/top-k filtering "
-                 f"while the trainer's are not; set {prefix}.top_p=1 and {prefix}.top_k=null "
-                 f"(got top_p={gen.top_p}, top_k={gen.top_k})")
+    _require(max_total_length is None or options.max_model_len is None or options.max_model_len >= max_total_length,
+             f"{prefix}.vllm.max_model_len ({options.max_model_len}) must hold "
+             f"policy.max_total_sequence_length ({max_total_length})")
 
 
 def _positive(cfg: Any, *keys: str) -> None:

@@ -36,9 +36,7 @@ class CodeEnvironment(Environment):
                 observations[i] = [{"role": "user", "content": hint}]
                 continue
             to_run[i] = f"{code}\n\n{tests}\n"
-        cfg = self.cfg
-        results = run_many(list(to_run.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
-                           cfg.sandbox_max_output_chars, cfg.sandbox_parallel)
+        results = run_many(list(to_run.values()), self.cfg)
         for i, result in zip(to_run, results, strict=True):
             infos[i]["passed"] = result.passed
             if result.passed:

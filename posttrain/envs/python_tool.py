@@ -29,10 +29,8 @@ class PythonToolEnvironment(MathToolEnvironment):
         return _CUT_OFF if ends_in_open_code_block(response) else last_code_block(response)
 
     def act(self, actions: dict[int, str | object]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
-        cfg = self.cfg
         to_run = {i: code for i, code in actions.items() if code is not _CUT_OFF}
-        results = run_many(list(to_run.values()), cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
-                           cfg.sandbox_max_output_chars, cfg.sandbox_parallel)
+        results = run_many(list(to_run.values()), self.cfg)
         replies = {i: ("Error: the ```python block is not closed, so it was not run.", False) for i in actions}
         replies |= {i: (f"```output\n{r.output.strip() or '(no output)'}\n```", r.passed)
                     for i, r in zip(to_run, results, strict=True)}

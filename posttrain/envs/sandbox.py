@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from posttrain.config import EnvConfig
+
 _CODE_BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 _OPENING_FENCE = re.compile(r"```(?:python|py)?[ \t]*(?:\n|$)")
 # Sets the limits, then replaces itself with the program's interpreter, which keeps them (a
@@ -75,10 +77,11 @@ def run_python(code: str, timeout_s: float, memory_mb: int, max_output_chars: in
     return RunResult(process.returncode == 0 and not timed_out, output, timed_out)
 
 
-def run_many(programs: list[str], timeout_s: float, memory_mb: int, max_output_chars: int,
-             parallel: int) -> list[RunResult]:
-    """Run the programs `parallel` at a time (each in its own process), results in order."""
+def run_many(programs: list[str], cfg: EnvConfig) -> list[RunResult]:
+    """Run the programs `env.sandbox_parallel` at a time (each in its own process) with the
+    `env.sandbox_*` limits, results in order."""
     if not programs:
         return []
-    with ThreadPoolExecutor(max_workers=max(1, min(parallel, len(programs)))) as pool:
-        return list(pool.map(lambda code: run_python(code, timeout_s, memory_mb, max_output_chars), programs))
+    with ThreadPoolExecutor(max_workers=max(1, min(cfg.sandbox_parallel, len(programs)))) as pool:
+        return list(pool.map(lambda code: run_python(code, cfg.sandbox_timeout_s, cfg.sandbox_memory_mb,
+                                                     cfg.sandbox_max_output_chars), programs))

@@ -70,6 +70,7 @@ class VLLMGenerationBackend(GenerationBackend):
             **cpu_settings,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
+        self.sampling_params_cls = vllm.SamplingParams
 
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         # reload_weights copies into the engine's tensors in place (fused QKV and MLP included, under
@@ -79,8 +80,6 @@ class VLLMGenerationBackend(GenerationBackend):
         self.llm.reset_prefix_cache()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
-        from vllm import SamplingParams as VLLMSamplingParams
-
         if not prompts:
             return []
         greedy = sampling.temperature == 0
@@ -88,7 +87,7 @@ class VLLMGenerationBackend(GenerationBackend):
         # how the engine happens to batch requests together.
         seeds = ([None] * len(prompts) if sampling.seed is None else
                  np.random.SeedSequence([sampling.seed, self.rank]).generate_state(len(prompts), np.uint32).tolist())
-        params = [VLLMSamplingParams(
+        params = [self.sampling_params_cls(
             max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
             top_p=1.0 if greedy else sampling.top_p,

@@ -41,9 +41,10 @@ def test_limits_stop_runaway_programs():
 
 
 def test_run_many_keeps_the_order():
-    results = run_many([f"print({i})" for i in range(6)], parallel=3, **LIMITS)
+    cfg = EnvConfig(sandbox_parallel=3, sandbox_timeout_s=5.0, sandbox_memory_mb=1024, sandbox_max_output_chars=1000)
+    results = run_many([f"print({i})" for i in range(6)], cfg)
     assert [r.output for r in results] == [f"{i}\n" for i in range(6)]
-    assert run_many([], parallel=3, **LIMITS) == []
+    assert run_many([], cfg) == []
 
 
 @pytest.mark.parametrize(("text", "code"), [
