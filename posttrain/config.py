@@ -74,6 +74,20 @@ class DynamicBatchingConfig:
 
 
 @dataclass
+class LoRAConfig:
+    """Low-rank adapters (LoRA, via PEFT): the model's weights stay frozen and small matrices
+    B @ A beside each target layer are trained. The frozen model doubles as DPO's and GRPO's
+    reference (adapters switched off), so no second copy is loaded."""
+
+    enabled: bool = False
+    dim: int = 8  # rank of the adapters
+    alpha: float = 32.0  # the update B @ A is scaled by alpha / dim
+    dropout: float = 0.0  # on the adapters' input
+    # Module names to adapt (e.g. [q_proj, v_proj]); empty: every linear layer but the output head.
+    target_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
 class VLLMConfig:
     """Engine settings used only with `backend: vllm`."""
 
@@ -117,6 +131,7 @@ class PolicyConfig:
     sequence_packing: SequencePackingConfig = field(default_factory=SequencePackingConfig)
     dynamic_batching: DynamicBatchingConfig = field(default_factory=DynamicBatchingConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def token_budget(self, micro_batch_size: int, rows_per_item: int = 1, training: bool = True) -> int | None:
         """Padded tokens of a dynamic micro-batch standing in for `micro_batch_size` items of
@@ -587,6 +602,10 @@ def _check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig
     _require(policy.scheduler.warmup_steps >= 0, "policy.scheduler.warmup_steps must be >= 0")
     _require(policy.max_grad_norm is None or policy.max_grad_norm > 0,
              "policy.max_grad_norm must be > 0 (or null to disable clipping)")
+    lora = policy.lora
+    _require(lora.dim >= 1, f"policy.lora.dim must be >= 1, got {lora.dim}")
+    _require(lora.alpha > 0, f"policy.lora.alpha must be > 0, got {lora.alpha}")
+    _require(0.0 <= lora.dropout < 1.0, f"policy.lora.dropout must be in [0, 1), got {lora.dropout}")
     _require(cluster.num_nodes >= 1, f"cluster.num_nodes must be >= 1, got {cluster.num_nodes}")
     _require(cluster.gpus_per_node >= 0, f"cluster.gpus_per_node must be >= 0, got {cluster.gpus_per_node}")
     _require(ckpt.enabled or ckpt.resume != "required",

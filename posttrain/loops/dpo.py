@@ -42,6 +42,7 @@ from posttrain.train.checkpoint import (
 )
 from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs
 from posttrain.train.model import load_tokenizer
+from posttrain.train.policy import describe_parameters
 from posttrain.train.policy_group import make_policy
 
 METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin")
@@ -96,7 +97,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
 
     log_dir = Path(cfg.logger.log_dir)
     save_config(cfg, log_dir / "config.yaml")
-    console.print(f"DPO: {cfg.policy.model_name} ({policy.num_parameters / 1e6:.2f}M parameters) on "
+    console.print(f"DPO: {cfg.policy.model_name} ({describe_parameters(policy)}) on "
                   f"{policy.device}; {len(train_set)} training pairs, {len(val_pairs)} validation pairs, "
                   f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs, "
                   f"beta {cfg.dpo.reference_policy_kl_penalty}")

@@ -34,6 +34,7 @@ from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
     find_resume_checkpoint,
+    lora_identity,
     read_state,
     resumed_message,
     save_run_checkpoint,
@@ -72,7 +73,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     ckpt = CheckpointManager(cfg.checkpointing)
     resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
     identity = {"model_name": cfg.policy.model_name, "data": to_dict(cfg.data), "seed": cfg.grpo.seed,
-                "num_prompts_per_step": cfg.grpo.num_prompts_per_step}
+                "num_prompts_per_step": cfg.grpo.num_prompts_per_step, "lora": lora_identity(cfg.policy)}
     if resume_dir is not None:
         check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
 

@@ -42,6 +42,7 @@ from posttrain.train.checkpoint import (
     set_rng_state,
 )
 from posttrain.train.model import load_tokenizer
+from posttrain.train.policy import describe_parameters
 from posttrain.train.policy_group import make_policy
 from posttrain.train.reward_model import has_reward_head, load_reward_model, sequence_scores
 
@@ -96,7 +97,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
 
     log_dir = Path(cfg.logger.log_dir)
     save_config(cfg, log_dir / "config.yaml")
-    console.print(f"RM: {cfg.policy.model_name} ({policy.num_parameters / 1e6:.2f}M parameters) on "
+    console.print(f"RM: {cfg.policy.model_name} ({describe_parameters(policy)}) on "
                   f"{policy.device}; {len(train_set)} training pairs, {len(val_pairs)} validation pairs, "
                   f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs")
 

@@ -35,6 +35,7 @@ from posttrain.train.checkpoint import (
 )
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.model import load_tokenizer
+from posttrain.train.policy import describe_parameters
 from posttrain.train.policy_group import make_policy
 
 
@@ -91,7 +92,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
 
     log_dir = Path(cfg.logger.log_dir)
     save_config(cfg, log_dir / "config.yaml")
-    console.print(f"SFT: {cfg.policy.model_name} ({policy.num_parameters / 1e6:.2f}M parameters) on "
+    console.print(f"SFT: {cfg.policy.model_name} ({describe_parameters(policy)}) on "
                   f"{policy.device}; {len(train_set)} training rows, {len(val_samples)} validation rows, "
                   f"{total_steps} steps of {cfg.policy.train_global_batch_size} sequences")
 

@@ -188,4 +188,14 @@ def run_identity(policy: PolicyConfig, data: DataConfig, seed: int) -> dict[str,
         "train_global_batch_size": policy.train_global_batch_size,
         "max_total_sequence_length": policy.max_total_sequence_length,
         "seed": seed,
+        "lora": lora_identity(policy),
     }
+
+
+def lora_identity(policy: PolicyConfig) -> dict[str, Any] | None:
+    """The adapters' shape: a LoRA checkpoint resumes only into the same adapters (None: no LoRA,
+    as in checkpoints written before LoRA existed)."""
+    lora = policy.lora
+    if not lora.enabled:
+        return None
+    return {"dim": lora.dim, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}

@@ -212,12 +212,15 @@ class GRPOPolicyWorker(PolicyWorker):
         steps = [(mb, [{k: v.to(self.policy.device) for k, v in b.items()} for b in micro])
                  for mb, micro in self._same_counts_on_every_rank(steps, pad, share)]
         # Scores that must come from the weights *before* any update of this rollout.
+        if self.policy.with_reference:
+            with self.policy.reference_model() as reference:
+                for _, micro in steps:
+                    for batch in micro:
+                        batch["ref_logprobs"] = self._score(reference, batch)
         self.policy.model.eval()
-        for _, micro in steps:
-            for batch in micro:
-                if self.policy.reference is not None:
-                    batch["ref_logprobs"] = self._score(self.policy.reference, batch)
-                if len(steps) > 1:
+        if len(steps) > 1:
+            for _, micro in steps:
+                for batch in micro:
                     batch["old_logprobs"] = self._score(self.policy.model, batch)
         logprob_time = time.perf_counter() - start
 

@@ -24,6 +24,7 @@ from posttrain.train.fsdp import (
     shard_model,
 )
 from posttrain.train.logprobs import supports_shared_prefix
+from posttrain.train.lora import ADAPTER_DIR, adapter_state_dict, add_lora, lora_scaling, merged_state_dict
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -32,6 +33,14 @@ from posttrain.train.optim import build_optimizer, build_scheduler
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]],
                      torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
 ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model, like `load_model`
+
+
+def describe_parameters(policy) -> str:
+    """"1.80M parameters", or with LoRA "1.80M parameters, 0.05M trained" (a Policy or PolicyGroup)."""
+    text = f"{policy.num_parameters / 1e6:.2f}M parameters"
+    if policy.num_trained_parameters < policy.num_parameters:
+        text += f", {policy.num_trained_parameters / 1e6:.2f}M trained"
+    return text
 
 
 class Policy:
@@ -44,15 +53,25 @@ class Policy:
         self.process_group = process_group
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(cfg)
         # `model_loader` swaps the causal LM for another head (the reward model's scalar score).
-        self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
+        # With LoRA, `self.model` is still the transformers model (PEFT's layers inside) and
+        # `self.adapted` the PEFT wrapper; a resumed run loads the untouched base and its saved adapter.
+        self.adapted = None
+        if cfg.lora.enabled:
+            self.model = model_loader(cfg, self.device)
+            adapter = Path(weights_path) / ADAPTER_DIR if weights_path else None
+            self.adapted = add_lora(self.model, cfg.lora, adapter_dir=adapter)
+        else:
+            self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
         sharded = process_group is not None and dist.get_world_size(process_group) > 1
         if sharded:
             shard_model(self.model, process_group, self.device)  # before the optimizer: it holds the shards
         # The frozen reference of DPO and of GRPO's KL penalty: always the starting model
         # (policy.model_name), also when resuming; never trained, so kept in the compute precision.
+        # With LoRA it is the policy's own frozen base, adapters off (see `reference_model`).
+        self.with_reference = with_reference
         self.reference = None
-        if with_reference:
+        if with_reference and self.adapted is None:
             self.reference = model_loader(cfg, self.device, dtype=DTYPES[cfg.precision]).eval().requires_grad_(False)
             if sharded:
                 shard_model(self.reference, process_group, self.device)
@@ -65,6 +84,25 @@ class Policy:
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters())
+
+    @property
+    def num_trained_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @contextlib.contextmanager
+    def reference_model(self) -> Iterator[torch.nn.Module]:
+        """The frozen starting model, in eval mode: the loaded reference, or with LoRA the policy
+        itself with its adapters switched off for the duration."""
+        if self.adapted is None:
+            yield self.reference
+            return
+        training = self.model.training
+        self.model.eval()
+        try:
+            with self.adapted.disable_adapter():
+                yield self.model
+        finally:
+            self.model.train(training)
 
     @property
     def supports_shared_prefix(self) -> bool:
@@ -154,9 +192,10 @@ class Policy:
         """`fn(reference model, micro-batch)` on the CPU for each micro-batch before index `real`
         (the fillers after it run only to take part in the FSDP2 gathers)."""
         outputs = []
-        for batch in micro_batches:
-            with self.autocast():
-                outputs.append(fn(self.reference, self._to_device(batch)).cpu())
+        with self.reference_model() as reference:
+            for batch in micro_batches:
+                with self.autocast():
+                    outputs.append(fn(reference, self._to_device(batch)).cpu())
         return outputs[:real]
 
     # ------------------------------------------------------------------ persistence
@@ -186,19 +225,31 @@ class Policy:
         if self.grad_scaler and (directory / "grad_scaler.pt").is_file():
             self.grad_scaler.load_state_dict(torch.load(directory / "grad_scaler.pt"))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights (gathered to CPU on rank 0 when sharded; every rank must call it)."""
+    def _own_state_dict(self) -> dict[str, torch.Tensor]:
+        """The model's state dict, whole (gathered to CPU on rank 0, empty elsewhere, when sharded)."""
         return full_model_state(self.model) if is_sharded(self.model) else self.model.state_dict()
 
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's weights under the plain model's names, LoRA merged in (gathered to CPU
+        on rank 0 when sharded; every rank must call it)."""
+        state = self._own_state_dict()
+        if self.adapted is None:
+            return state
+        return merged_state_dict(state, lora_scaling(self.cfg.lora)) if state else {}
+
     def export_hf(self, directory: str | Path) -> Path:
-        """A Hugging Face folder, written by rank 0; every rank must call it."""
+        """A Hugging Face folder, written by rank 0; every rank must call it. With LoRA the weights
+        are merged, and the adapter is saved in PEFT's format in its `adapter/` subfolder."""
         directory = Path(directory)
-        if is_sharded(self.model):
-            state = full_model_state(self.model)
-            if self.rank == 0:
-                self.model.save_pretrained(directory, state_dict=state)
-        else:
+        if self.adapted is None and not is_sharded(self.model):
             self.model.save_pretrained(directory)
+        else:
+            state = self._own_state_dict()
+            if self.rank == 0:
+                if self.adapted is not None:
+                    self.adapted.save_pretrained(directory / ADAPTER_DIR, state_dict=adapter_state_dict(state))
+                    state = merged_state_dict(state, lora_scaling(self.cfg.lora))
+                self.model.save_pretrained(directory, state_dict=state)
         if self.rank == 0:
             self.tokenizer.save_pretrained(directory)
         return directory

@@ -47,6 +47,7 @@ class PolicyWorker:
         self.policy = Policy(self.cfg, self.total_steps, weights_path=self.weights_path, process_group=group,
                              model_loader=self.model_loader, with_reference=self.with_reference)
         return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device),
+                "num_trained_parameters": self.policy.num_trained_parameters,
                 "supports_shared_prefix": self.policy.supports_shared_prefix}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
@@ -79,6 +80,7 @@ class PolicyGroup:
                                    num_gpus_per_worker=1.0 if cluster.gpus_per_node > 0 else 0.0)
         info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
         self.num_parameters, self.device = info["num_parameters"], info["device"]
+        self.num_trained_parameters = info["num_trained_parameters"]
         self.supports_shared_prefix = info["supports_shared_prefix"]
 
     def _deal(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[tuple[list[dict], int]]:

@@ -22,3 +22,10 @@ class SpaceOnSecondTurn(Environment):
         rewards = [float(s and r.startswith(" ")) for s, r in zip(second, responses, strict=True)]
         observations = [[] if s else [{"role": "user", "content": "Again."}] for s in second]
         return EnvStepResult(rewards, observations, second, [{} for _ in responses])
+
+
+
+def starts_with_minus(conversation, response, metadata):
+    """For a model fine-tuned on arithmetic (answers of + and - with operands up to 99): about a
+    quarter of its answers are negative, and a minus sign first is up to the policy."""
+    return 1.0 if response.startswith("-") else 0.0

@@ -131,3 +131,21 @@ def test_two_fsdp2_workers_train_like_one(tiny_model_dir, tmp_path):
     for key, value in one.val_metrics[2].items():
         assert two.val_metrics[2][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
     assert (two.final_model_dir / "config.json").is_file()
+
+
+def test_lora_uses_its_frozen_base_as_reference_and_trains_like_one_on_two_workers(tiny_model_dir, tmp_path):
+    lora = ["policy.lora.enabled=true", "policy.lora.dim=16", "policy.optimizer.lr=2e-2"]
+    one = run_dpo(_cfg(tiny_model_dir, tmp_path / "one", *lora, "dpo.max_num_steps=20", "dpo.val_period=2",
+                       "checkpointing.enabled=false"))
+    train = [one.train_metrics[s] for s in sorted(one.train_metrics)]
+    # Step 1: the adapters start at zero, so the policy is exactly its reference (the base).
+    assert train[0]["train/loss"] == pytest.approx(0.6931, abs=1e-4) and train[0]["train/margin"] == 0.0
+    # Slower than full fine-tuning: the random model's embeddings and head stay frozen.
+    late = train[-4:]
+    assert sum(m["train/margin"] for m in late) / 4 > 0.01
+    assert sum(m["train/reward_accuracy"] for m in late) / 4 > 0.55
+    assert sum(m["train/loss"] for m in late) / 4 < train[0]["train/loss"] - 0.005
+    two = run_dpo(_cfg(tiny_model_dir, tmp_path / "two", *lora, "dpo.max_num_steps=2", "dpo.val_period=2",
+                       "checkpointing.enabled=false", "policy.num_workers=2"))
+    for key, value in one.val_metrics[2].items():
+        assert two.val_metrics[2][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key

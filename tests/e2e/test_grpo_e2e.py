@@ -20,9 +20,10 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
 from posttrain.cluster import init_ray
-from posttrain.config import ClusterConfig, GRPORunConfig, load_config
+from posttrain.config import ClusterConfig, GRPORunConfig, SFTRunConfig, load_config
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.grpo import run_grpo
+from posttrain.loops.sft import run_sft
 
 pytestmark = pytest.mark.e2e
 
@@ -264,3 +265,26 @@ def test_two_fsdp2_policy_workers_train_like_one(tiny_model_dir, tmp_path):
     single = AutoModelForCausalLM.from_pretrained(one.final_model_dir)
     assert exported.state_dict().keys() == single.state_dict().keys()
     assert (tmp_path / "two" / "ckpt" / "step_2" / "optimizer.pt").is_file()
+
+
+def test_lora_learns_with_merged_weights_synced_and_its_base_as_reference(tiny_model_dir, tmp_path):
+    """On top of a briefly fine-tuned model (a random model's frozen output head barely responds to
+    adapters): the reward for answering with a minus sign rises."""
+    sft = run_sft(load_config(SFTRunConfig, None, [
+        f"policy.model_name={tiny_model_dir}", "policy.train_global_batch_size=32", "policy.train_micro_batch_size=16",
+        "policy.max_total_sequence_length=48", "policy.optimizer.lr=3e-3", "data.arithmetic.num_train=2000",
+        "sft.max_num_steps=60", "data.val_split=null", "checkpointing.enabled=false",
+        "logger.tensorboard_enabled=false", "logger.console_period=0", f"logger.log_dir={tmp_path / 'sft'}",
+        f"checkpointing.checkpoint_dir={tmp_path / 'sft'}"]), console=Console(quiet=True))
+    result = _run(load_config(GRPORunConfig, None, [
+        *_overrides(sft.final_model_dir, tmp_path), "env.reward_fn=grpo_reward_fns:starts_with_minus",
+        "grpo.max_num_steps=20", "data.val_split=null", "policy.lora.enabled=true", "policy.lora.dim=16",
+        "policy.optimizer.lr=3e-3", "loss_fn.reference_policy_kl_penalty=0.01", "checkpointing.save_period=20"]))
+    rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.1, rewards
+    rows = _train_rows(tmp_path / "logs")
+    assert rows[0]["train/kl"] == pytest.approx(0.0, abs=1e-7)  # zero adapters: the policy is its base
+    assert rows[-1]["train/kl"] > 0.0
+    # The generator samples with the merged weights the trainer scores with.
+    assert all(row["train/gen_logprob_mismatch"] < 1e-3 for row in rows)
+    assert (result.final_model_dir / "adapter" / "adapter_config.json").is_file()

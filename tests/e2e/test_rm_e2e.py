@@ -161,3 +161,20 @@ def test_two_fsdp2_workers_train_like_one(tiny_model_dir, tmp_path):
         assert two.val_metrics[2][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
     exported = AutoModelForSequenceClassification.from_pretrained(two.final_model_dir)
     assert exported.score.weight.shape == (1, exported.config.hidden_size)
+
+
+def test_lora_trains_adapters_and_the_head_and_resumes_exactly(tiny_model_dir, tmp_path):
+    steps = ["policy.lora.enabled=true", "policy.lora.dim=16", "policy.optimizer.lr=1e-2", "rm.max_num_steps=20",
+             "rm.val_period=0", "checkpointing.save_period=10", "data.arithmetic.rejected=wrong_operation"]
+    full = run_rm(_cfg(tiny_model_dir, tmp_path / "full", *steps))
+    train = [full.train_metrics[s] for s in sorted(full.train_metrics)]
+    assert sum(m["train/loss"] for m in train[-5:]) / 5 < train[0]["train/loss"] - 0.2
+    assert sum(m["train/accuracy"] for m in train[-5:]) / 5 > 0.75
+    run_rm(_cfg(tiny_model_dir, tmp_path / "split", *steps), stop_at_step=12)
+    resumed = run_rm(_cfg(tiny_model_dir, tmp_path / "split", *steps))  # from step_10: base, adapter, head
+    assert sorted(resumed.train_metrics) == list(range(11, 21))
+    for step in (11, 20):
+        assert resumed.train_metrics[step]["train/loss"] == pytest.approx(full.train_metrics[step]["train/loss"],
+                                                                           abs=1e-5), step
+    merged = AutoModelForSequenceClassification.from_pretrained(full.final_model_dir)
+    assert not any("lora" in name or "modules_to_save" in name for name in merged.state_dict())

@@ -153,3 +153,39 @@ def test_two_fsdp2_workers_train_like_one_and_resume_on_one(tiny_model_dir, tmp_
     for step in (4, 5, 6):
         assert resumed.train_losses[step] == pytest.approx(one.train_losses[step], rel=1e-3)
     assert (resumed.final_model_dir / "config.json").is_file()
+
+
+LORA = ["policy.lora.enabled=true", "policy.lora.dim=16", "policy.optimizer.lr=1e-2"]
+
+
+def test_lora_learns_and_exports_the_merged_model(tiny_model_dir, tmp_path):
+    result = run_sft(_cfg(tiny_model_dir, tmp_path, *LORA, "sft.max_num_steps=30", "sft.val_period=0",
+                          "checkpointing.save_period=30"))
+    losses = [result.train_losses[s] for s in sorted(result.train_losses)]
+    # The random model's embeddings and head stay frozen, which bounds what the adapters can learn.
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5
+    assert result.val_losses[30] < result.val_losses[0] - 0.5
+    merged = AutoModelForCausalLM.from_pretrained(result.final_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert merged.state_dict().keys() == base.state_dict().keys()
+    assert not torch.equal(merged.model.layers[0].mlp.down_proj.weight, base.model.layers[0].mlp.down_proj.weight)
+    torch.testing.assert_close(merged.model.embed_tokens.weight, base.model.embed_tokens.weight)  # not adapted
+    assert (result.final_model_dir / "adapter" / "adapter_config.json").is_file()
+    assert (tmp_path / "ckpt" / "step_30" / "model" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_on_two_fsdp2_workers_trains_like_one_and_resumes_on_one(tiny_model_dir, tmp_path):
+    steps = [*LORA, "sft.max_num_steps=6", "checkpointing.save_period=3", "sft.val_period=3",
+             "policy.train_micro_batch_size=8"]
+    one = run_sft(_cfg(tiny_model_dir, tmp_path / "one", *steps))
+    two = run_sft(_cfg(tiny_model_dir, tmp_path / "two", *steps, "policy.num_workers=2"), stop_at_step=4)
+    assert two.train_losses[1] == pytest.approx(one.train_losses[1], abs=1e-6)
+    for step in (2, 3, 4):
+        assert two.train_losses[step] == pytest.approx(one.train_losses[step], rel=1e-3)
+    assert two.val_losses[3] == pytest.approx(one.val_losses[3], rel=1e-3)
+    assert one.train_losses[6] < one.train_losses[1]
+    resumed = run_sft(_cfg(tiny_model_dir, tmp_path / "two", *steps))  # base + saved adapter, optimizer state
+    for step in (4, 5, 6):
+        assert resumed.train_losses[step] == pytest.approx(one.train_losses[step], rel=1e-3)
+    with pytest.raises(ConfigError, match=r"lora"):  # the checkpoint's adapters have another shape
+        run_sft(_cfg(tiny_model_dir, tmp_path / "two", *steps, "policy.lora.dim=8", "sft.max_num_steps=7"))

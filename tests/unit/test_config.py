@@ -453,3 +453,15 @@ def test_several_gpu_policy_workers_need_gpus_of_their_own():
              "cluster.gpus_per_node=8", "policy.train_global_batch_size=64")
     assert grpo("policy.num_workers=8", "policy.generation.num_workers=8", "cluster.num_nodes=2",
                 "cluster.gpus_per_node=8", "policy.train_global_batch_size=64").policy.num_workers == 8
+
+
+@pytest.mark.parametrize(("override", "pattern"), [
+    ("policy.lora.dim=0", r"policy\.lora\.dim must be >= 1, got 0"),
+    ("policy.lora.alpha=0", r"policy\.lora\.alpha must be > 0"),
+    ("policy.lora.dropout=1.0", r"policy\.lora\.dropout must be in \[0, 1\), got 1\.0"),
+])
+@pytest.mark.parametrize("run", [SFTRunConfig, DPORunConfig, RMRunConfig])
+def test_lora_settings_are_checked(run, override, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        load_config(run, None, [*BASE, "policy.lora.enabled=true", override])
+    assert load_config(run, None, [*BASE, "policy.lora.enabled=true"]).policy.lora.dim == 8

@@ -1,0 +1,98 @@
+"""LoRA through PEFT: adapters injected into the Hugging Face model in place.
+
+The model object stays the transformers class (PEFT swaps its target Linear layers for LoRA
+layers), so every forward path of the trainer is unchanged. What leaves the trainer is always an
+ordinary Hugging Face model: the generators, checkpoints' `model/` and `final_model/` get the
+merged weights W + (alpha / dim) B @ A under the original names. The adapter itself is saved
+beside them as a PEFT folder (`<export>/adapter/`), from which a run resumes on top of the
+untouched base model, so the base (DPO's and GRPO's reference) stays the starting model.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from posttrain.config import ConfigError, LoRAConfig
+
+ADAPTER_DIR = "adapter"  # inside an exported model folder
+# What PEFT puts in a wrapped layer's parameter names (`adapter` is PEFT's default adapter name).
+_BASE, _A, _B = ".base_layer.", ".lora_A.default.", ".lora_B.default."
+_TRAINED_COPY, _FROZEN_COPY = ".modules_to_save.default.", ".original_module."
+
+
+def add_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter_dir: str | Path | None = None):
+    """Inject adapters into `model` (in place) and freeze everything else; returns the PEFT wrapper
+    (for saving the adapter and switching it off). A reward model's new scalar head is trained in
+    full beside the adapters. With `adapter_dir`, the adapters' saved weights are loaded."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    is_scorer = type(model).__name__.endswith("ForSequenceClassification")
+    config = LoraConfig(r=cfg.dim, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                        task_type="SEQ_CLS" if is_scorer else "CAUSAL_LM",
+                        target_modules=list(cfg.target_modules) or "all-linear",
+                        # A reward model's head is excluded from the adapters: it is trained whole.
+                        exclude_modules=["score"] if is_scorer else None)
+    with warnings.catch_warnings():  # PEFT asks transformers with a name it has since renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if adapter_dir is not None:
+            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        try:
+            adapted = get_peft_model(model, config)
+        except ValueError as err:  # PEFT: none (or not all) of the target modules exist in the model
+            raise ConfigError(f"policy.lora.target_modules={list(cfg.target_modules)} do not fit "
+                              f"{type(model).__name__}: {err}") from err
+    _check_mergeable(model)
+    return adapted
+
+
+def _check_mergeable(model: torch.nn.Module) -> None:
+    """`merged_state_dict` merges adapters of plain Linear layers, and a merged output head must not
+    be tied to the input embeddings (the export would silently tie it back)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer) and type(module.get_base_layer()) is not torch.nn.Linear:
+            raise ConfigError(f"policy.lora.target_modules: {name} ({type(module.get_base_layer()).__name__}) is "
+                              "not a torch.nn.Linear layer; posttrain adapts linear layers only")
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "tie_word_embeddings", False) and isinstance(model.get_output_embeddings(), LoraLayer):
+        raise ConfigError("policy.lora.target_modules: this model's output head shares its weights with the "
+                          "input embeddings, so it cannot take an adapter of its own; leave it out")
+
+
+def lora_scaling(cfg: LoRAConfig) -> float:
+    return cfg.alpha / cfg.dim
+
+
+def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """An adapted model's weights (its own names, PEFT layers inside) as the plain model's weights.
+
+    Each adapted weight becomes W + scaling * B @ A, computed in float32 and returned in W's dtype;
+    a fully trained module (a reward model's head) takes its trained copy's place. Works on a whole
+    gathered state dict, so sharded and unsharded models are merged the same way.
+    """
+    merged = {}
+    for name, tensor in state.items():
+        if _A in name or _B in name or _FROZEN_COPY in name:
+            continue
+        if _TRAINED_COPY in name:
+            merged[name.replace(_TRAINED_COPY, ".")] = tensor
+        elif _BASE in name:
+            layer, param = name.split(_BASE)
+            down, up = state.get(f"{layer}{_A}{param}"), state.get(f"{layer}{_B}{param}")
+            if param == "weight" and down is not None:
+                tensor = (tensor.float() + scaling * (up.float() @ down.float())).to(tensor.dtype)
+            merged[f"{layer}.{param}"] = tensor
+        else:
+            merged[name] = tensor
+    return merged
+
+
+def adapter_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The trained part of an adapted model's state dict (adapters and fully trained modules), in
+    the naming PEFT's `save_pretrained(state_dict=...)` expects."""
+    return {f"base_model.model.{name}": tensor for name, tensor in state.items()
+            if _A in name or _B in name or _TRAINED_COPY in name}
