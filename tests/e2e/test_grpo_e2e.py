@@ -245,12 +245,14 @@ def test_dynamic_sampling_and_reward_shaping(tiny_model_dir, tmp_path):
         assert result.train_rewards[row["step"]] == row["rollout/reward_mean"]
 
 
-def test_two_fsdp2_policy_workers_train_like_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["policy.lora.enabled=true"]], ids=["full", "lora"])
+def test_two_fsdp2_policy_workers_train_like_one(tiny_model_dir, tmp_path, lora):
     """The rollout is split between two sharded policy workers whose gradients add up: the first
     step (same weights, same seeded samples) trains exactly as one worker does, reference model and
-    old log-probs of a second minibatch included."""
+    old log-probs of a second minibatch included (with LoRA: the sharded base, adapters off)."""
     extra = ["grpo.max_num_steps=2", "data.val_split=null", "loss_fn.reference_policy_kl_penalty=0.1",
-             "policy.train_global_batch_size=32", "policy.train_micro_batch_size=8", "checkpointing.save_period=2"]
+             "policy.train_global_batch_size=32", "policy.train_micro_batch_size=8", "checkpointing.save_period=2",
+             *lora]
     one = _run(load_config(GRPORunConfig, None, [*_overrides(tiny_model_dir, tmp_path / "one"), *extra]))
     two = _run(load_config(GRPORunConfig, None, [*_overrides(tiny_model_dir, tmp_path / "two"), *extra,
                                                  "policy.num_workers=2"]))
@@ -260,6 +262,10 @@ def test_two_fsdp2_policy_workers_train_like_one(tiny_model_dir, tmp_path):
     for key in ("train/loss", "train/grad_norm", "train/kl", "train/entropy", "train/clip_fraction"):
         assert first_two[key] == pytest.approx(first_one[key], rel=1e-4, abs=1e-6), key
     assert first_two["train/gen_logprob_mismatch"] < 1e-3  # weight sync gathers the whole model for the generator
+    # Step 2 scores against the reference a policy that has moved (differing only by float rounding).
+    second_one, second_two = _train_rows(tmp_path / "one" / "logs")[1], _train_rows(tmp_path / "two" / "logs")[1]
+    assert second_one["train/kl"] > 0.0
+    assert second_two["train/kl"] == pytest.approx(second_one["train/kl"], rel=1e-2)
     # The checkpoint and the export hold the whole model, as one worker writes it.
     exported = AutoModelForCausalLM.from_pretrained(two.final_model_dir)
     single = AutoModelForCausalLM.from_pretrained(one.final_model_dir)
@@ -288,3 +294,19 @@ def test_lora_learns_with_merged_weights_synced_and_its_base_as_reference(tiny_m
     # The generator samples with the merged weights the trainer scores with.
     assert all(row["train/gen_logprob_mismatch"] < 1e-3 for row in rows)
     assert (result.final_model_dir / "adapter" / "adapter_config.json").is_file()
+
+
+def test_vllm_generates_with_the_merged_lora_weights(tmp_path):
+    """With LoRA the generators get merged weights: after the adapters have moved the policy away
+    from its base (KL well above 0), vLLM still samples what the trainer scores."""
+    pytest.importorskip("vllm")
+    model_dir = save_tiny_model(tmp_path / "model", size="demo")
+    result = _run(_cfg(model_dir, tmp_path, "grpo.max_num_steps=4", "policy.generation.backend=vllm",
+                       "policy.generation.vllm.enforce_eager=true", "policy.generation.vllm.kv_cache_memory_gb=0.25",
+                       "policy.lora.enabled=true", "policy.optimizer.lr=5e-2", "loss_fn.reference_policy_kl_penalty=0.01",
+                       "data.val_split=null", "checkpointing.enabled=false"))
+    assert result.steps == 4
+    rows = _train_rows(tmp_path / "logs")
+    assert rows[-1]["train/kl"] > 0.01
+    for row in rows:
+        assert row["train/gen_logprob_mismatch"] < 1e-3, row["step"]
