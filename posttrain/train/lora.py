@@ -38,13 +38,17 @@ def add_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter_dir: str | Path | 
     with warnings.catch_warnings():  # PEFT asks transformers with a name it has since renamed
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if adapter_dir is not None:
-            return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
-        try:
-            adapted = get_peft_model(model, config)
-        except ValueError as err:  # PEFT: none (or not all) of the target modules exist in the model
-            raise ConfigError(f"policy.lora.target_modules={list(cfg.target_modules)} do not fit "
-                              f"{type(model).__name__}: {err}") from err
+            adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+        else:
+            try:
+                adapted = get_peft_model(model, config)
+            except ValueError as err:  # PEFT: none (or not all) of the target modules exist in the model
+                raise ConfigError(f"policy.lora.target_modules={list(cfg.target_modules)} do not fit "
+                                  f"{type(model).__name__}: {err}") from err
     _check_mergeable(model)
+    for param in model.parameters():  # what trains does so in float32, also a head copied from a bfloat16 base
+        if param.requires_grad:
+            param.data = param.data.float()
     return adapted
 
 

@@ -57,7 +57,9 @@ class Policy:
         # `self.adapted` the PEFT wrapper; a resumed run loads the untouched base and its saved adapter.
         self.adapted = None
         if cfg.lora.enabled:
-            self.model = model_loader(cfg, self.device)
+            # The frozen base is never updated, so it needs no float32 master copy: it is held in
+            # the compute precision (half the memory in bfloat16); what trains is float32.
+            self.model = model_loader(cfg, self.device, dtype=DTYPES[cfg.precision])
             adapter = Path(weights_path) / ADAPTER_DIR if weights_path else None
             self.adapted = add_lora(self.model, cfg.lora, adapter_dir=adapter)
         else:

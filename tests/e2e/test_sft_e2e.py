@@ -174,8 +174,9 @@ def test_lora_learns_and_exports_the_merged_model(tiny_model_dir, tmp_path):
     assert (tmp_path / "ckpt" / "step_30" / "model" / "adapter" / "adapter_model.safetensors").is_file()
 
 
-def test_lora_on_two_fsdp2_workers_trains_like_one_and_resumes_on_one(tiny_model_dir, tmp_path):
-    steps = [*LORA, "sft.max_num_steps=6", "checkpointing.save_period=3", "sft.val_period=3",
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])  # bfloat16: a bfloat16 base, float32 adapters
+def test_lora_on_two_fsdp2_workers_trains_like_one_and_resumes_on_one(tiny_model_dir, tmp_path, precision):
+    steps = [*LORA, f"policy.precision={precision}", "sft.max_num_steps=6", "checkpointing.save_period=3", "sft.val_period=3",
              "policy.train_micro_batch_size=8"]
     one = run_sft(_cfg(tiny_model_dir, tmp_path / "one", *steps))
     two = run_sft(_cfg(tiny_model_dir, tmp_path / "two", *steps, "policy.num_workers=2"), stop_at_step=4)

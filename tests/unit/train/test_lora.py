@@ -124,3 +124,21 @@ def test_chosen_target_modules_only(tiny_model_dir):
     trained = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in policy.model.named_parameters() if p.requires_grad}
     assert trained == {"q_proj", "v_proj"}
     assert lora_scaling(policy.cfg.lora) == 2.0
+
+
+def test_in_bfloat16_the_frozen_base_is_held_in_bfloat16_and_the_adapters_train_in_float32(tiny_model_dir, tmp_path):
+    cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu", precision="bfloat16",
+                       lora=LoRAConfig(enabled=True, dim=4), optimizer=OptimizerConfig(lr=1e-2))
+    policy = Policy(cfg, total_steps=3, with_reference=True)
+    dtypes = {(p.requires_grad, p.dtype) for p in policy.model.parameters()}
+    assert dtypes == {(False, torch.bfloat16), (True, torch.float32)}
+    _train(policy)
+    policy.model.eval()
+    with torch.no_grad(), policy.autocast():
+        adapted_logits = policy.model(input_ids=IDS).logits.float()
+        with policy.reference_model() as reference:
+            assert (reference(input_ids=IDS).logits.float() - adapted_logits).abs().max() > 0.5
+    merged = AutoModelForCausalLM.from_pretrained(policy.export_hf(tmp_path / "export"))
+    assert merged.dtype == torch.bfloat16
+    with torch.no_grad():  # the merge rounds W + BA to bfloat16 once
+        torch.testing.assert_close(merged(input_ids=IDS).logits.float(), adapted_logits, rtol=0, atol=0.02)
