@@ -18,7 +18,7 @@ import torch
 from posttrain.config import ConfigError, LoRAConfig
 
 ADAPTER_DIR = "adapter"  # inside an exported model folder
-# What PEFT puts in a wrapped layer's parameter names (`adapter` is PEFT's default adapter name).
+# What PEFT puts in a wrapped layer's parameter names (`default` is the adapter's name).
 _BASE, _A, _B = ".base_layer.", ".lora_A.default.", ".lora_B.default."
 _TRAINED_COPY, _FROZEN_COPY = ".modules_to_save.default.", ".original_module."
 

@@ -36,7 +36,7 @@ ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model
 
 
 def describe_parameters(policy) -> str:
-    """"1.80M parameters", or with LoRA "1.80M parameters, 0.05M trained" (a Policy or PolicyGroup)."""
+    """For the start-up line: e.g. "1.80M parameters", with LoRA "1.80M parameters, 0.05M trained"."""
     text = f"{policy.num_parameters / 1e6:.2f}M parameters"
     if policy.num_trained_parameters < policy.num_parameters:
         text += f", {policy.num_trained_parameters / 1e6:.2f}M trained"
@@ -237,7 +237,7 @@ class Policy:
         state = self._own_state_dict()
         if self.adapted is None:
             return state
-        return merged_state_dict(state, lora_scaling(self.cfg.lora)) if state else {}
+        return merged_state_dict(state, lora_scaling(self.cfg.lora))
 
     def export_hf(self, directory: str | Path) -> Path:
         """A Hugging Face folder, written by rank 0; every rank must call it. With LoRA the weights
