@@ -148,11 +148,14 @@ def test_environment_refuses_a_model_without_a_reward_head(tiny_model_dir):
         make_environment(EnvConfig(name="reward_model"))
 
 
-def test_two_fsdp2_workers_train_like_one(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("lora", [[], ["policy.lora.enabled=true"]], ids=["full", "lora"])
+def test_two_fsdp2_workers_train_like_one(tiny_model_dir, tmp_path, lora):
     """Three micro-batches dealt to two sharded workers (one adds a filler that counts for nothing):
-    the same step metrics as one process, summed across workers, and an exported score head."""
+    the same step metrics as one process, summed across workers, and an exported score head (with
+    LoRA: the head trained whole beside the adapters, gathered from its shards and merged)."""
     steps = ["rm.max_num_steps=2", "rm.val_period=2", "checkpointing.enabled=false",
-             "policy.train_global_batch_size=24", "policy.train_micro_batch_size=8", "rm.val_micro_batch_size=16"]
+             "policy.train_global_batch_size=24", "policy.train_micro_batch_size=8", "rm.val_micro_batch_size=16",
+             *lora]
     one = run_rm(_cfg(tiny_model_dir, tmp_path / "one", *steps))
     two = run_rm(_cfg(tiny_model_dir, tmp_path / "two", *steps, "policy.num_workers=2"))
     for key, value in one.train_metrics[1].items():
