@@ -213,6 +213,16 @@ class RewardShapingConfig:
 
 
 @dataclass
+class AsyncGRPOConfig:
+    """NeMo RL's async GRPO with trajectories at most one step old: the generators sample the next
+    step's responses while the policy trains on this step's, so generation and training overlap.
+    Each step then trains on responses from the weights before the previous update, which the
+    importance-sampling correction accounts for (required)."""
+
+    enabled: bool = False
+
+
+@dataclass
 class GRPOConfig:
     num_prompts_per_step: int = 32
     num_generations_per_prompt: int = 16
@@ -230,6 +240,7 @@ class GRPOConfig:
     # Turns of a multi-turn episode: after each response the environment may answer (a hint, a
     # tool's output) and the model goes on, until the environment says done or this many turns
     max_rollout_turns: int = 1
+    async_grpo: AsyncGRPOConfig = field(default_factory=AsyncGRPOConfig)
     seed: int = 42
 
 
@@ -406,6 +417,9 @@ class GRPORunConfig:
         _require(not (loss.sequence_level_importance_ratios and loss.token_level_loss),
                  "loss_fn.sequence_level_importance_ratios (GSPO) averages each response's loss over its "
                  "tokens; set loss_fn.token_level_loss=false")
+        _require(not g.async_grpo.enabled or loss.use_importance_sampling_correction,
+                 "grpo.async_grpo.enabled trains on responses sampled with the weights of one step before; "
+                 "set loss_fn.use_importance_sampling_correction=true to weight them by pi_trainer / pi_generator")
         _require(not (loss.constant_normalization and not loss.token_level_loss),
                  "loss_fn.constant_normalization (Dr. GRPO) sums over tokens; it needs loss_fn.token_level_loss=true")
         shaping = g.reward_shaping

@@ -3,6 +3,10 @@
 prompts -> generation actors (G samples per prompt) -> environment actors (rewards) -> group
 advantages -> policy actor (reference / old log-probs, clipped policy-gradient loss, optimizer
 steps) -> weight sync to the generators -> metrics, validation, atomic checkpoints.
+
+With `grpo.async_grpo.enabled` the next step's rollout is collected (in a driver thread: the
+actors do the work) while the policy trains on this step's, so each step trains on responses
+sampled with the weights of one step before.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +57,17 @@ class Group:
     completions: list[Completion]
     outcomes: list[EnvOutcome]
     rewards: torch.Tensor  # [G], after reward shaping
+
+
+@dataclass
+class Rollout:
+    """What one step trains on: the groups kept, every group sampled (for the metrics), the
+    rollout's timings and the prompt sampler's position after it (what a checkpoint records)."""
+
+    groups: list[Group]
+    sampled: list[Group]
+    timings: dict[str, float]
+    sampler_state: dict
 
 
 @dataclass
@@ -155,12 +171,37 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
             groups.append(Group(prompt, comps, outs, rewards))
         return groups
 
+    def collect(step: int) -> Rollout:
+        """G responses per prompt, scored by the environments. With dynamic sampling (DAPO), groups
+        whose rewards are all equal are dropped and more prompts are drawn."""
+        timings: dict[str, float] = {}
+        groups: list[Group] = []
+        sampled: list[Group] = []
+        for batch in range(cfg.grpo.dynamic_sampling_max_gen_batches if cfg.grpo.use_dynamic_sampling else 1):
+            # Seeded per step, not left to the generators' running RNG: a run resumed from a
+            # checkpoint then samples exactly what the uninterrupted run did.
+            params = dataclasses.replace(sampling, seed=_sampling_seed(cfg.grpo.seed, step, batch))
+            new = rollout([train_prompts[i] for i in sampler.next_batch()], params, group_size, timings)
+            sampled += new
+            if not cfg.grpo.use_dynamic_sampling:
+                groups = new
+                break
+            keep = informative_groups(torch.stack([g.rewards for g in new]))
+            groups += [g for g, k in zip(new, keep.tolist(), strict=True) if k]
+            if len(groups) >= cfg.grpo.num_prompts_per_step:
+                groups = groups[: cfg.grpo.num_prompts_per_step]
+                break
+        return Rollout(groups, sampled, timings, sampler.state_dict())
+
     def validate() -> dict[str, float]:
         params = SamplingParams(gen.max_new_tokens, cfg.grpo.val_temperature, gen.top_p, gen.top_k, gen.stop_strings)
         groups = rollout(val_prompts, params, 1, {})
         return {f"val/{k}": v for k, v in _rollout_metrics(groups).items()}
 
     result = GRPOResult(steps=step)
+    # Async: one rollout collected ahead. The first one (also after a resume) is collected in step.
+    prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.grpo.async_grpo.enabled else None
+    ahead: Future | None = None
     try:
         with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
                            resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
@@ -172,27 +213,14 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
             while step < total_steps and (stop_at_step is None or step < stop_at_step):
                 step += 1
                 step_start = time.perf_counter()
-                timings: dict[str, float] = {}
 
-                # 1. rollout: G responses per prompt, scored by the environments. With dynamic sampling
-                #    (DAPO), groups whose rewards are all equal are dropped and more prompts are drawn.
-                groups: list[Group] = []
-                sampled: list[Group] = []
-                for batch in range(cfg.grpo.dynamic_sampling_max_gen_batches
-                                   if cfg.grpo.use_dynamic_sampling else 1):
-                    # Seeded per step, not left to the generators' running RNG: a run resumed from a
-                    # checkpoint then samples exactly what the uninterrupted run did.
-                    params = dataclasses.replace(sampling, seed=_sampling_seed(cfg.grpo.seed, step, batch))
-                    new = rollout([train_prompts[i] for i in sampler.next_batch()], params, group_size, timings)
-                    sampled += new
-                    if not cfg.grpo.use_dynamic_sampling:
-                        groups = new
-                        break
-                    keep = informative_groups(torch.stack([g.rewards for g in new]))
-                    groups += [g for g, k in zip(new, keep.tolist(), strict=True) if k]
-                    if len(groups) >= cfg.grpo.num_prompts_per_step:
-                        groups = groups[: cfg.grpo.num_prompts_per_step]
-                        break
+                # 1. rollout (async: collected during the previous step, then the next one is started,
+                #    with the weights the generators hold now, i.e. before this step's update)
+                current = ahead.result() if ahead is not None else collect(step)
+                ahead = None
+                if prefetch is not None and step < total_steps and (stop_at_step is None or step < stop_at_step):
+                    ahead = prefetch.submit(collect, step + 1)
+                groups, sampled, timings = current.groups, current.sampled, current.timings
                 metrics = {f"rollout/{k}": v for k, v in _rollout_metrics(sampled).items()}
                 if cfg.grpo.use_dynamic_sampling:
                     metrics["rollout/dynamic_sampling_batches"] = len(sampled) // cfg.grpo.num_prompts_per_step
@@ -221,12 +249,17 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                             per_rank[rank].append(Minibatch(part, tokens, float(len(chunk))))
                     metrics.update(policy.call_each("train", [(mbs,) for mbs in per_rank])[0])
 
+                else:
+                    console.print(f"step {step}: no group had differing rewards; skipped the update")
+                if ahead is not None:  # the generators must finish the next rollout with the weights it began with
+                    start = time.perf_counter()
+                    ahead.exception()
+                    timings["time/rollout_wait_s"] = time.perf_counter() - start
+                if groups:
                     # 4. weight sync: the object store carries the state dict; the driver never copies it
                     start = time.perf_counter()
                     generators.call_all("update_weights", policy.call_all_async("state_dict")[0])
                     timings["time/weight_sync_s"] = time.perf_counter() - start
-                else:
-                    console.print(f"step {step}: no group had differing rewards; skipped the update")
 
                 # 5. validation, logs, checkpoint
                 if val_prompts and ((cfg.grpo.val_period and step % cfg.grpo.val_period == 0) or step == total_steps):
@@ -236,7 +269,9 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 metrics.update(timings)
                 logger.log(metrics, step=step)
                 if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
-                    save_run_checkpoint(ckpt, step, lambda d: policy.call_all("save", str(d)), sampler.state_dict(), identity, metrics)
+                    # The sampler's position after this step's rollout: a collected-ahead one is redrawn on resume.
+                    save_run_checkpoint(ckpt, step, lambda d: policy.call_all("save", str(d)), current.sampler_state,
+                                        identity, metrics)
                 progress.update(task, advance=1, info=f"reward {metrics['rollout/reward_mean']:.3f}")
                 if on_step is not None:
                     on_step(step, metrics)
@@ -247,6 +282,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
             result.final_model_dir = Path(policy.call_all("export_hf", str(final))[0])  # a gather: every rank
             console.print(f"Exported the final model to {result.final_model_dir}")
     finally:
+        if prefetch is not None:
+            prefetch.shutdown(cancel_futures=True)
         for group in (policy, generators, envs):
             group.shutdown()
     return result

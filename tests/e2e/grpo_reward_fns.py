@@ -29,3 +29,8 @@ def starts_with_minus(conversation, response, metadata):
     """For a model fine-tuned on arithmetic (answers of + and - with operands up to 99): about a
     quarter of its answers are negative, and a minus sign first is up to the policy."""
     return 1.0 if response.startswith("-") else 0.0
+
+
+def answer_value(conversation, response, metadata):
+    """Depends on the prompt only: a step's mean reward tells which prompts it drew."""
+    return int(metadata["answer"]) / 100

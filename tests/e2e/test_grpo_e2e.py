@@ -310,3 +310,34 @@ def test_vllm_generates_with_the_merged_lora_weights(tmp_path):
     assert rows[-1]["train/kl"] > 0.01
     for row in rows:
         assert row["train/gen_logprob_mismatch"] < 1e-3, row["step"]
+
+
+def test_async_grpo_trains_on_one_step_old_rollouts_and_learns(tiny_model_dir, tmp_path):
+    """The next rollout is sampled while the policy trains: each step after the first trains on
+    responses from the weights before the previous update (a non-zero generator/trainer gap, weighted
+    by the importance correction), and the reward still rises."""
+    steps = 20
+    extra = ["grpo.async_grpo.enabled=true", "loss_fn.use_importance_sampling_correction=true",
+             "data.val_split=null", "checkpointing.save_period=10"]
+    result = _run(_cfg(tiny_model_dir, tmp_path, f"grpo.max_num_steps={steps}", *extra))
+    rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards
+    rows = _train_rows(tmp_path / "logs")
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert rows[0]["train/gen_logprob_mismatch"] < 1e-3  # the first rollout is collected in its own step
+    assert all(r["train/gen_logprob_mismatch"] > 1e-3 for r in rows[1:])  # one update behind
+    assert all(r["train/importance_weight_mean"] != 1.0 for r in rows[1:])
+    assert all("time/rollout_wait_s" in r for r in rows[:-1])
+
+    # A resumed run redraws the rollout that was collected ahead, from the checkpoint's sampler
+    # position: with a reward that depends on the prompt only, every step's mean reward (its prompts)
+    # equals the uninterrupted run's.
+    by_prompt = [*extra[:3], "grpo.max_num_steps=6", "checkpointing.save_period=3",
+                 "env.reward_fn=grpo_reward_fns:answer_value"]
+    full = _run(_cfg(tiny_model_dir, tmp_path / "full", *by_prompt))
+    _run(_cfg(tiny_model_dir, tmp_path / "split", *by_prompt), stop_at_step=4)
+    resumed = _run(_cfg(tiny_model_dir, tmp_path / "split", *by_prompt))
+    assert sorted(resumed.train_rewards) == [4, 5, 6]
+    assert len(set(full.train_rewards.values())) == 6  # the batches are told apart
+    for step in (4, 5, 6):
+        assert resumed.train_rewards[step] == full.train_rewards[step], step

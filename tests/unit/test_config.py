@@ -465,3 +465,11 @@ def test_lora_settings_are_checked(run, override, pattern):
     with pytest.raises(ConfigError, match=pattern):
         load_config(run, None, [*BASE, "policy.lora.enabled=true", override])
     assert load_config(run, None, [*BASE, "policy.lora.enabled=true"]).policy.lora.dim == 8
+
+
+def test_async_grpo_needs_the_importance_sampling_correction():
+    with pytest.raises(ConfigError, match=r"grpo\.async_grpo\.enabled .* loss_fn\.use_importance_sampling_correction"):
+        load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true"])
+    cfg = load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true",
+                                            "loss_fn.use_importance_sampling_correction=true"])
+    assert cfg.grpo.async_grpo.enabled
