@@ -198,8 +198,11 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         groups = rollout(val_prompts, params, 1, {})
         return {f"val/{k}": v for k, v in _rollout_metrics(groups).items()}
 
+    def another_step_follows(step: int) -> bool:
+        return step < total_steps and (stop_at_step is None or step < stop_at_step)
+
     result = GRPOResult(steps=step)
-    # Async: one rollout collected ahead. The first one (also after a resume) is collected in step.
+    # Async: one rollout collected ahead. The first step (also after a resume) collects its own.
     prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rollout") if cfg.grpo.async_grpo.enabled else None
     ahead: Future | None = None
     try:
@@ -210,7 +213,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 result.val_accuracy[0] = metrics["val/accuracy"]
                 logger.log(metrics, step=0)
             task = progress.add_task("GRPO", total=total_steps, completed=step, info="")
-            while step < total_steps and (stop_at_step is None or step < stop_at_step):
+            while another_step_follows(step):
                 step += 1
                 step_start = time.perf_counter()
 
@@ -218,7 +221,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 #    with the weights the generators hold now, i.e. before this step's update)
                 current = ahead.result() if ahead is not None else collect(step)
                 ahead = None
-                if prefetch is not None and step < total_steps and (stop_at_step is None or step < stop_at_step):
+                if prefetch is not None and another_step_follows(step):
                     ahead = prefetch.submit(collect, step + 1)
                 groups, sampled, timings = current.groups, current.sampled, current.timings
                 metrics = {f"rollout/{k}": v for k, v in _rollout_metrics(sampled).items()}
@@ -248,7 +251,6 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                         for rank, part in enumerate(shard(chunk, policy.num_workers)):
                             per_rank[rank].append(Minibatch(part, tokens, float(len(chunk))))
                     metrics.update(policy.call_each("train", [(mbs,) for mbs in per_rank])[0])
-
                 else:
                     console.print(f"step {step}: no group had differing rewards; skipped the update")
                 if ahead is not None:  # the generators must finish the next rollout with the weights it began with
