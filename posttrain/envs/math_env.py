@@ -140,6 +140,11 @@ class MathEnvironment(Environment):
     def step(self, conversations: list[list[Message]], responses: list[str],
              metadata: list[dict[str, Any]]) -> EnvStepResult:
         self._check_batch(conversations, responses, metadata)
+        return self._score_all(conversations, responses, metadata)
+
+    def _score_all(self, conversations: list[list[Message]], responses: list[str],
+                   metadata: list[dict[str, Any]]) -> EnvStepResult:
+        """Every response scored as a final answer (each episode ends)."""
         rewards, infos = [], []
         for conversation, response, meta in zip(conversations, responses, metadata, strict=True):
             info: dict[str, Any] = {}
@@ -182,8 +187,8 @@ class MathToolEnvironment(MathEnvironment):
         actions = {i: action for i, response in enumerate(responses)
                    if (action := self.find_action(response)) is not None}
         answered = [i for i in range(len(responses)) if i not in actions]
-        scored = super().step([conversations[i] for i in answered], [responses[i] for i in answered],
-                              [metadata[i] for i in answered])
+        scored = self._score_all([conversations[i] for i in answered], [responses[i] for i in answered],
+                                 [metadata[i] for i in answered])
         n = len(responses)
         rewards, observations, done = [0.0] * n, [[] for _ in range(n)], [False] * n
         infos: list[dict[str, Any]] = [{} for _ in range(n)]
