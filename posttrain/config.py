@@ -85,6 +85,7 @@ class LoRAConfig:
     dropout: float = 0.0  # on the adapters' input
     # Module names to adapt (e.g. [q_proj, v_proj]); empty: every linear layer but the output head.
     target_modules: list[str] = field(default_factory=list)
+    exclude_modules: list[str] = field(default_factory=list)  # module names left out of the above
 
 
 @dataclass

@@ -198,4 +198,5 @@ def lora_identity(policy: PolicyConfig) -> dict[str, Any] | None:
     lora = policy.lora
     if not lora.enabled:
         return None
-    return {"dim": lora.dim, "alpha": lora.alpha, "target_modules": list(lora.target_modules)}
+    return {"dim": lora.dim, "alpha": lora.alpha, "target_modules": list(lora.target_modules),
+            "exclude_modules": list(lora.exclude_modules)}

@@ -34,7 +34,7 @@ def add_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter_dir: str | Path | 
                         task_type="SEQ_CLS" if is_scorer else "CAUSAL_LM",
                         target_modules=list(cfg.target_modules) or "all-linear",
                         # A reward model's head is excluded from the adapters: it is trained whole.
-                        exclude_modules=["score"] if is_scorer else None)
+                        exclude_modules=[*cfg.exclude_modules, *(["score"] if is_scorer else [])] or None)
     with warnings.catch_warnings():  # PEFT asks transformers with a name it has since renamed
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if adapter_dir is not None:
@@ -43,8 +43,8 @@ def add_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter_dir: str | Path | 
             try:
                 adapted = get_peft_model(model, config)
             except ValueError as err:  # PEFT: none (or not all) of the target modules exist in the model
-                raise ConfigError(f"policy.lora.target_modules={list(cfg.target_modules)} do not fit "
-                                  f"{type(model).__name__}: {err}") from err
+                raise ConfigError(f"policy.lora.target_modules={list(cfg.target_modules)} (exclude_modules="
+                                  f"{list(cfg.exclude_modules)}) do not fit {type(model).__name__}: {err}") from err
     _check_mergeable(model)
     for param in model.parameters():  # what trains does so in float32, also a head copied from a bfloat16 base
         if param.requires_grad:

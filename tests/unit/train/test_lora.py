@@ -119,6 +119,12 @@ def test_adapters_that_could_not_be_merged_are_a_config_error(tiny_model_dir, ta
         add_lora(model, LoRAConfig(enabled=True, target_modules=targets))
 
 
+def test_excluded_modules_take_no_adapters(tiny_model_dir):
+    policy = _lora_policy(tiny_model_dir, exclude_modules=["down_proj", "o_proj"])
+    trained = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in policy.model.named_parameters() if p.requires_grad}
+    assert trained == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+
+
 def test_chosen_target_modules_only(tiny_model_dir):
     policy = _lora_policy(tiny_model_dir, target_modules=["q_proj", "v_proj"])
     trained = {n.split(".lora_")[0].rsplit(".", 1)[1] for n, p in policy.model.named_parameters() if p.requires_grad}
