@@ -39,7 +39,7 @@ from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
     find_resume_checkpoint,
-    lora_identity,
+    model_identity,
     read_state,
     resumed_message,
     save_run_checkpoint,
@@ -88,8 +88,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     transformers.set_seed(cfg.grpo.seed)
     ckpt = CheckpointManager(cfg.checkpointing)
     resume_dir = find_resume_checkpoint(cfg.checkpointing, ckpt)
-    identity = {"model_name": cfg.policy.model_name, "data": to_dict(cfg.data), "seed": cfg.grpo.seed,
-                "num_prompts_per_step": cfg.grpo.num_prompts_per_step, "lora": lora_identity(cfg.policy)}
+    identity = {**model_identity(cfg.policy, cfg.data, cfg.grpo.seed),
+                "num_prompts_per_step": cfg.grpo.num_prompts_per_step}
     if resume_dir is not None:
         check_identity(read_state(resume_dir)["identity"], identity, resume_dir)
 
@@ -253,7 +253,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                     metrics.update(policy.call_each("train", [(mbs,) for mbs in per_rank])[0])
                 else:
                     console.print(f"step {step}: no group had differing rewards; skipped the update")
-                if ahead is not None:  # the generators must finish the next rollout with the weights it began with
+                if ahead is not None:  # the next rollout ends with the weights it began with (and before validation)
                     start = time.perf_counter()
                     ahead.exception()
                     timings["time/rollout_wait_s"] = time.perf_counter() - start

@@ -180,23 +180,24 @@ def save_run_checkpoint(manager: CheckpointManager, step: int, save_model: Calla
     manager.save(step, {"identity": identity, "sampler": sampler_state, "metrics": metrics}, write)
 
 
-def run_identity(policy: PolicyConfig, data: DataConfig, seed: int) -> dict[str, Any]:
-    """What must match for a checkpoint to continue an SFT, DPO or RM run."""
+def model_identity(policy: PolicyConfig, data: DataConfig, seed: int) -> dict[str, Any]:
+    """What must match for a checkpoint to continue any run: model, data, seed and the adapters'
+    shape (a LoRA checkpoint resumes only into the same adapters; None without LoRA, as in
+    checkpoints written before LoRA existed)."""
+    lora = policy.lora
     return {
         "model_name": policy.model_name,
         "data": to_dict(data),
-        "train_global_batch_size": policy.train_global_batch_size,
-        "max_total_sequence_length": policy.max_total_sequence_length,
         "seed": seed,
-        "lora": lora_identity(policy),
+        "lora": {"dim": lora.dim, "alpha": lora.alpha, "target_modules": list(lora.target_modules),
+                 "exclude_modules": list(lora.exclude_modules)} if lora.enabled else None,
     }
 
 
-def lora_identity(policy: PolicyConfig) -> dict[str, Any] | None:
-    """The adapters' shape: a LoRA checkpoint resumes only into the same adapters (None: no LoRA,
-    as in checkpoints written before LoRA existed)."""
-    lora = policy.lora
-    if not lora.enabled:
-        return None
-    return {"dim": lora.dim, "alpha": lora.alpha, "target_modules": list(lora.target_modules),
-            "exclude_modules": list(lora.exclude_modules)}
+def run_identity(policy: PolicyConfig, data: DataConfig, seed: int) -> dict[str, Any]:
+    """What must match for a checkpoint to continue an SFT, DPO or RM run."""
+    return {
+        **model_identity(policy, data, seed),
+        "train_global_batch_size": policy.train_global_batch_size,
+        "max_total_sequence_length": policy.max_total_sequence_length,
+    }

@@ -95,8 +95,7 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     return merged
 
 
-def adapter_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The trained part of an adapted model's state dict (adapters and fully trained modules), in
-    the naming PEFT's `save_pretrained(state_dict=...)` expects."""
-    return {f"base_model.model.{name}": tensor for name, tensor in state.items()
-            if _A in name or _B in name or _TRAINED_COPY in name}
+def peft_named(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapted model's state dict under the PEFT wrapper's names, as its `save_pretrained(state_dict=...)`
+    takes it (PEFT keeps the adapters and fully trained modules of it)."""
+    return {f"base_model.model.{name}": tensor for name, tensor in state.items()}

@@ -24,7 +24,7 @@ from posttrain.train.fsdp import (
     shard_model,
 )
 from posttrain.train.logprobs import supports_shared_prefix
-from posttrain.train.lora import ADAPTER_DIR, adapter_state_dict, add_lora, lora_scaling, merged_state_dict
+from posttrain.train.lora import ADAPTER_DIR, add_lora, lora_scaling, merged_state_dict, peft_named
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -249,7 +249,7 @@ class Policy:
             state = self._own_state_dict()
             if self.rank == 0:
                 if self.adapted is not None:
-                    self.adapted.save_pretrained(directory / ADAPTER_DIR, state_dict=adapter_state_dict(state))
+                    self.adapted.save_pretrained(directory / ADAPTER_DIR, state_dict=peft_named(state))
                     state = merged_state_dict(state, lora_scaling(self.cfg.lora))
                 self.model.save_pretrained(directory, state_dict=state)
         if self.rank == 0:
