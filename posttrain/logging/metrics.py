@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -87,7 +88,7 @@ class MetricsLogger:
             raise ValueError("'step' is reserved for the step number; rename that metric")
         values = {name: _to_float(name, value) for name, value in metrics.items()}
 
-        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.write(json.dumps({"step": step, **strict_json_numbers(values)}) + "\n")
         self._jsonl.flush()  # a crash must not lose logged steps
         if self._tb is not None:
             for name, value in values.items():
@@ -166,6 +167,12 @@ def _import_optional(name: str) -> ModuleType:
             f"logger.{name}_enabled is true but {name} is not installed; "
             f"run `pip install 'posttrain[{name}]'` or set logger.{name}_enabled=false"
         ) from e
+
+
+def strict_json_numbers(values: Mapping[str, Any]) -> dict[str, Any]:
+    """NaN and infinities as null: Python would write them as bare NaN/Infinity, which is not
+    JSON, and jq, JavaScript and most other readers reject the whole file."""
+    return {name: None if isinstance(v, float) and not math.isfinite(v) else v for name, v in values.items()}
 
 
 def _to_float(name: str, value: Any) -> float:

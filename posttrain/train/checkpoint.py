@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from posttrain.config import CheckpointingConfig, ConfigError, DataConfig, PolicyConfig, to_dict
+from posttrain.logging.metrics import strict_json_numbers
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
@@ -177,7 +178,7 @@ def save_run_checkpoint(manager: CheckpointManager, step: int, save_model: Calla
         save_model(directory)
         torch.save(rng_state(), directory / "rng.pt")
 
-    manager.save(step, {"identity": identity, "sampler": sampler_state, "metrics": metrics}, write)
+    manager.save(step, {"identity": identity, "sampler": sampler_state, "metrics": strict_json_numbers(metrics)}, write)
 
 
 def model_identity(policy: PolicyConfig, data: DataConfig, seed: int) -> dict[str, Any]:

@@ -159,15 +159,23 @@ class Policy:
             self.grad_scaler.unscale_(self.optimizer)
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm is not None else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
+            grad_norm = grad_norm.full_tensor()
         lr = self.scheduler.get_last_lr()[0]
         if self.grad_scaler:  # skips the step when the scaled gradients overflowed, and adapts the scale
             self.grad_scaler.step(self.optimizer)
             self.grad_scaler.update()
         else:
+            # A NaN or infinite gradient would write itself into every weight (and every later
+            # checkpoint), so the step is refused; the norm is the same on every rank.
+            if not torch.isfinite(grad_norm):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise FloatingPointError(
+                    f"the gradient norm is {float(grad_norm)} (loss {total.item()}): the optimizer step was not "
+                    "taken and the weights are as before it. Lower policy.optimizer.lr, keep "
+                    "policy.max_grad_norm set, or check the objective and the data of this step")
             self.optimizer.step()
         self.scheduler.step()
-        if hasattr(grad_norm, "full_tensor"):  # a DTensor when the parameters are sharded
-            grad_norm = grad_norm.full_tensor()
         return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr, "metrics": metrics}
 
     @torch.no_grad()

@@ -178,3 +178,12 @@ def test_progress_shows_count_and_info_when_not_a_tty():
         task = progress.add_task("train", total=4, info="")
         progress.update(task, advance=4, info="loss 0.5")
     assert "4/4" in out.getvalue() and "loss 0.5" in out.getvalue()
+
+
+def test_non_finite_values_are_written_as_strict_json_null(tmp_path):
+    cfg = _cfg(tmp_path)
+    with MetricsLogger(cfg, console=_quiet()) as logger:
+        logger.log({"train/loss": float("nan"), "train/grad_norm": float("inf"), "train/lr": 0.5}, step=1)
+    text = (Path(cfg.log_dir) / "metrics.jsonl").read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert _read_jsonl(cfg) == [{"step": 1, "train/loss": None, "train/grad_norm": None, "train/lr": 0.5}]

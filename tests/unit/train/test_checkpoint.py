@@ -1,5 +1,6 @@
 """Checkpoints: atomic writes, what counts as complete, pruning, identity and RNG state."""
 
+import json
 import os
 import random
 import shutil
@@ -18,6 +19,7 @@ from posttrain.train.checkpoint import (
     read_state,
     resumed_message,
     rng_state,
+    save_run_checkpoint,
     set_rng_state,
 )
 
@@ -171,6 +173,16 @@ def test_nan_metric_is_ranked_last_not_kept_as_best(tmp_path):
     for step, loss in {1: float("nan"), 2: 0.1, 3: 0.2, 4: 0.3}.items():
         mgr.save(step, {"metrics": {"val/loss": loss}}, write_weights)
     assert steps(mgr) == [2, 3, 4]
+
+
+def test_a_run_checkpoint_writes_a_diverged_metric_as_strict_json(tmp_path):
+    mgr = manager(tmp_path, keep_top_k=1, metric_name="val/loss")
+    for step, loss in {1: 0.1, 2: float("nan")}.items():
+        save_run_checkpoint(mgr, step, write_weights, {}, {}, {"val/loss": loss})
+    text = (tmp_path / "ckpt" / "step_2" / STATE_FILE).read_text()
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert read_state(tmp_path / "ckpt" / "step_2")["metrics"] == {"val/loss": None}
+    assert steps(mgr) == [1, 2]  # the best (step 1) and the latest
 
 
 def test_checkpoint_folder_follows_the_umask_not_private(tmp_path):

@@ -67,3 +67,18 @@ def test_objective_metrics_are_summed_and_fillers_count_for_nothing(tiny_model_d
     evaluated = padded.evaluate([first, second], _objective, real=1)
     assert evaluated["metrics"] == {"tokens": 12.0}
     assert evaluated["loss"] == pytest.approx(padded.evaluate([first], _objective)["loss"])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_is_refused_and_leaves_the_weights(tiny_model_dir, bad):
+    cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu", optimizer=OptimizerConfig(lr=1e-2))
+    policy = Policy(cfg, total_steps=3)
+    batch = {"input_ids": torch.randint(3, 400, (2, 6))}
+    policy.train_step([batch], lambda model, b: _objective(model, b)[0])  # a good step first
+    before = [p.detach().clone() for p in policy.model.parameters()]
+    with pytest.raises(FloatingPointError, match="gradient norm is (nan|inf).*step was not taken"):
+        policy.train_step([batch], lambda model, b: _objective(model, b)[0] * bad)
+    assert all(torch.equal(a, p) for a, p in zip(before, policy.model.parameters(), strict=True))
+    assert all(p.grad is None for p in policy.model.parameters())
+    policy.train_step([batch], lambda model, b: _objective(model, b)[0])  # training can go on from here
+    assert all(torch.isfinite(p).all() for p in policy.model.parameters())
