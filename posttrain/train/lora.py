@@ -38,7 +38,9 @@ def add_lora(model: torch.nn.Module, cfg: LoRAConfig, adapter_dir: str | Path | 
     with warnings.catch_warnings():  # PEFT asks transformers with a name it has since renamed
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if adapter_dir is not None:
-            adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
+            # The current config, not the saved one: the shapes are the checkpoint's (its identity
+            # says so) and a training setting such as dropout is this run's to choose.
+            adapted = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True, config=config)
         else:
             try:
                 adapted = get_peft_model(model, config)

@@ -148,3 +148,14 @@ def test_in_bfloat16_the_frozen_base_is_held_in_bfloat16_and_the_adapters_train_
     assert merged.dtype == torch.bfloat16
     with torch.no_grad():  # the merge rounds W + BA to bfloat16 once
         torch.testing.assert_close(merged(input_ids=IDS).logits.float(), adapted_logits, rtol=0, atol=0.02)
+
+
+@pytest.mark.parametrize("saved, resumed", [(0.1, 0.3), (0.0, 0.2), (0.2, 0.0)])
+def test_a_resumed_run_trains_with_its_own_dropout(tiny_model_dir, tmp_path, saved, resumed):
+    policy = _lora_policy(tiny_model_dir, dropout=saved)
+    policy.save(tmp_path)
+    restored = _lora_policy(tiny_model_dir, weights_path=tmp_path / "model", dropout=resumed)
+    rates = {m.p if isinstance(m, torch.nn.Dropout) else 0.0
+             for name, m in restored.model.named_modules() if name.endswith("lora_dropout.default")}
+    assert rates == {resumed}
+    torch.testing.assert_close(restored.full_state_dict(), policy.full_state_dict())
