@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, OSError) as err:
+    except (ConfigError, DataError, FileNotFoundError, OSError, FloatingPointError) as err:
         Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}")
         return 2
     return 0

@@ -115,6 +115,19 @@ def test_cli_runs_the_example_config(tiny_model_dir, tmp_path):
     assert any((tmp_path / "logs" / "tensorboard").iterdir())
 
 
+def test_a_diverging_run_stops_with_a_message_before_a_nan_reaches_the_weights(tiny_model_dir, tmp_path, capsys):
+    """lr 1e30: the first step is finite but throws the weights so far that the next gradients overflow."""
+    code = main(["sft", f"policy.model_name={tiny_model_dir}", "policy.optimizer.lr=1e30", "sft.max_num_steps=5",
+                 "data.arithmetic.num_train=200", "data.val_split=null", "checkpointing.save_period=1",
+                 "logger.tensorboard_enabled=false", f"logger.log_dir={tmp_path / 'logs'}",
+                 f"checkpointing.checkpoint_dir={tmp_path / 'ckpt'}"])
+    assert code == 2
+    assert "the gradient norm is nan" in capsys.readouterr().err.replace("\n", " ")
+    assert [r["step"] for r in _logged(tmp_path / "logs")] == [1]
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt" / "step_1" / "model")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
 def test_sft_on_a_local_hf_datasets_folder_with_splits(tiny_model_dir, tmp_path):
     """The Hugging Face `datasets` path, offline: a folder whose files name the splits."""
     data = tmp_path / "chat_data"
