@@ -1,17 +1,30 @@
-"""The DPO objective as pure functions on tensors.
+"""The DPO objective and its variants as pure functions on tensors.
 
-The implicit reward of a reply is beta * (log pi(reply) - log pi_ref(reply)); the sigmoid loss
--log sigmoid(reward_chosen - reward_rejected) pushes the chosen reply's reward above the
-rejected one's. Like the SFT loss, every term is summed over pairs and divided by the pair count
-of the *global* batch, so micro-batching leaves gradients and metrics unchanged.
+The implicit reward of a reply is beta * (log pi(reply) - log pi_ref(reply)). Each loss pushes
+the chosen reply's reward above the rejected one's through the log-ratio margin
+delta = (log pi - log pi_ref)(chosen) - (log pi - log pi_ref)(rejected):
+
+- sigmoid (DPO): -log sigmoid(beta delta); with label smoothing e, the conservative cDPO
+  (1 - e) * -log sigmoid(beta delta) + e * -log sigmoid(-beta delta), for labels flipped with
+  probability e;
+- robust (robust DPO): the unbiased form for such labels,
+  ((1 - e) * -log sigmoid(beta delta) - e * -log sigmoid(-beta delta)) / (1 - 2e);
+- hinge (SLiC): max(0, 1 - beta delta);
+- ipo (IPO): (delta - 1 / (2 beta))^2, which regresses the margin to a fixed value instead of
+  pushing it without bound; its authors' results use per-token mean log-probs
+  (dpo.preference_average_log_probs=true).
+
+Like the SFT loss, every term is summed over pairs and divided by the pair count of the *global*
+batch, so micro-batching leaves gradients and metrics unchanged.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from posttrain.algos.rm import rm_loss
-from posttrain.config import DPOConfig
+from posttrain.algos.rm import preference_metrics
+from posttrain.config import DPOConfig, DPOLossType
 
 
 def sequence_logprob(logprobs: torch.Tensor, loss_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -27,16 +40,30 @@ def dpo_loss(
     reference_rejected: torch.Tensor,
     beta: float,
     num_pairs: int | float | None = None,
+    loss_type: DPOLossType = "sigmoid",
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sigmoid DPO loss from sequence log-probs [N] of N pairs, and its reward metrics.
+    """The preference loss of `loss_type` from sequence log-probs [N] of N pairs, and its reward metrics.
 
     `num_pairs` is the global batch's pair count (default N); loss and metrics are sums divided by it.
     """
-    # The Bradley-Terry loss of a reward model, with DPO's implicit reward beta * log(pi / pi_ref).
-    loss, metrics = rm_loss(beta * (policy_chosen - reference_chosen), beta * (policy_rejected - reference_rejected),
-                            num_pairs)
+    n = float(num_pairs if num_pairs is not None else policy_chosen.numel())
+    chosen_ratio, rejected_ratio = policy_chosen - reference_chosen, policy_rejected - reference_rejected
+    delta = chosen_ratio - rejected_ratio
+    if loss_type == "sigmoid":
+        per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
+    elif loss_type == "robust":
+        per_pair = (-(1 - label_smoothing) * F.logsigmoid(beta * delta)
+                    + label_smoothing * F.logsigmoid(-beta * delta)) / (1 - 2 * label_smoothing)
+    elif loss_type == "hinge":
+        per_pair = torch.relu(1 - beta * delta)
+    elif loss_type == "ipo":
+        per_pair = (delta - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}")
+    metrics = preference_metrics(beta * chosen_ratio, beta * rejected_ratio, n)
     metrics["reward_accuracy"] = metrics.pop("accuracy")  # ties (step 0) count as wrong
-    return loss, metrics
+    return per_pair.sum() / n, metrics
 
 
 def dpo_objective(
@@ -58,7 +85,7 @@ def dpo_objective(
     policy_chosen, policy_rejected = sequence_logprob(logprobs, loss_mask, avg).chunk(2)
     reference_chosen, reference_rejected = sequence_logprob(reference_logprobs, loss_mask, avg).chunk(2)
     preference, metrics = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                                   cfg.reference_policy_kl_penalty, n)
+                                   cfg.reference_policy_kl_penalty, n, cfg.loss_type, cfg.label_smoothing)
     chosen_logprobs, chosen_mask = logprobs.chunk(2)[0], loss_mask.chunk(2)[0]
     sft = -sequence_logprob(chosen_logprobs, chosen_mask, cfg.sft_average_log_probs).sum() / float(n)
     metrics["preference_loss"] = preference.detach()

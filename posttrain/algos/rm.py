@@ -22,15 +22,20 @@ def rm_loss(
     `num_pairs` is the global batch's pair count (default N); loss and metrics are sums divided by it.
     """
     n = float(num_pairs if num_pairs is not None else rewards_chosen.numel())
-    margin = rewards_chosen - rewards_rejected
-    loss = -F.logsigmoid(margin).sum() / n
-    metrics = {
-        "accuracy": (margin.detach() > 0).float().sum() / n,  # ties count as wrong
-        "margin": margin.detach().sum() / n,
-        "rewards_chosen": rewards_chosen.detach().sum() / n,
-        "rewards_rejected": rewards_rejected.detach().sum() / n,
+    loss = -F.logsigmoid(rewards_chosen - rewards_rejected).sum() / n
+    return loss, preference_metrics(rewards_chosen, rewards_rejected, n)
+
+
+def preference_metrics(rewards_chosen: torch.Tensor, rewards_rejected: torch.Tensor, num_pairs: float
+                       ) -> dict[str, torch.Tensor]:
+    """Accuracy, margin and mean rewards of N pairs, as sums divided by the global pair count."""
+    margin = (rewards_chosen - rewards_rejected).detach()
+    return {
+        "accuracy": (margin > 0).float().sum() / num_pairs,  # ties count as wrong
+        "margin": margin.sum() / num_pairs,
+        "rewards_chosen": rewards_chosen.detach().sum() / num_pairs,
+        "rewards_rejected": rewards_rejected.detach().sum() / num_pairs,
     }
-    return loss, metrics
 
 
 def rm_objective(scores: torch.Tensor, num_pairs: int | float | None = None

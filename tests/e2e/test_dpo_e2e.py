@@ -64,6 +64,20 @@ def test_dpo_learns_to_prefer_the_chosen_replies(tiny_model_dir, tmp_path):
     assert (result.final_model_dir / "config.json").is_file()
 
 
+
+@pytest.mark.parametrize("variant", [("dpo.loss_type=ipo", "dpo.preference_average_log_probs=true"),
+                                     ("dpo.loss_type=hinge",),
+                                     ("dpo.loss_type=robust", "dpo.label_smoothing=0.1")])
+def test_each_loss_variant_learns_to_prefer_the_chosen_replies(tiny_model_dir, tmp_path, variant):
+    result = run_dpo(_cfg(tiny_model_dir, tmp_path, "dpo.max_num_steps=14", "dpo.val_period=0",
+                          "checkpointing.enabled=false", *variant))
+    train = [result.train_metrics[s] for s in sorted(result.train_metrics)]
+    assert train[0]["train/margin"] == 0.0
+    late = train[-4:]  # IPO moves slowest: its loss regresses the margin to 1 / (2 beta) = 5 nats per token
+    assert sum(m["train/reward_accuracy"] for m in late) / 4 > 0.6
+    assert sum(m["train/margin"] for m in late) / 4 > 0.0
+    assert sum(m["train/loss"] for m in late) / 4 < train[0]["train/loss"]
+
 def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):
     steps = ["dpo.max_num_steps=4", "checkpointing.save_period=2", "dpo.val_period=0", "dpo.val_at_start=false"]
     full = run_dpo(_cfg(tiny_model_dir, tmp_path / "full", *steps))

@@ -313,10 +313,14 @@ def test_dpo_defaults_pass_check():
     ("dpo.val_micro_batch_size=5", r"dpo\.val_global_batch_size \(32\) must be a multiple"),
     ("policy.sequence_packing.enabled=true", r"sequence_packing\.enabled is not supported for DPO"),
     ("dpo.preference_average_logprobs=true", r"did you mean 'dpo\.preference_average_log_probs'"),
+    ("dpo.loss_type=kto", r"dpo\.loss_type"),
+    ("dpo.label_smoothing=0.5", r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
+    ("dpo.label_smoothing=-0.1", r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
+    ("dpo.loss_type=ipo dpo.label_smoothing=0.1", r"label_smoothing applies to loss_type sigmoid or robust, not 'ipo'"),
 ])
 def test_dpo_check_names_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        dpo(override)
+        dpo(*override.split())
 
 
 def test_dpo_example_config_loads_and_passes_check():

@@ -26,6 +26,43 @@ def test_dpo_loss_matches_hand_computation():
     assert m["reward_accuracy"].item() == pytest.approx(0.5)
 
 
+# Log-ratio margins of the pairs above: delta = [2, -1]; beta 0.5 makes beta * delta = [1, -0.5].
+DELTA_INPUTS = (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.tensor([-2.0, -2.0]),
+                torch.tensor([-2.0, -2.0]))
+
+
+@pytest.mark.parametrize("loss_type, smoothing, per_pair", [
+    ("sigmoid", 0.0, [softplus(-1.0), softplus(0.5)]),
+    ("sigmoid", 0.2, [0.8 * softplus(-1.0) + 0.2 * softplus(1.0), 0.8 * softplus(0.5) + 0.2 * softplus(-0.5)]),
+    ("robust", 0.2, [(0.8 * softplus(-1.0) - 0.2 * softplus(1.0)) / 0.6,
+                     (0.8 * softplus(0.5) - 0.2 * softplus(-0.5)) / 0.6]),
+    ("hinge", 0.0, [0.0, 1.5]),
+    ("ipo", 0.0, [(2 - 1) ** 2, (-1 - 1) ** 2]),  # 1 / (2 beta) = 1
+])
+def test_each_loss_type_matches_hand_computation(loss_type, smoothing, per_pair):
+    loss, m = dpo_loss(*DELTA_INPUTS, beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
+    assert loss.item() == pytest.approx(sum(per_pair) / 2, abs=1e-6)
+    assert m["margin"].item() == pytest.approx(0.25) and m["reward_accuracy"].item() == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+def test_every_loss_type_raises_chosen_and_lowers_rejected(loss_type):
+    chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
+    loss, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1,
+                       loss_type=loss_type, label_smoothing=0.1 if loss_type == "robust" else 0.0)
+    loss.backward()
+    assert chosen.grad.item() < 0 < rejected.grad.item()
+
+
+def test_ipo_stops_pushing_once_the_margin_reaches_its_target():
+    """Unlike the sigmoid loss, IPO's gradient vanishes at delta = 1 / (2 beta) and turns back beyond it."""
+    def gradient(delta: float) -> float:
+        chosen = torch.tensor([delta], requires_grad=True)
+        dpo_loss(chosen, torch.zeros(1), torch.zeros(1), torch.zeros(1), beta=0.25, loss_type="ipo")[0].backward()
+        return chosen.grad.item()
+    assert gradient(1.0) < 0 and gradient(2.0) == 0 and gradient(3.0) > 0
+
+
 def test_policy_equal_to_reference_gives_log_2_and_no_accuracy():
     x = torch.tensor([-4.0, -7.0, -1.0])
     loss, m = dpo_loss(x, x - 1, x, x - 1, beta=0.1)
@@ -103,7 +140,7 @@ def test_objective_rejects_an_odd_number_of_rows():
 # --------------------------------------------------------------------------- TRL
 
 
-def _trl_loss(logprobs, ref_logprobs, mask, beta, loss_types, loss_weights):
+def _trl_loss(logprobs, ref_logprobs, mask, beta, loss_types, loss_weights, label_smoothing=0.0):
     """TRL's own DPOTrainer._compute_loss on fixed tensors: the model is a stub whose fused LM head
     returns our per-token log-probs (zero outside the completion, as TRL's labels=-100 gives), and
     the reference log-probs are "precomputed" sequence sums."""
@@ -131,6 +168,7 @@ def _trl_loss(logprobs, ref_logprobs, mask, beta, loss_types, loss_weights):
                                                  gather_for_metrics=lambda x: x),
         aux_loss_enabled=False, ld_alpha=None, precompute_ref_logps=True, f_divergence_type="reverse_kl",
         loss_types=loss_types, loss_weights=loss_weights, beta=beta, use_weighting=False,
+        label_smoothing=label_smoothing,
         _metrics={"train": defaultdict(list), "eval": defaultdict(list)}, _total_train_tokens=0, _tp_size=1)
     loss = trainer_mod.DPOTrainer._compute_loss(trainer, model, inputs, False)
     return loss, trainer._metrics["train"]
@@ -175,4 +213,16 @@ def test_sft_term_matches_trl_when_chosen_lengths_are_equal():
     cfg = DPOConfig(reference_policy_kl_penalty=0.1, sft_loss_weight=0.7, sft_average_log_probs=True)
     ours, _ = dpo_objective(logprobs, ref, mask, cfg)
     theirs, _ = _trl_loss(logprobs, ref, mask, 0.1, ["sigmoid", "sft"], [1.0, 0.7])
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("loss_type, smoothing, average", [
+    ("hinge", 0.0, False), ("robust", 0.2, False), ("ipo", 0.0, True),  # TRL's IPO takes per-token means
+])
+def test_loss_variants_match_trl(loss_type, smoothing, average):
+    logprobs, ref, mask = _fixed_tensors()
+    cfg = DPOConfig(reference_policy_kl_penalty=0.3, loss_type=loss_type, label_smoothing=smoothing,
+                    preference_average_log_probs=average)
+    ours, _ = dpo_objective(logprobs, ref, mask, cfg)
+    theirs, _ = _trl_loss(logprobs, ref, mask, 0.3, [loss_type], [1.0], label_smoothing=smoothing)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
