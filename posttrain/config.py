@@ -432,17 +432,20 @@ class GRPORunConfig:
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 
 
-DPOLossType = Literal["sigmoid", "robust", "hinge", "ipo"]
+DPOLossType = Literal["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"]
+REFERENCE_FREE_DPO_LOSSES = ("simpo", "orpo")  # need no reference model
 
 
 @dataclass
 class DPOConfig(LoopConfig):
     reference_policy_kl_penalty: float = 0.05  # beta: scale of the implicit reward log(pi / pi_ref)
-    # sigmoid (DPO), robust (robust DPO), hinge (SLiC) or ipo (IPO); formulas in posttrain/algos/dpo.py
+    # sigmoid (DPO), robust (robust DPO), hinge (SLiC), ipo (IPO), or the reference-free simpo (SimPO)
+    # and orpo (ORPO, with an SFT term); formulas in posttrain/algos/dpo.py
     loss_type: DPOLossType = "sigmoid"
     # Assumed fraction of flipped preference labels, in [0, 0.5): conservative DPO (cDPO) with
-    # loss_type=sigmoid, the unbiased robust-DPO loss with loss_type=robust
+    # loss_type=sigmoid (and simpo), the unbiased robust-DPO loss with loss_type=robust
     label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
     sft_loss_weight: float = 0.0  # weight of an added NLL term on the chosen replies
     preference_average_log_probs: bool = False  # preference term on per-token mean log-probs, not sums
     sft_average_log_probs: bool = False  # SFT term on per-token mean log-probs, not sums
@@ -468,8 +471,12 @@ class DPORunConfig:
         _positive(self, "dpo.reference_policy_kl_penalty")
         _require(d.sft_loss_weight >= 0, f"dpo.sft_loss_weight must be >= 0, got {d.sft_loss_weight}")
         _require(0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}")
-        _require(d.label_smoothing == 0 or d.loss_type in ("sigmoid", "robust"),
-                 f"dpo.label_smoothing applies to loss_type sigmoid or robust, not {d.loss_type!r}")
+        _require(d.label_smoothing == 0 or d.loss_type in ("sigmoid", "robust", "simpo"),
+                 f"dpo.label_smoothing applies to loss_type sigmoid, robust or simpo, not {d.loss_type!r}")
+        _require(d.loss_type not in REFERENCE_FREE_DPO_LOSSES or d.preference_average_log_probs,
+                 f"dpo.loss_type={d.loss_type} is defined on per-token mean log-probs: set "
+                 "dpo.preference_average_log_probs=true")
+        _require(d.simpo_gamma >= 0, f"dpo.simpo_gamma must be >= 0, got {d.simpo_gamma}")
         _check_pair_batching(p, "DPO")
         _check_common(self.policy, self.data, self.cluster, self.checkpointing)
 

@@ -1,8 +1,8 @@
 """Direct preference optimisation, top to bottom.
 
 preference pairs -> micro-batches of [chosen; rejected] rows -> reference log-probs (frozen
-starting model, no grad) -> sigmoid DPO loss (+ optional SFT term) -> optimizer step -> validation
--> logs -> atomic checkpoint; resumes exactly from the latest checkpoint.
+starting model, no grad; none for SimPO and ORPO) -> preference loss (+ optional SFT term) ->
+optimizer step -> validation -> logs -> atomic checkpoint; resumes exactly from the latest checkpoint.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import transformers
 from rich.console import Console
 
 from posttrain.algos.dpo import dpo_objective
-from posttrain.config import DPORunConfig, save_config, to_dict
+from posttrain.config import REFERENCE_FREE_DPO_LOSSES, DPORunConfig, save_config, to_dict
 from posttrain.data.preference import (
     PreferenceDataset,
     PreferencePair,
@@ -83,9 +83,11 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
 
     # ---- model, frozen reference, optimizer, resume
     # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls; either holds
-    # the frozen reference, the starting model (policy.model_name) also when resuming.
+    # the frozen reference, the starting model (policy.model_name) also when resuming. A
+    # reference-free loss (SimPO, ORPO) loads none.
+    with_reference = cfg.dpo.loss_type not in REFERENCE_FREE_DPO_LOSSES
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.dpo.seed, tokenizer=tokenizer,
-                         weights_path=resume_dir / "model" if resume_dir else None, with_reference=True)
+                         weights_path=resume_dir / "model" if resume_dir else None, with_reference=with_reference)
     step = 0
     if resume_dir is not None:
         state = read_state(resume_dir)
@@ -109,18 +111,20 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     logprobs_of = shared_prefix_logprobs if shared else sequence_logprobs
 
     def micro_batches(pairs: list[PreferencePair], size: int, training: bool) -> list[dict[str, torch.Tensor]]:
-        """Micro-batches of `size` pairs (or their token budget) carrying the reference model's per-token log-probs."""
+        """Micro-batches of `size` pairs (or their token budget), carrying the reference model's per-token
+        log-probs where the loss has a reference."""
         budget = cfg.policy.token_budget(size, rows_per_item=2, training=training)
         batches = make_batches(pairs, size, tokenizer.pad_token_id, budget)
-        references = policy.reference_outputs(batches, lambda reference, batch: logprobs_of(reference, batch)[0])
-        for batch, reference_logprobs in zip(batches, references, strict=True):
-            batch["reference_logprobs"] = reference_logprobs
+        if with_reference:
+            references = policy.reference_outputs(batches, lambda reference, batch: logprobs_of(reference, batch)[0])
+            for batch, reference_logprobs in zip(batches, references, strict=True):
+                batch["reference_logprobs"] = reference_logprobs
         return batches
 
     def objective_of(num_pairs: int):
         def objective(model, batch):
             logprobs, mask = logprobs_of(model, batch)
-            return dpo_objective(logprobs, batch["reference_logprobs"], mask, cfg.dpo, num_pairs)
+            return dpo_objective(logprobs, batch.get("reference_logprobs"), mask, cfg.dpo, num_pairs)
         return objective
 
     # Validation pairs and their reference log-probs are fixed: computed once, reused every time.

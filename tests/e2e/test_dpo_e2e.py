@@ -9,7 +9,9 @@ import pytest
 
 from posttrain.cli import main
 from posttrain.config import DPORunConfig, load_config
+from posttrain.loops import dpo as dpo_loop
 from posttrain.loops.dpo import run_dpo
+from posttrain.train.policy_group import make_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -67,15 +69,23 @@ def test_dpo_learns_to_prefer_the_chosen_replies(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("variant", [("dpo.loss_type=ipo", "dpo.preference_average_log_probs=true"),
                                      ("dpo.loss_type=hinge",),
-                                     ("dpo.loss_type=robust", "dpo.label_smoothing=0.1")])
-def test_each_loss_variant_learns_to_prefer_the_chosen_replies(tiny_model_dir, tmp_path, variant):
+                                     ("dpo.loss_type=robust", "dpo.label_smoothing=0.1"),
+                                     ("dpo.loss_type=simpo", "dpo.preference_average_log_probs=true",
+                                      "dpo.reference_policy_kl_penalty=2.0"),
+                                     ("dpo.loss_type=orpo", "dpo.preference_average_log_probs=true",
+                                      "dpo.sft_loss_weight=1.0", "dpo.sft_average_log_probs=true",
+                                      "dpo.reference_policy_kl_penalty=1.0")])
+def test_each_loss_variant_learns_to_prefer_the_chosen_replies(tiny_model_dir, tmp_path, variant, monkeypatch):
+    built = []
+    monkeypatch.setattr(dpo_loop, "make_policy", lambda *a, **kw: built.append(kw) or make_policy(*a, **kw))
     result = run_dpo(_cfg(tiny_model_dir, tmp_path, "dpo.max_num_steps=14", "dpo.val_period=0",
                           "checkpointing.enabled=false", *variant))
+    # SimPO and ORPO load no reference model
+    assert built[0]["with_reference"] == (variant[0] not in ("dpo.loss_type=simpo", "dpo.loss_type=orpo"))
     train = [result.train_metrics[s] for s in sorted(result.train_metrics)]
-    assert train[0]["train/margin"] == 0.0
     late = train[-4:]  # IPO moves slowest: its loss regresses the margin to 1 / (2 beta) = 5 nats per token
     assert sum(m["train/reward_accuracy"] for m in late) / 4 > 0.6
-    assert sum(m["train/margin"] for m in late) / 4 > 0.0
+    assert sum(m["train/margin"] for m in late) / 4 > max(train[0]["train/margin"], 0.0)
     assert sum(m["train/loss"] for m in late) / 4 < train[0]["train/loss"]
 
 def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):

@@ -316,7 +316,11 @@ def test_dpo_defaults_pass_check():
     ("dpo.loss_type=kto", r"dpo\.loss_type"),
     ("dpo.label_smoothing=0.5", r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
     ("dpo.label_smoothing=-0.1", r"dpo\.label_smoothing must be in \[0, 0\.5\)"),
-    ("dpo.loss_type=ipo dpo.label_smoothing=0.1", r"label_smoothing applies to loss_type sigmoid or robust, not 'ipo'"),
+    ("dpo.loss_type=ipo dpo.label_smoothing=0.1", r"label_smoothing applies to loss_type sigmoid, robust or simpo, "
+                                                  r"not 'ipo'"),
+    ("dpo.loss_type=simpo", r"dpo\.loss_type=simpo is defined on per-token mean log-probs: set "
+                            r"dpo\.preference_average_log_probs=true"),
+    ("dpo.loss_type=orpo dpo.preference_average_log_probs=true dpo.simpo_gamma=-1", r"dpo\.simpo_gamma must be >= 0"),
 ])
 def test_dpo_check_names_the_key(override, pattern):
     with pytest.raises(ConfigError, match=pattern):

@@ -38,6 +38,7 @@ DELTA_INPUTS = (torch.tensor([-1.0, -2.0]), torch.tensor([-3.0, -1.0]), torch.te
                      (0.8 * softplus(0.5) - 0.2 * softplus(-0.5)) / 0.6]),
     ("hinge", 0.0, [0.0, 1.5]),
     ("ipo", 0.0, [(2 - 1) ** 2, (-1 - 1) ** 2]),  # 1 / (2 beta) = 1
+    ("simpo", 0.0, [softplus(-(1 - 0.5)), softplus(-(-0.5 - 0.5))]),  # gamma 0.5 off beta * delta
 ])
 def test_each_loss_type_matches_hand_computation(loss_type, smoothing, per_pair):
     loss, m = dpo_loss(*DELTA_INPUTS, beta=0.5, loss_type=loss_type, label_smoothing=smoothing)
@@ -45,7 +46,15 @@ def test_each_loss_type_matches_hand_computation(loss_type, smoothing, per_pair)
     assert m["margin"].item() == pytest.approx(0.25) and m["reward_accuracy"].item() == pytest.approx(0.5)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo"])
+def test_orpo_matches_hand_computation():
+    """Mean log-probs log(0.5) and log(0.2): odds 1 and 0.25, so the log odds ratio is log 4."""
+    loss, m = dpo_loss(torch.tensor([math.log(0.5)]), torch.tensor([math.log(0.2)]), torch.zeros(1), torch.zeros(1),
+                       beta=0.1, loss_type="orpo")
+    assert loss.item() == pytest.approx(0.1 * softplus(-math.log(4.0)), abs=1e-6)
+    assert m["rewards_chosen"].item() == pytest.approx(0.1 * math.log(0.5), abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "robust", "hinge", "ipo", "simpo", "orpo"])
 def test_every_loss_type_raises_chosen_and_lowers_rejected(loss_type):
     chosen, rejected = torch.tensor([-2.0], requires_grad=True), torch.tensor([-2.0], requires_grad=True)
     loss, _ = dpo_loss(chosen, rejected, torch.tensor([-2.0]), torch.tensor([-2.0]), beta=0.1,
@@ -226,3 +235,43 @@ def test_loss_variants_match_trl(loss_type, smoothing, average):
     ours, _ = dpo_objective(logprobs, ref, mask, cfg)
     theirs, _ = _trl_loss(logprobs, ref, mask, 0.3, [loss_type], [1.0], label_smoothing=smoothing)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
+
+
+def test_reference_free_losses_need_no_reference_log_probs():
+    logprobs, _, mask = _fixed_tensors()
+    cfg = DPOConfig(loss_type="simpo", preference_average_log_probs=True)
+    without, _ = dpo_objective(logprobs, None, mask, cfg)
+    with_zero_reference, _ = dpo_objective(logprobs, torch.zeros_like(logprobs), mask, cfg)
+    assert without.item() == with_zero_reference.item()
+
+
+def _mean_logps(logprobs, mask):
+    means = (logprobs * mask).sum(-1) / mask.sum(-1)
+    return means.chunk(2)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_simpo_matches_trl_cpo_trainer(smoothing):
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer", reason="trl is not installed (dev extra)")
+    logprobs, _, mask = _fixed_tensors()
+    cfg = DPOConfig(reference_policy_kl_penalty=2.0, loss_type="simpo", simpo_gamma=0.8, label_smoothing=smoothing,
+                    preference_average_log_probs=True)
+    ours, m = dpo_objective(logprobs, None, mask, cfg)
+    trainer = SimpleNamespace(alpha=0.0, beta=2.0, simpo_gamma=0.8, loss_type="simpo", label_smoothing=smoothing,
+                              accelerator=SimpleNamespace(device=torch.device("cpu")))
+    losses, chosen_rewards, rejected_rewards = cpo.CPOTrainer.cpo_loss(trainer, *_mean_logps(logprobs, mask))
+    assert ours.item() == pytest.approx(losses.mean().item(), abs=1e-5)
+    assert m["rewards_chosen"].item() == pytest.approx(chosen_rewards.mean().item(), abs=1e-5)
+
+
+def test_orpo_matches_trl_orpo_trainer():
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer", reason="trl is not installed (dev extra)")
+    logprobs, _, mask = _fixed_tensors()
+    logprobs = logprobs / 4  # mean token probabilities from about 0.7 to 1: ORPO's odds near p = 1
+    cfg = DPOConfig(reference_policy_kl_penalty=0.1, loss_type="orpo", preference_average_log_probs=True)
+    ours, m = dpo_objective(logprobs, None, mask, cfg)
+    trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device=torch.device("cpu")))
+    losses, chosen_rewards, rejected_rewards, _, _ = orpo.ORPOTrainer.odds_ratio_loss(
+        trainer, *_mean_logps(logprobs, mask))
+    assert ours.item() == pytest.approx(-losses.mean().item(), abs=1e-6)  # TRL subtracts its term from the NLL
+    assert m["rewards_rejected"].item() == pytest.approx(rejected_rewards.mean().item(), abs=1e-6)
