@@ -98,6 +98,9 @@ class VLLMConfig:
     max_model_len: int | None = None  # the longest prompt + response; null: the model's own context length
     # KV cache size; null: on a GPU what gpu_memory_utilization leaves, on a CPU 1 GB (not a share of the RAM)
     kv_cache_memory_gb: float | None = None
+    # GPUs one engine shards the model across (vLLM's tensor parallelism, within one node); each
+    # generation worker then takes that many whole GPUs of its own
+    tensor_parallel_size: int = 1
 
 
 @dataclass
@@ -382,9 +385,14 @@ class GRPORunConfig:
                  f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
                  f"policy.num_workers ({p.num_workers}): each training worker takes an equal share of every step")
         gpus = self.cluster.num_nodes * self.cluster.gpus_per_node
-        _require(gpus == 0 or p.num_workers == 1 or p.num_workers + p.generation.num_workers <= gpus,
+        tp = p.generation.vllm.tensor_parallel_size if p.generation.backend == "vllm" else 1
+        _require(gpus == 0 or (p.num_workers == 1 and tp == 1) or p.num_workers + p.generation.num_workers * tp <= gpus,
                  f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({p.generation.num_workers})"
-                 f" need a GPU each (several FSDP2 workers do not share GPUs), but the cluster has {gpus}")
+                 f" x policy.generation.vllm.tensor_parallel_size ({tp}) need a GPU each (several FSDP2 workers "
+                 f"do not share GPUs, nor does a tensor-parallel engine), but the cluster has {gpus}")
+        _require(tp <= self.cluster.gpus_per_node or self.cluster.gpus_per_node == 0,
+                 f"policy.generation.vllm.tensor_parallel_size ({tp}) must fit one node's "
+                 f"cluster.gpus_per_node ({self.cluster.gpus_per_node})")
         _require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
         _require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
         _require(p.generation.top_k is None or p.generation.top_k >= 0,
@@ -684,6 +692,8 @@ def _check_generation(gen: GenerationConfig, prefix: str, max_total_length: int 
              f"{prefix}.vllm.kv_cache_memory_gb must be > 0 or null, got {options.kv_cache_memory_gb}")
     _require(options.max_model_len is None or options.max_model_len > 0,
              f"{prefix}.vllm.max_model_len must be > 0 or null (the model's own), got {options.max_model_len}")
+    _require(options.tensor_parallel_size >= 1,
+             f"{prefix}.vllm.tensor_parallel_size must be >= 1, got {options.tensor_parallel_size}")
     _require(max_total_length is None or options.max_model_len is None or options.max_model_len >= max_total_length,
              f"{prefix}.vllm.max_model_len ({options.max_model_len}) must hold "
              f"policy.max_total_sequence_length ({max_total_length})")

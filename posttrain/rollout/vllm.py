@@ -1,13 +1,19 @@
 """Generation with vLLM: paged KV cache, continuous batching, prefix caching; weights updated in place.
 
 The engine runs inside this process (a generation actor), not in a child process of its own, so
-`update_weights` hands the trainer's tensors to the model directly, with no serialisation. vLLM
-is optional (`pip install 'posttrain[vllm]'`) and imported only when this backend is built.
+`update_weights` hands the trainer's tensors to the model directly, with no serialisation. A
+tensor-parallel engine (`vllm.tensor_parallel_size` > 1) runs its shards in worker processes of
+its own, which vLLM cannot pass tensors to, so its weights travel through a safetensors file in
+shared memory that each shard reads its part of. vLLM is optional (`pip install 'posttrain[vllm]'`)
+and imported only when this backend is built.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,7 +48,13 @@ class VLLMGenerationBackend(GenerationBackend):
             checkpoint_generation = GenerationConfig()
         self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
         options = cfg.generation.vllm
+        self.tensor_parallel_size = options.tensor_parallel_size
+        self.weights_dir: Path | None = None  # the file transport of a tensor-parallel engine, made on first use
         kv_cache_gb, cpu_settings = options.kv_cache_memory_gb, {}
+        if current_platform.is_cpu() and self.tensor_parallel_size > 1:
+            # vLLM binds each shard's threads to a NUMA node by default and refuses when there are
+            # fewer nodes than shards: give each shard an equal part of this process's cores instead.
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", _split_cores(self.tensor_parallel_size))
         if current_platform.is_cpu():
             # vLLM's CPU build would take gpu_memory_utilization of the RAM for its KV cache.
             kv_cache_gb = kv_cache_gb or 1.0
@@ -67,6 +79,8 @@ class VLLMGenerationBackend(GenerationBackend):
             # Sampling follows SamplingParams alone, not the checkpoint's generation_config.json (whose
             # extras, e.g. a repetition penalty, would change the distribution away from the policy's).
             generation_config="vllm",
+            tensor_parallel_size=self.tensor_parallel_size,
+            distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
             **cpu_settings,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
@@ -75,9 +89,39 @@ class VLLMGenerationBackend(GenerationBackend):
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
         # reload_weights copies into the engine's tensors in place (fused QKV and MLP included, under
         # the checkpoint's names); the prefix cache holds KV computed with the old weights.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items()),
-                                                          "is_checkpoint_format": True})
+        if self.tensor_parallel_size == 1:
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items()),
+                                                              "is_checkpoint_format": True})
+        else:
+            weights_file = self._write_weights(state_dict)
+            try:
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_file.parent),
+                                                                  "is_checkpoint_format": True})
+            finally:  # every shard has read its part: the memory goes back now
+                weights_file.unlink()
         self.llm.reset_prefix_cache()
+
+    def _write_weights(self, state_dict: dict[str, torch.Tensor]) -> Path:
+        """The weights as one safetensors file (tied tensors written twice: the format stores no
+        shared memory), in shared memory where it has room, in the same folder every time (the
+        engine keeps it as its model path, with the model's config beside the weights)."""
+        from safetensors.torch import save_file
+
+        if self.weights_dir is None:
+            size = sum(t.numel() * t.element_size() for t in state_dict.values())
+            shm = Path("/dev/shm")
+            parent = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
+            self.weights_dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-weights-", dir=parent))
+            self.llm.llm_engine.model_config.hf_config.save_pretrained(self.weights_dir)
+        seen: set[int] = set()
+        tensors = {}
+        for name, tensor in state_dict.items():
+            pointer = tensor.untyped_storage().data_ptr()
+            tensors[name] = tensor.detach().clone() if pointer in seen else tensor.detach().contiguous()
+            seen.add(pointer)
+        weights_file = self.weights_dir / "model.safetensors"
+        save_file(tensors, str(weights_file))
+        return weights_file
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if not prompts:
@@ -110,3 +154,13 @@ class VLLMGenerationBackend(GenerationBackend):
             reason = sample.finish_reason
             completions.append(Completion(ids, logprobs, reason, self.tokenizer.decode(ids, skip_special_tokens=True)))
         return completions
+
+
+def _split_cores(parts: int) -> str:
+    """This process's cores in `parts` equal runs, as VLLM_CPU_OMP_THREADS_BIND takes them ("0,1|2,3")."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < parts:
+        raise ValueError(f"policy.generation.vllm.tensor_parallel_size={parts} needs a core per shard, "
+                         f"this process may use {len(cores)}")
+    share = len(cores) // parts
+    return "|".join(",".join(map(str, cores[i * share:(i + 1) * share])) for i in range(parts))

@@ -312,6 +312,20 @@ def test_vllm_generates_with_the_merged_lora_weights(tmp_path):
         assert row["train/gen_logprob_mismatch"] < 1e-3, row["step"]
 
 
+def test_a_tensor_parallel_vllm_engine_samples_what_the_trainer_scores(tmp_path):
+    """Two vLLM shards: the weights reach both through the shared-memory file every step (lr 1e-2
+    moves the policy at once), so the generator's log-probs stay the trainer's."""
+    pytest.importorskip("vllm")
+    model_dir = save_tiny_model(tmp_path / "model", size="demo")
+    result = _run(_cfg(model_dir, tmp_path, "grpo.max_num_steps=4", "policy.generation.backend=vllm",
+                       "policy.generation.vllm.enforce_eager=true", "policy.generation.vllm.kv_cache_memory_gb=0.25",
+                       "policy.generation.vllm.tensor_parallel_size=2", "data.val_split=null",
+                       "checkpointing.enabled=false"))
+    assert result.steps == 4
+    for row in _train_rows(tmp_path / "logs"):
+        assert row["train/gen_logprob_mismatch"] < 1e-3, row["step"]
+
+
 def test_async_grpo_trains_on_one_step_old_rollouts_and_learns(tiny_model_dir, tmp_path):
     """The next rollout is sampled while the policy trains: each step after the first trains on
     responses from the weights before the previous update (a non-zero generator/trainer gap, weighted

@@ -405,12 +405,21 @@ def test_grpo_generation_and_validation_settings_are_checked(override, message):
     ("policy.generation.vllm.kv_cache_memory_gb=0", r"vllm\.kv_cache_memory_gb must be > 0 or null, got 0"),
     ("policy.generation.vllm.max_model_len=512", r"max_model_len \(512\) must hold policy\.max_total_sequence_length "
                                                  r"\(1024\)"),
+    ("policy.generation.vllm.tensor_parallel_size=0", r"vllm\.tensor_parallel_size must be >= 1, got 0"),
+    # the policy worker's GPU and a tensor-parallel engine's two do not fit two GPUs
+    ("policy.generation.vllm.tensor_parallel_size=2 cluster.gpus_per_node=2",
+     r"policy\.num_workers \(1\) \+ policy\.generation\.num_workers \(1\) x policy\.generation\.vllm\."
+     r"tensor_parallel_size \(2\) need a GPU each.*the cluster has 2"),
+    ("policy.generation.vllm.tensor_parallel_size=8 cluster.gpus_per_node=4 cluster.num_nodes=4",
+     r"tensor_parallel_size \(8\) must fit one node's cluster\.gpus_per_node \(4\)"),
 ])
 def test_vllm_settings_are_checked(override, message):
     pytest.importorskip("vllm")
     assert grpo("policy.generation.backend=vllm").policy.generation.backend == "vllm"
+    assert grpo("policy.generation.backend=vllm", "policy.generation.vllm.tensor_parallel_size=2",
+                "cluster.gpus_per_node=3").policy.generation.vllm.tensor_parallel_size == 2
     with pytest.raises(ConfigError, match=message):
-        grpo("policy.generation.backend=vllm", override)
+        grpo("policy.generation.backend=vllm", *override.split())
     # eval samples with any top-p/top-k: it trains on no log-probs
     load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.backend=vllm", "generation.top_p=0.9"])
 

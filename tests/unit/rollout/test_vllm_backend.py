@@ -153,3 +153,36 @@ def test_update_weights_reaches_the_engine_and_clears_the_prefix_cache(vllm_back
         assert completion.logprobs == pytest.approx(reference_completion.logprobs, abs=1e-4)
     ray.get(vllm_backend.update_weights.remote(original))
     assert [c.token_ids for c in _generate(vllm_backend, prompts, GREEDY)] == [c.token_ids for c in before]
+
+
+def test_a_tensor_parallel_engine_generates_and_takes_weight_updates_like_one(model_dir, stop_token, hf, prompts):
+    """Two shards (worker processes of the engine's own, each on one core): the HF backend's greedy
+    tokens and log-probs, before and after a weight update that travels through a shared-memory
+    file, which is gone once the shards have read it."""
+    from posttrain.rollout.vllm import VLLMGenerationBackend
+
+    cfg = _cfg(model_dir, stop_token)
+    cfg.generation.vllm.tensor_parallel_size = 2
+    init_ray(ClusterConfig())
+    actor = ray.remote(VLLMGenerationBackend).remote(cfg)
+    try:
+        reference = HFGenerationBackend(_cfg(model_dir, stop_token))
+        for round_ in range(2):
+            ours, theirs = _generate(actor, prompts, GREEDY), reference.generate(prompts, GREEDY)
+            assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
+            for completion, expected in zip(ours, theirs, strict=True):
+                # the shards' partial sums are added in another order than one matmul's
+                assert completion.logprobs == pytest.approx(expected.logprobs, abs=5e-4)
+            if round_ == 0:
+                other = AutoModelForCausalLM.from_pretrained(model_dir)
+                torch.manual_seed(0)
+                with torch.no_grad():
+                    for p in other.parameters():
+                        p.add_(torch.randn_like(p) * 0.5)
+                ray.get(actor.update_weights.remote(other.state_dict()))
+                reference.update_weights(other.state_dict())
+                assert [c.token_ids for c in reference.generate(prompts, GREEDY)] != [c.token_ids for c in theirs]
+        weights_dir = ray.get(actor.__ray_call__.remote(lambda backend: backend.weights_dir))
+        assert weights_dir is not None and not (weights_dir / "model.safetensors").exists()
+    finally:
+        ray.kill(actor)
