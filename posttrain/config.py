@@ -386,10 +386,11 @@ class GRPORunConfig:
                  f"policy.num_workers ({p.num_workers}): each training worker takes an equal share of every step")
         gpus = self.cluster.num_nodes * self.cluster.gpus_per_node
         tp = p.generation.vllm.tensor_parallel_size if p.generation.backend == "vllm" else 1
+        engines = f" x policy.generation.vllm.tensor_parallel_size ({tp})" if tp > 1 else ""
         _require(gpus == 0 or (p.num_workers == 1 and tp == 1) or p.num_workers + p.generation.num_workers * tp <= gpus,
                  f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({p.generation.num_workers})"
-                 f" x policy.generation.vllm.tensor_parallel_size ({tp}) need a GPU each (several FSDP2 workers "
-                 f"do not share GPUs, nor does a tensor-parallel engine), but the cluster has {gpus}")
+                 f"{engines} need a GPU each (several FSDP2 workers do not share GPUs, nor does a tensor-parallel "
+                 f"engine), but the cluster has {gpus}")
         _require(tp <= self.cluster.gpus_per_node or self.cluster.gpus_per_node == 0,
                  f"policy.generation.vllm.tensor_parallel_size ({tp}) must fit one node's "
                  f"cluster.gpus_per_node ({self.cluster.gpus_per_node})")
