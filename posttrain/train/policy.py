@@ -171,8 +171,9 @@ class Policy:
             if not torch.isfinite(grad_norm):
                 self.optimizer.zero_grad(set_to_none=True)
                 raise FloatingPointError(
-                    f"the gradient norm is {float(grad_norm)} (loss {total.item()}): the optimizer step was not "
-                    "taken and the weights are as before it. Lower policy.optimizer.lr, keep "
+                    f"the gradient norm is {float(grad_norm)} (loss {total.item()}) at optimizer step "
+                    f"{self.scheduler.last_epoch + 1}: the step was not taken and the weights are as before "
+                    "it. Lower policy.optimizer.lr, keep "
                     "policy.max_grad_norm set, or check the objective and the data of this step")
             self.optimizer.step()
         self.scheduler.step()
