@@ -116,6 +116,11 @@ class GenerationConfig:
     num_workers: int = 1  # generation actors (data-parallel)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
+    @property
+    def gpus_per_engine(self) -> int:
+        """GPUs one generation worker's engine shards the model across (vLLM's tensor parallelism)."""
+        return self.vllm.tensor_parallel_size if self.backend == "vllm" else 1
+
 
 @dataclass
 class PolicyConfig:
@@ -385,7 +390,7 @@ class GRPORunConfig:
                  f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
                  f"policy.num_workers ({p.num_workers}): each training worker takes an equal share of every step")
         gpus = self.cluster.num_nodes * self.cluster.gpus_per_node
-        tp = p.generation.vllm.tensor_parallel_size if p.generation.backend == "vllm" else 1
+        tp = p.generation.gpus_per_engine
         engines = f" x policy.generation.vllm.tensor_parallel_size ({tp})" if tp > 1 else ""
         _require(gpus == 0 or (p.num_workers == 1 and tp == 1) or p.num_workers + p.generation.num_workers * tp <= gpus,
                  f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({p.generation.num_workers})"

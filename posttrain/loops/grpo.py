@@ -113,11 +113,10 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     # One policy worker shares a GPU with the generators (half each). Several policy workers are FSDP2
     # ranks, which NCCL needs on GPUs of their own; then every generation worker gets a GPU too, and a
     # tensor-parallel vLLM engine always gets its own GPUs.
-    tensor_parallel = gen.vllm.tensor_parallel_size if gen.backend == "vllm" else 1
-    if cfg.policy.num_workers == 1 and tensor_parallel == 1:
+    if cfg.policy.num_workers == 1 and gen.gpus_per_engine == 1:
         policy_gpus, generation_gpus = 0.5, 0.5 / gen.num_workers
     else:
-        policy_gpus, generation_gpus = 1.0, float(tensor_parallel)
+        policy_gpus, generation_gpus = 1.0, float(gen.gpus_per_engine)
     if cfg.cluster.gpus_per_node == 0:
         policy_gpus = generation_gpus = 0.0
     weights = str(resume_dir / "model") if resume_dir else None

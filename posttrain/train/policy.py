@@ -173,8 +173,8 @@ class Policy:
                 raise FloatingPointError(
                     f"the gradient norm is {float(grad_norm)} (loss {total.item()}) at optimizer step "
                     f"{self.scheduler.last_epoch + 1}: the step was not taken and the weights are as before "
-                    "it. Lower policy.optimizer.lr, keep "
-                    "policy.max_grad_norm set, or check the objective and the data of this step")
+                    "it. Lower policy.optimizer.lr, keep policy.max_grad_norm set, or check the objective "
+                    "and the data of this step")
             self.optimizer.step()
         self.scheduler.step()
         return {"loss": total.item(), "grad_norm": float(grad_norm), "lr": lr, "metrics": metrics}
