@@ -48,8 +48,22 @@ def sequence_logprobs(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     rows, kept = mask.nonzero(as_tuple=True)
     columns = predictors[kept]
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    if is_right_padding(inputs.get("attention_mask")):
+        del inputs["attention_mask"]
     picked = token_logprobs(logits_at(model, inputs, rows, columns), batch["input_ids"][rows, columns + 1])
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).index_put((rows, kept), picked), mask
+
+
+def is_right_padding(mask: torch.Tensor | None) -> bool:
+    """Whether a 2-D attention mask only marks trailing pads (each row: ones, then zeros).
+
+    Such a mask can be left out of a causal LM's forward pass: a token never attends to later
+    positions, so no real token sees the pads after it, and the pads' own outputs are never read
+    (position ids are 0, 1, ... either way). Without it transformers takes the plain causal path:
+    no [B, 1, T, T] mask is built, SDPA runs its causal kernel (flash attention on GPU, which takes
+    no arbitrary mask) with native grouped-query attention, for the same log-probs.
+    """
+    return mask is not None and mask.dim() == 2 and bool((mask[:, 1:] <= mask[:, :-1]).all())
 
 
 def logits_at(model, inputs: dict[str, torch.Tensor], rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from posttrain.config import PolicyConfig
-from posttrain.train.logprobs import picked_logprobs, sequence_logprobs, token_logprobs
+from posttrain.train.logprobs import is_right_padding, picked_logprobs, sequence_logprobs, token_logprobs
 from posttrain.train.model import load_model
 
 
@@ -50,6 +50,66 @@ def test_sequence_logprobs_score_only_target_positions_and_match_the_full_forwar
     assert logprobs.shape == mask.shape == (2, 6)  # the 6 columns where some row has a target
     torch.testing.assert_close(mask, loss_mask[:, 1:][:, 2:])
     torch.testing.assert_close(logprobs, expected[:, 2:] * mask, rtol=1e-5, atol=1e-5)  # 0 where no target
+
+
+def _logprobs_and_forward_kwargs(model, batch):
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            logprobs, mask = sequence_logprobs(model, batch)
+    finally:
+        hook.remove()
+    return logprobs, mask, calls[0]
+
+
+def test_right_padding_needs_no_attention_mask_and_gives_the_same_logprobs(tiny_model):
+    torch.manual_seed(1)
+    input_ids = torch.randint(3, 400, (3, 10))
+    attention_mask = torch.ones(3, 10, dtype=torch.long)
+    attention_mask[0, 6:] = 0
+    attention_mask[2, 8:] = 0
+    input_ids[attention_mask == 0] = 0
+    loss_mask = attention_mask.float()
+    loss_mask[:, :3] = 0
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    logprobs, mask, kwargs = _logprobs_and_forward_kwargs(tiny_model, batch)
+    assert "attention_mask" not in kwargs  # causal attention cannot see trailing pads
+    with torch.no_grad():
+        expected = _full_logprobs(tiny_model, batch)[:, 2:]
+    torch.testing.assert_close(logprobs, expected * mask, rtol=1e-5, atol=1e-5)
+
+
+def test_a_mask_with_leading_pads_is_kept(tiny_model):
+    torch.manual_seed(2)
+    input_ids = torch.randint(3, 400, (2, 8))
+    attention_mask = torch.ones(2, 8, dtype=torch.long)
+    attention_mask[1, :3] = 0  # left padding: without the mask, row 1 would attend to its pads
+    loss_mask = torch.zeros(2, 8)
+    loss_mask[:, 5:] = 1
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    logprobs, mask, kwargs = _logprobs_and_forward_kwargs(tiny_model, batch)
+    assert kwargs["attention_mask"] is attention_mask
+    with torch.no_grad():
+        expected = _full_logprobs(tiny_model, batch)[:, 4:]
+    torch.testing.assert_close(logprobs, expected * mask, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("rows", "right_padding"), [
+    ([[1, 1, 1], [1, 1, 1]], True),
+    ([[1, 1, 0], [1, 0, 0]], True),
+    ([[1, 1, 1], [0, 0, 0]], True),
+    ([[0, 1, 1], [1, 1, 1]], False),
+    ([[1, 0, 1], [1, 1, 1]], False),
+])
+def test_is_right_padding(rows, right_padding):
+    assert is_right_padding(torch.tensor(rows)) is right_padding
+    assert is_right_padding(torch.tensor(rows, dtype=torch.bool)) is right_padding
+
+
+def test_is_right_padding_is_false_without_a_2d_mask():
+    assert not is_right_padding(None)
+    assert not is_right_padding(torch.ones(2, 1, 3, 3, dtype=torch.bool))  # a custom 4-D mask stays
 
 
 def test_sequence_logprobs_without_logits_to_keep(tiny_model):
