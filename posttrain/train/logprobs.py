@@ -124,7 +124,7 @@ def packed_logits(model, batch: dict[str, torch.Tensor], needed: torch.Tensor) -
     a `needed` token ([S, T] like `source_index`), and `source_index` renumbered to pick each
     sequence's predicting positions from them (entries not needed pick some kept position). The LM
     head skips every other position, such as a shared prompt's. The attention mask is either 2-D
-    padding or the boolean 4-D mask of shared-prefix rows."""
+    padding (left out when it is right padding) or the boolean 4-D mask of shared-prefix rows."""
     mask = batch["attention_mask"]
     if mask.dim() == 4 and model.config._attn_implementation == "eager":  # eager adds the mask to the scores
         blocked = torch.finfo(model.dtype).min
@@ -134,7 +134,9 @@ def packed_logits(model, batch: dict[str, torch.Tensor], needed: torch.Tensor) -
     positions, number = torch.unique(source[needed], return_inverse=True)  # flat row * width + column
     if positions.numel() == 0:  # nothing needed (every reply truncated away): one position keeps the shapes valid
         positions = torch.zeros(1, dtype=torch.long, device=source.device)
-    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "attention_mask": mask}
+    inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    if not is_right_padding(mask):
+        inputs["attention_mask"] = mask
     logits = logits_at(model, inputs, positions // width, positions % width)
     renumbered = torch.zeros_like(source)
     renumbered[needed] = number

@@ -150,7 +150,9 @@ def test_update_weights_reaches_the_engine_and_clears_the_prefix_cache(vllm_back
     assert [c.token_ids for c in after] == [c.token_ids for c in expected]
     assert [c.token_ids for c in after] != [c.token_ids for c in before]
     for completion, reference_completion in zip(after, expected, strict=True):
-        assert completion.logprobs == pytest.approx(reference_completion.logprobs, abs=1e-4)
+        # weights perturbed this much give logits several times larger, and the engine's float32
+        # kernels (picked per CPU) round them differently from torch's: 1.4e-4 on an Intel Xeon
+        assert completion.logprobs == pytest.approx(reference_completion.logprobs, abs=5e-4)
     ray.get(vllm_backend.update_weights.remote(original))
     assert [c.token_ids for c in _generate(vllm_backend, prompts, GREEDY)] == [c.token_ids for c in before]
 
