@@ -42,6 +42,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float) -> argparse.A
                              "more, and on a busy shared CPU, OpenMP threads waiting for each other slow every "
                              "op down several-fold, which would measure the neighbours, not the libraries)")
     parser.add_argument("--workdir", default=None, help="model and run folders (default: a temporary folder)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile in both: posttrain's policy.torch_compile (each decoder layer) and TRL's "
+                             "torch_compile (the whole model); compiling happens in the first steps of each run, so "
+                             "give it --warmup steps")
     return parser
 
 
@@ -225,6 +229,7 @@ def posttrain_overrides(args: argparse.Namespace, model_dir: Path, out: Path) ->
         "checkpointing.enabled=false",
         "checkpointing.resume=never",
         f"checkpointing.checkpoint_dir={out / 'ckpt'}",
+        f"policy.torch_compile={str(args.compile).lower()}",
     ]
 
 
@@ -240,6 +245,7 @@ def trl_arguments(args: argparse.Namespace, out: Path) -> dict:
         use_cpu=True, bf16=False, activation_checkpointing=False, model_init_kwargs={"dtype": "float32"},
         train_sampling_strategy="sequential",
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none",
+        torch_compile=args.compile,
     )
 
 

@@ -147,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
             "setup": f"tiny '{args.size}' model (qwen2, random init), arithmetic_preference pairs, {args.steps} steps "
                      f"of {args.global_batch} pairs (micro-batch {args.micro_batch} pairs), sigmoid loss, beta "
                      f"{args.beta}, lr {args.lr} linear decay, max length {args.max_length}, fp32, seed {args.seed}; "
-                     f"timed steps {args.warmup + 1}..{args.steps}",
+                     f"timed steps {args.warmup + 1}..{args.steps}"
+                     + ("; torch.compile in both" if args.compile else ""),
             "tokens": f"{len(pairs)} pairs, {tokens} non-pad tokens (chosen + rejected); TRL's tokenization is "
                       "checked to be posttrain's before each TRL run",
             "posttrain": POSTTRAIN_SETTINGS,

@@ -143,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
         return compare("SFT: posttrain vs TRL SFTTrainer", {
             "setup": f"tiny '{args.size}' model (qwen2), arithmetic task, {args.steps} steps of {args.global_batch} "
                      f"sequences (micro-batch {args.micro_batch}), lr {args.lr} linear decay, max length "
-                     f"{args.max_length}, fp32, seed {args.seed}; timed steps {args.warmup + 1}..{args.steps}",
+                     f"{args.max_length}, fp32, seed {args.seed}; timed steps {args.warmup + 1}..{args.steps}"
+                     + ("; torch.compile in both" if args.compile else ""),
             "tokens": f"{sum(tokens_per_step)} non-pad tokens in all, {sum(sum(s.loss_mask) for s in samples)} of "
                       "them trained on; TRL's tokenization is checked to be posttrain's before each TRL run",
             "posttrain": POSTTRAIN_SETTINGS,

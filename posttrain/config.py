@@ -133,6 +133,9 @@ class PolicyConfig:
     device: str = "auto"  # "auto" picks cuda when available, else cpu
     max_grad_norm: float | None = 1.0
     activation_checkpointing_enabled: bool = False
+    # torch.compile each decoder layer: fused elementwise kernels and no per-op Python overhead, after
+    # a compile at the start (tens of seconds; on CPU it needs a C++ compiler)
+    torch_compile: bool = False
     num_workers: int = 1  # training workers (data-parallel ranks, Ray actors); > 1 shards the model with FSDP2
     trust_remote_code: bool = False
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)

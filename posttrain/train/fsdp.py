@@ -20,13 +20,14 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
+from posttrain.train.model import decoder_layers
+
 _FULL_ON_CPU = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def shard_model(model: torch.nn.Module, process_group: dist.ProcessGroup, device: torch.device) -> None:
     """Shard `model` in place across the ranks of `process_group`."""
-    layer_classes = set(getattr(model, "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in layer_classes]
+    layers = decoder_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} names no decoder-layer classes (`_no_split_modules`), so it "
                          "cannot be split into FSDP2 units; train it with one worker")

@@ -25,7 +25,7 @@ from posttrain.train.fsdp import (
 )
 from posttrain.train.logprobs import supports_shared_prefix
 from posttrain.train.lora import ADAPTER_DIR, add_lora, lora_scaling, merged_state_dict, peft_named
-from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
+from posttrain.train.model import DTYPES, compile_decoder_layers, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
 # (model, micro-batch) -> loss, or (loss, metrics): the loss already divided by the global batch's
@@ -66,6 +66,8 @@ class Policy:
             self.model = model_loader(cfg, self.device, path=str(weights_path) if weights_path else None)
         self.rank = dist.get_rank(process_group) if process_group is not None else 0
         sharded = process_group is not None and dist.get_world_size(process_group) > 1
+        if cfg.torch_compile:
+            compile_decoder_layers(self.model, self.device)
         if sharded:
             shard_model(self.model, process_group, self.device)  # before the optimizer: it holds the shards
         # The frozen reference of DPO and of GRPO's KL penalty: always the starting model
@@ -75,6 +77,8 @@ class Policy:
         self.reference = None
         if with_reference and self.adapted is None:
             self.reference = model_loader(cfg, self.device, dtype=DTYPES[cfg.precision]).eval().requires_grad_(False)
+            if cfg.torch_compile:
+                compile_decoder_layers(self.reference, self.device)
             if sharded:
                 shard_model(self.reference, process_group, self.device)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)

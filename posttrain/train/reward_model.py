@@ -12,6 +12,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from posttrain.config import ConfigError, PolicyConfig
+from posttrain.train.model import enable_activation_checkpointing
 
 
 def has_reward_head(path: str, trust_remote_code: bool = False) -> bool:
@@ -34,7 +35,7 @@ def load_reward_model(cfg: PolicyConfig, device: torch.device, path: str | None 
                           f"(AutoModelForSequenceClassification): {err}") from err
     model.config.pad_token_id = pad_token_id
     if cfg.activation_checkpointing_enabled:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     return model.to(device)
 
 

@@ -168,6 +168,25 @@ def test_two_fsdp2_workers_train_like_one_and_resume_on_one(tiny_model_dir, tmp_
     assert (resumed.final_model_dir / "config.json").is_file()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_compiled_decoder_layers_train_like_eager_ones(tiny_model_dir, tmp_path, workers):
+    """policy.torch_compile, in one process and on two FSDP2 workers: the eager run's losses, up to
+    the rounding of fused kernels."""
+    from torch._dynamo.utils import counters
+
+    steps = ["sft.max_num_steps=4", "sft.val_period=0", "checkpointing.enabled=false",
+             "policy.train_micro_batch_size=8"]
+    eager = run_sft(_cfg(tiny_model_dir, tmp_path / "eager", *steps))
+    graphs_before = counters["stats"]["unique_graphs"]
+    compiled = run_sft(_cfg(tiny_model_dir, tmp_path / "compiled", *steps, "policy.torch_compile=true",
+                            f"policy.num_workers={workers}"))
+    if workers == 1:  # compiled here, not in Ray workers
+        assert counters["stats"]["unique_graphs"] > graphs_before
+    assert sorted(compiled.train_losses) == [1, 2, 3, 4]
+    for step, loss in eager.train_losses.items():
+        assert compiled.train_losses[step] == pytest.approx(loss, rel=1e-4)
+
+
 LORA = ["policy.lora.enabled=true", "policy.lora.dim=16", "policy.optimizer.lr=1e-2"]
 
 
