@@ -23,6 +23,9 @@ from posttrain.config import VLLM_INSTALL_HINT, PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
 from posttrain.train.model import load_tokenizer
 
+# A tensor-parallel engine takes new weights from a folder of this prefix (in /dev/shm where it fits).
+WEIGHTS_FOLDER_PREFIX = "posttrain-vllm-weights-"
+
 
 class VLLMGenerationBackend(GenerationBackend):
     """A generation worker; `rank`/`world_size` let a worker group run several data-parallel copies.
@@ -49,7 +52,6 @@ class VLLMGenerationBackend(GenerationBackend):
         self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
         options = cfg.generation.vllm
         self.tensor_parallel_size = options.tensor_parallel_size
-        self.weights_dir: Path | None = None  # the file transport of a tensor-parallel engine, made on first use
         kv_cache_gb, cpu_settings = options.kv_cache_memory_gb, {}
         if current_platform.is_cpu() and self.tensor_parallel_size > 1:
             # vLLM binds each shard's threads to a NUMA node by default and refuses when there are
@@ -93,35 +95,33 @@ class VLLMGenerationBackend(GenerationBackend):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items()),
                                                               "is_checkpoint_format": True})
         else:
-            weights_file = self._write_weights(state_dict)
+            folder = self._write_weights(state_dict)
             try:
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(weights_file.parent),
+                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
                                                                   "is_checkpoint_format": True})
-            finally:  # every shard has read its part: the memory goes back now
-                weights_file.unlink()
+            finally:  # every shard has read its part: the memory goes back now, and nothing is left behind
+                shutil.rmtree(folder, ignore_errors=True)
         self.llm.reset_prefix_cache()
 
     def _write_weights(self, state_dict: dict[str, torch.Tensor]) -> Path:
-        """The weights as one safetensors file (tied tensors written twice: the format stores no
-        shared memory), in shared memory where it has room, in the same folder every time (the
-        engine keeps it as its model path, with the model's config beside the weights)."""
+        """A fresh folder holding the weights as one safetensors file (tied tensors written twice:
+        the format stores no shared memory) beside the model's config, in shared memory where it
+        has room."""
         from safetensors.torch import save_file
 
-        if self.weights_dir is None:
-            size = sum(t.numel() * t.element_size() for t in state_dict.values())
-            shm = Path("/dev/shm")
-            parent = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
-            self.weights_dir = Path(tempfile.mkdtemp(prefix="posttrain-vllm-weights-", dir=parent))
-            self.llm.llm_engine.model_config.hf_config.save_pretrained(self.weights_dir)
+        size = sum(t.numel() * t.element_size() for t in state_dict.values())
+        shm = Path("/dev/shm")
+        parent = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
+        folder = Path(tempfile.mkdtemp(prefix=WEIGHTS_FOLDER_PREFIX, dir=parent))
+        self.llm.llm_engine.model_config.hf_config.save_pretrained(folder)
         seen: set[int] = set()
         tensors = {}
         for name, tensor in state_dict.items():
             pointer = tensor.untyped_storage().data_ptr()
             tensors[name] = tensor.detach().clone() if pointer in seen else tensor.detach().contiguous()
             seen.add(pointer)
-        weights_file = self.weights_dir / "model.safetensors"
-        save_file(tensors, str(weights_file))
-        return weights_file
+        save_file(tensors, str(folder / "model.safetensors"))
+        return folder
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if not prompts:
