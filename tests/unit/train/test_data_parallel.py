@@ -63,6 +63,9 @@ def _rank(rank: int, world: int, init_file: str, model_dir: str, out_dir: str, c
             torch.save({"grads": grads, "metrics": metrics, "weights": weights, "optimizer": optimizer,
                         "resumed_weights": resumed_weights, "resumed_optimizer": resumed_optimizer},
                        Path(out_dir) / "rank0.pt")
+        # Neither rank tears gloo down while the other is still at work (rank 0 saves last): a CI run
+        # once lost rank 1 to "terminate called without an active exception", most likely here.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
