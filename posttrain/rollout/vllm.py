@@ -95,24 +95,28 @@ class VLLMGenerationBackend(GenerationBackend):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items()),
                                                               "is_checkpoint_format": True})
         else:
-            folder = self._write_weights(state_dict)
+            folder = self._weights_folder(state_dict)
             try:
+                self._write_weights(folder, state_dict)
                 self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
                                                                   "is_checkpoint_format": True})
             finally:  # every shard has read its part: the memory goes back now, and nothing is left behind
                 shutil.rmtree(folder, ignore_errors=True)
         self.llm.reset_prefix_cache()
 
-    def _write_weights(self, state_dict: dict[str, torch.Tensor]) -> Path:
-        """A fresh folder holding the weights as one safetensors file (tied tensors written twice:
-        the format stores no shared memory) beside the model's config, in shared memory where it
-        has room."""
-        from safetensors.torch import save_file
-
+    @staticmethod
+    def _weights_folder(state_dict: dict[str, torch.Tensor]) -> Path:
+        """A fresh folder for one weight sync, in shared memory where it has room."""
         size = sum(t.numel() * t.element_size() for t in state_dict.values())
         shm = Path("/dev/shm")
         parent = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
-        folder = Path(tempfile.mkdtemp(prefix=WEIGHTS_FOLDER_PREFIX, dir=parent))
+        return Path(tempfile.mkdtemp(prefix=WEIGHTS_FOLDER_PREFIX, dir=parent))
+
+    def _write_weights(self, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
+        """The weights as one safetensors file (tied tensors written twice: the format stores no
+        shared memory) beside the model's config."""
+        from safetensors.torch import save_file
+
         self.llm.llm_engine.model_config.hf_config.save_pretrained(folder)
         seen: set[int] = set()
         tensors = {}
@@ -121,7 +125,6 @@ class VLLMGenerationBackend(GenerationBackend):
             tensors[name] = tensor.detach().clone() if pointer in seen else tensor.detach().contiguous()
             seen.add(pointer)
         save_file(tensors, str(folder / "model.safetensors"))
-        return folder
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if not prompts:
