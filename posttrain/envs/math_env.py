@@ -17,10 +17,9 @@ from typing import Any
 
 from math_verify import parse, verify
 
-from posttrain.config import ConfigError, EnvConfig
-from posttrain.envs.base import Environment, EnvStepResult, Message, as_reward, import_object
-
-RewardFn = Callable[[list[Message], str, dict[str, Any]], Any]
+from posttrain.config import EnvConfig
+from posttrain.envs.base import Environment, EnvStepResult, Message, as_reward
+from posttrain.envs.registry import load_reward_fn
 
 _TIMEOUT_S = 5  # math_verify's own default, per parse and per comparison
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -116,14 +115,6 @@ def _gold_answer(gold: str) -> str:
     # Gold fields often hold a whole solution: "... \boxed{5}" (MATH) or "... #### 72" (GSM8K).
     found = _first_found(gold, _last_boxed, _after_hashes)
     return gold if found is None else found
-
-
-def load_reward_fn(spec: str) -> RewardFn:
-    """Import "package.module:function" once, with errors that name the config key."""
-    fn = import_object(spec, "env.reward_fn")
-    if not callable(fn):
-        raise ConfigError(f"env.reward_fn={spec!r} is a {type(fn).__name__}, not a function")
-    return fn
 
 
 class MathEnvironment(Environment):

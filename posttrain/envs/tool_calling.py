@@ -19,36 +19,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
 from typing import Any
 
-from transformers.utils import get_json_schema
-
 from posttrain.config import ConfigError, EnvConfig
-from posttrain.envs.base import Message, import_object
+from posttrain.envs.base import Message
 from posttrain.envs.math_env import MathToolEnvironment
+from posttrain.envs.registry import NO_TOOLS, load_tools
 
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
-NO_TOOLS = "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'"
-
-
-def load_tools(specs: list[str]) -> list[Callable]:
-    """The functions of `env.tools`, each checked to have the schema a chat template needs."""
-    tools = []
-    for spec in specs:
-        fn = import_object(spec, "env.tools")
-        if not callable(fn):
-            raise ConfigError(f"env.tools: {spec!r} is a {type(fn).__name__}, not a function")
-        try:
-            get_json_schema(fn)
-        except Exception as err:
-            raise ConfigError(f"env.tools: {spec!r} has no usable schema ({err}); a tool needs type hints and a "
-                              "Google-style docstring with an Args section") from err
-        tools.append(fn)
-    names = [fn.__name__ for fn in tools]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"env.tools: two tools share a name ({names}); the model calls them by name")
-    return tools
 
 
 class ToolCallingEnvironment(MathToolEnvironment):

@@ -2,26 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config import EnvConfig
-from posttrain.envs.base import EnvStepResult, as_reward, make_environment
-
-
-@dataclass
-class EnvItem:
-    conversation: list[dict[str, str]]
-    response: str
-    metadata: dict[str, Any]
-
-
-@dataclass
-class EnvOutcome:
-    reward: float
-    observation: list[dict[str, str]]
-    done: bool
-    metadata: dict[str, Any]
+from posttrain.envs.base import EnvItem, EnvOutcome, EnvStepResult, as_reward
+from posttrain.envs.registry import make_environment
 
 
 class EnvironmentWorker:

@@ -20,13 +20,14 @@ from rich.table import Table
 
 from posttrain.config import DataConfig, EvalRunConfig, to_dict
 from posttrain.data.prompts import PromptDataset
-from posttrain.envs.tool_calling import load_tools
+from posttrain.envs.registry import check_env_config, load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.eval.benchmarks import load_eval_rows
 from posttrain.eval.metrics import mean_metrics, problem_metrics
 from posttrain.logging import make_progress
-from posttrain.rollout.base import SamplingParams, backend_class
+from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.multi_turn import run_episodes
+from posttrain.rollout.registry import backend_class
 
 _UNKNOWN_CONTEXT = 10**9  # a model config without max_position_embeddings: no limit of ours
 
@@ -40,6 +41,7 @@ class EvalResult:
 
 def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
     console = console or Console()
+    check_env_config(cfg.env)  # before the model loads
     policy_cfg = cfg.generation.to_policy_config()
     backend = backend_class(policy_cfg.generation.backend)(policy_cfg)
     source, prompt_key, answer_key = load_eval_rows(cfg.data)

@@ -30,11 +30,13 @@ from posttrain.config import GRPORunConfig, save_config, to_dict
 from posttrain.data.prompts import Prompt, PromptDataset
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows, load_validation_rows
-from posttrain.envs.tool_calling import load_tools
-from posttrain.envs.worker import EnvironmentWorker, EnvOutcome
+from posttrain.envs.base import EnvOutcome
+from posttrain.envs.registry import check_env_config, load_tools
+from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
-from posttrain.rollout.base import Completion, SamplingParams, backend_class
+from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.multi_turn import run_episodes
+from posttrain.rollout.registry import backend_class
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
@@ -84,6 +86,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
 
     `on_step(step, metrics)` is called at the end of every step (benchmarks time steps with it).
     """
+    check_env_config(cfg.env)  # every import path the env config names, before Ray starts
     console = console or Console()
     transformers.set_seed(cfg.grpo.seed)
     ckpt = CheckpointManager(cfg.checkpointing)

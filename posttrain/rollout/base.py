@@ -63,11 +63,3 @@ def stop_token_ids(tokenizer, checkpoint_generation_config, extra: list[int] | N
     ids = [tokenizer.eos_token_id, *configured, *(extra or [])]
     return list(dict.fromkeys(i for i in ids if i is not None))
 
-
-def backend_class(name: str) -> type[GenerationBackend]:
-    """`policy.generation.backend` -> its class; vLLM is imported only when chosen."""
-    if name == "vllm":
-        from posttrain.rollout.vllm import VLLMGenerationBackend
-        return VLLMGenerationBackend
-    from posttrain.rollout.hf import HFGenerationBackend
-    return HFGenerationBackend

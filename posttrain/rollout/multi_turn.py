@@ -16,8 +16,7 @@ from collections.abc import Callable
 import numpy as np
 
 from posttrain.data.prompts import Prompt
-from posttrain.envs.base import Message
-from posttrain.envs.worker import EnvItem, EnvOutcome
+from posttrain.envs.base import EnvItem, EnvOutcome, Message
 from posttrain.rollout.base import Completion, SamplingParams
 
 # Stands in for an assistant turn's content, to find the text the chat template puts after it.

@@ -389,7 +389,6 @@ def test_number_for_a_text_key_is_rejected_not_rewritten(value, parsed):
     ("grpo.val_period=-1", r"grpo\.val_period must be >= 0"),
     ("grpo.max_rollout_turns=0", r"grpo\.max_rollout_turns must be >= 1"),
     ("loss_fn.sequence_level_importance_ratios=true", r"sequence_level_importance_ratios \(GSPO\).*token_level_loss=false"),
-    ("env.name=chess", r"env\.name: unknown environment 'chess'"),
     ("grpo.max_val_samples=0", r"grpo\.max_val_samples must be > 0"),
 ])
 def test_grpo_generation_and_validation_settings_are_checked(override, message):

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from posttrain.config import ConfigError, EnvConfig, GRPORunConfig
+from posttrain.config import ConfigError, EnvConfig
 from posttrain.envs import Environment, EnvStepResult, make_environment
+from posttrain.envs.base import EnvItem
 from posttrain.envs.number_guess import NumberGuessEnvironment
-from posttrain.envs.worker import EnvironmentWorker, EnvItem
+from posttrain.envs.registry import check_env_config
+from posttrain.envs.worker import EnvironmentWorker
 
 GAME = [{"role": "user", "content": "Guess my number."}]
 
@@ -44,12 +46,9 @@ def test_an_environment_by_import_path(reward_fns):
     ("{mod}:Missing", "has no attribute 'Missing'"),
     ("posttrain_no_such_module:Env", "cannot import module 'posttrain_no_such_module'"),
 ])
-def test_a_bad_environment_path_fails_at_config_check(reward_fns, name, message):
-    cfg = GRPORunConfig()
-    cfg.policy.model_name = "some/model"
-    cfg.env.name = name.format(mod=reward_fns)
+def test_a_bad_environment_path_fails_at_the_env_check(reward_fns, name, message):
     with pytest.raises(ConfigError, match=message) as info:
-        cfg.check()
+        check_env_config(EnvConfig(name=name.format(mod=reward_fns)))
     assert "env.name" in str(info.value)
 
 

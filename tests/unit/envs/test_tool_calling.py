@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from posttrain.config import ConfigError, EnvConfig, GRPORunConfig
+from posttrain.config import ConfigError, EnvConfig
 from posttrain.envs import make_environment
-from posttrain.envs.tool_calling import load_tools
+from posttrain.envs.registry import check_env_config, load_tools
 
 QUESTION = [{"role": "user", "content": "What is 6 * 7?"}]
 
@@ -75,12 +75,8 @@ def test_tools_are_checked_when_loaded(reward_fns, tools, message):
         load_tools([t.format(mod=reward_fns) for t in tools])
 
 
-def test_config_check_names_tool_problems(reward_fns):
-    cfg = GRPORunConfig()
-    cfg.policy.model_name = "some/model"
-    cfg.env.name = "tools"
+def test_env_check_names_tool_problems(reward_fns):
     with pytest.raises(ConfigError, match="env.name=tools needs env.tools"):
-        cfg.check()
-    cfg.env.tools = [f"{reward_fns}:undocumented"]
+        check_env_config(EnvConfig(name="tools"))
     with pytest.raises(ConfigError, match="env.tools: .* has no usable schema"):
-        cfg.check()
+        check_env_config(EnvConfig(name="tools", tools=[f"{reward_fns}:undocumented"]))

@@ -12,7 +12,7 @@ from posttrain.data.formats import tokenize_prompt
 from posttrain.data.prompts import Prompt
 from posttrain.demo.tiny_model import build_tiny_tokenizer
 from posttrain.envs.number_guess import NumberGuessEnvironment
-from posttrain.envs.tool_calling import load_tools
+from posttrain.envs.registry import load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
