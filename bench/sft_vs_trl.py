@@ -46,7 +46,7 @@ from bench.common import (
     trl_arguments,
 )
 from posttrain.config import SFTRunConfig, load_config
-from posttrain.data.formats import Sample, SFTDataset
+from posttrain.data.conversations import Sample, SFTDataset
 from posttrain.data.sources import load_rows
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.sft import run_sft

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from posttrain.data.formats import Sample
+from posttrain.data.conversations import Sample
 
 
 def pad_batch(samples: list[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:

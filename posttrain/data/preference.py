@@ -24,7 +24,7 @@ from posttrain.data.collate import (
     pad_batch,
     shared_prefix_attention_mask,
 )
-from posttrain.data.formats import (
+from posttrain.data.conversations import (
     Sample,
     check_messages,
     check_text,

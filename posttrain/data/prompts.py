@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from posttrain.config import DataConfig
-from posttrain.data.formats import check_messages, check_text, tokenize_prompt
+from posttrain.data.conversations import check_messages, check_text, tokenize_prompt
 from posttrain.data.sources import DataError, RowSource
 
 

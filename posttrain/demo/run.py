@@ -18,7 +18,7 @@ from rich.table import Table
 
 from posttrain.config import GRPORunConfig, PolicyConfig, SFTRunConfig, load_config
 from posttrain.data.arithmetic import is_correct, make_problems
-from posttrain.data.formats import tokenize_prompt
+from posttrain.data.conversations import tokenize_prompt
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.logging import plot_metrics
 from posttrain.loops.grpo import run_grpo

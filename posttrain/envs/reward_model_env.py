@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from posttrain.config import ConfigError, EnvConfig
 from posttrain.data.collate import pad_batch
-from posttrain.data.formats import Sample, tokenize_conversation, tokenize_prompt_completion
+from posttrain.data.conversations import Sample, tokenize_conversation, tokenize_prompt_completion
 from posttrain.envs.base import Environment, EnvStepResult, Message
 from posttrain.train.model import resolve_device
 from posttrain.train.reward_model import has_reward_head, sequence_scores

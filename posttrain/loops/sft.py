@@ -19,7 +19,7 @@ from rich.console import Console
 from posttrain.algos.sft import nll_loss
 from posttrain.config import SFTRunConfig, save_config, to_dict
 from posttrain.data.collate import make_micro_batches
-from posttrain.data.formats import Sample, SFTDataset
+from posttrain.data.conversations import Sample, SFTDataset
 from posttrain.data.sampler import EpochSampler
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.logging import MetricsLogger, make_progress

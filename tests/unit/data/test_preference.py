@@ -6,7 +6,7 @@ import pytest
 
 from posttrain.config import ArithmeticTaskConfig, DataConfig
 from posttrain.data.arithmetic import make_preference_pairs, make_problems
-from posttrain.data.formats import tokenize_conversation
+from posttrain.data.conversations import tokenize_conversation
 from posttrain.data.preference import PreferenceDataset, make_pair_micro_batches, row_to_pair
 from posttrain.data.sources import DataError, load_rows, load_validation_rows
 from posttrain.demo.tiny_model import build_tiny_tokenizer

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from posttrain.config import PolicyConfig, TokenizerConfig
-from posttrain.data.formats import tokenize_prompt
+from posttrain.data.conversations import tokenize_prompt
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend, SampledTokenLogprobs
 from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logprobs

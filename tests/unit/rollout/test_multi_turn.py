@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from posttrain.config import EnvConfig, PolicyConfig
-from posttrain.data.formats import tokenize_prompt
+from posttrain.data.conversations import tokenize_prompt
 from posttrain.data.prompts import Prompt
 from posttrain.demo.tiny_model import build_tiny_tokenizer
 from posttrain.envs.number_guess import NumberGuessEnvironment

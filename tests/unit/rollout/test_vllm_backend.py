@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.cluster import init_ray
 from posttrain.config import ClusterConfig, PolicyConfig
-from posttrain.data.formats import tokenize_prompt
+from posttrain.data.conversations import tokenize_prompt
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from posttrain.algos.sft import nll_loss
 from posttrain.config import PolicyConfig
 from posttrain.data.collate import make_micro_batches
-from posttrain.data.formats import Sample
+from posttrain.data.conversations import Sample
 from posttrain.train.fsdp import full_optimizer_state, is_sharded
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.policy import Policy

@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from posttrain.config import GRPORunConfig, load_config
-from posttrain.data.formats import tokenize_prompt
+from posttrain.data.conversations import tokenize_prompt
 from posttrain.train.grpo_worker import (
     GRPOPolicyWorker,
     Minibatch,

@@ -6,7 +6,7 @@ import torch
 from posttrain.algos.sft import nll_loss
 from posttrain.config import PolicyConfig
 from posttrain.data.collate import fill_token_budget, make_micro_batches, pack_sequences
-from posttrain.data.formats import Sample
+from posttrain.data.conversations import Sample
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.model import load_model, load_tokenizer
 

@@ -5,7 +5,7 @@ import torch
 
 from posttrain.algos.dpo import dpo_objective
 from posttrain.config import DPOConfig, PolicyConfig
-from posttrain.data.formats import Sample
+from posttrain.data.conversations import Sample
 from posttrain.data.preference import (
     PreferencePair,
     make_pair_micro_batches,

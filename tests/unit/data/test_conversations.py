@@ -6,7 +6,7 @@ import re
 import pytest
 
 from posttrain.config import DataConfig
-from posttrain.data.formats import SFTDataset, row_to_messages, tokenize_conversation
+from posttrain.data.conversations import SFTDataset, row_to_messages, tokenize_conversation
 from posttrain.data.sources import DataError, load_rows
 from posttrain.demo.tiny_model import build_tiny_tokenizer
 

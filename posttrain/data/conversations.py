@@ -1,4 +1,4 @@
-"""Turning rows into conversations and conversations into token ids with a loss mask.
+"""The SFT conversation pipeline: rows into conversations, conversations into token ids with a loss mask.
 
 Only assistant turns are trained on. We find them by rendering the chat template on growing
 prefixes of the conversation: the text a prefix adds when it ends with an assistant message is
