@@ -7,16 +7,14 @@ where row i came from (file and line, or dataset split and index) for error mess
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from posttrain.config import ArithmeticTaskConfig, DataConfig
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the source and the row."""
+from posttrain.data import DataError
+from posttrain.data.jsonl import read_jsonl
 
 
 @dataclass
@@ -86,38 +84,11 @@ def is_data_file(name: str) -> bool:
     return Path(name).suffix in _FILE_SUFFIXES
 
 
-def iter_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(physical line number, object) for each non-blank line; a bad line names its number.
-
-    Bytes that are not UTF-8 are escaped on reading, so that the error names their line rather
-    than failing somewhere in the file's read buffer.
-    """
-    with path.open(encoding="utf-8-sig", errors="surrogateescape") as f:
-        for lineno, line in enumerate(f, start=1):
-            try:
-                line.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise DataError(f"{path}, line {lineno}: not valid UTF-8 (byte "
-                                f"0x{ord(line[err.start]) - 0xDC00:02x} at column {err.start + 1})") from err
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}, line {lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
-            if not isinstance(row, dict):
-                raise DataError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
-            yield lineno, row
-
-
 def _read_json_lines(path: Path) -> RowSource:
-    rows, lines = [], []
-    for lineno, row in iter_jsonl(path):
-        rows.append(row)
-        lines.append(lineno)
-    if not rows:
+    lines = read_jsonl(path)
+    if not lines.records:
         raise DataError(f"{path}: no rows")
-    return RowSource(rows, str(path), lines)
+    return RowSource(lines.records, str(path), lines.line_numbers)
 
 
 def _read_json_array(path: Path) -> RowSource:

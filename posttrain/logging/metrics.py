@@ -7,8 +7,6 @@ and it needs no extra service. TensorBoard, W&B and MLflow are switched on in `L
 from __future__ import annotations
 
 import importlib
-import json
-import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +17,7 @@ from rich.console import Console
 from rich.text import Text
 
 from posttrain.config import LoggerConfig
+from posttrain.data.jsonl import json_line, read_jsonl, write_jsonl
 
 # MLflow accepts alphanumerics, "_", "-", ".", " " and "/" in every version we support
 # (newer ones also take ":", older ones do not), and rejects names that are not normalised paths.
@@ -88,7 +87,7 @@ class MetricsLogger:
             raise ValueError("'step' is reserved for the step number; rename that metric")
         values = {name: _to_float(name, value) for name, value in metrics.items()}
 
-        self._jsonl.write(json.dumps({"step": step, **strict_json_numbers(values)}) + "\n")
+        self._jsonl.write(json_line({"step": step, **values}))
         self._jsonl.flush()  # a crash must not lose logged steps
         if self._tb is not None:
             for name, value in values.items():
@@ -139,22 +138,12 @@ def _drop_records_after(path: Path, step: int, console: Console) -> None:
     interruption (atomically: a crash while rewriting keeps the old file)."""
     if not path.is_file():
         return
-    kept, repeated, cut = [], 0, 0
-    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
-        try:
-            record_step = json.loads(line).get("step", 0)
-        except json.JSONDecodeError:
-            cut += 1
-            continue
-        if record_step > step:
-            repeated += 1
-        else:
-            kept.append(line if line.endswith("\n") else line + "\n")
+    lines = read_jsonl(path, skip_invalid=True)
+    kept = [record for record in lines.records if record.get("step", 0) <= step]
+    repeated, cut = len(lines.records) - len(kept), lines.num_skipped
     if not repeated and not cut:
         return
-    partial = path.with_suffix(".jsonl.partial")
-    partial.write_text("".join(kept), encoding="utf-8")
-    partial.replace(path)
+    write_jsonl(path, kept)
     console.print(f"{path}: dropped {repeated} records of steps after {step}, which this resumed run repeats"
                   + (f", and {cut} unreadable lines (cut short by the interruption)" if cut else ""))
 
@@ -167,12 +156,6 @@ def _import_optional(name: str) -> ModuleType:
             f"logger.{name}_enabled is true but {name} is not installed; "
             f"run `pip install 'posttrain[{name}]'` or set logger.{name}_enabled=false"
         ) from e
-
-
-def strict_json_numbers(values: Mapping[str, Any]) -> dict[str, Any]:
-    """NaN and infinities as null: Python would write them as bare NaN/Infinity, which is not
-    JSON, and jq, JavaScript and most other readers reject the whole file."""
-    return {name: None if isinstance(v, float) and not math.isfinite(v) else v for name, v in values.items()}
 
 
 def _to_float(name: str, value: Any) -> float:

@@ -9,7 +9,7 @@ from pathlib import Path
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from posttrain.data.sources import iter_jsonl
+from posttrain.data.jsonl import read_jsonl
 
 _UNSAFE_FILENAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -57,7 +57,8 @@ def _read_series(path: Path) -> dict[str, dict[int, float]]:
     if not path.is_file():
         raise FileNotFoundError(f"no metrics file at {path}")
     series: dict[str, dict[int, float]] = {}
-    for lineno, record in iter_jsonl(path):
+    lines = read_jsonl(path)
+    for lineno, record in zip(lines.line_numbers, lines.records, strict=True):
         if not isinstance(record.get("step"), int):
             raise ValueError(f"{path}, line {lineno}: expected an object with an integer 'step'")
         step = record.pop("step")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from posttrain.config import CheckpointingConfig, ConfigError, DataConfig, PolicyConfig, to_dict
-from posttrain.logging.metrics import strict_json_numbers
+from posttrain.data.jsonl import strict_json_numbers
 
 STATE_FILE = "trainer_state.json"
 PREFIX = "step_"
