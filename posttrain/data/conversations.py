@@ -31,6 +31,10 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
     """Validate one row and return it as a chat conversation."""
     fmt = cfg.format
     if fmt == "auto":
+        check_one_format(row, {"messages": (cfg.messages_key,),
+                               "prompt_completion": (cfg.prompt_key, cfg.completion_key)}, where,
+                         "set data.format=messages or data.format=prompt_completion to say which one to train on, "
+                         "or remove the other fields")
         if cfg.messages_key in row:
             fmt = "messages"
         elif cfg.prompt_key in row and cfg.completion_key in row:
@@ -61,6 +65,16 @@ def row_to_messages(row: dict[str, Any], cfg: DataConfig, where: str) -> list[di
         raise DataError(f"{where}: the conversation starts with an assistant message; chat templates need a "
                         "system or user message first (data.system_prompt adds one)")
     return messages
+
+
+def check_one_format(row: dict[str, Any], formats: dict[str, tuple[str, ...]], where: str, choose: str) -> None:
+    """A row with the fields of two formats (`formats`: name -> its fields) is an error naming
+    them: reading it as either one would silently drop what the other fields hold. `choose` says
+    how to pick one."""
+    present = {name: [key for key in keys if key in row] for name, keys in formats.items()}
+    found = [f"{', '.join(repr(k) for k in keys)} ({name})" for name, keys in present.items() if keys]
+    if len(found) > 1:
+        raise DataError(f"{where}: conflicting format fields {' and '.join(found)}; {choose}")
 
 
 def check_text(value: Any, where: str, key: str) -> str:

@@ -27,6 +27,7 @@ from posttrain.data.collate import (
 from posttrain.data.conversations import (
     Sample,
     check_messages,
+    check_one_format,
     check_text,
     row_tools,
     tokenize_conversation,
@@ -109,7 +110,11 @@ class PreferenceDataset:
         ties = 0
         for i in range(len(source)):
             row, where = source.rows[i], source.describe(i)
-            if all(key in row for key in HELPSTEER_KEYS) and CHOSEN_KEY not in row:
+            # A HelpSteer3 row is told by its own fields ('context' is too common a column name to tell it by).
+            check_one_format(row, {"pair": (CHOSEN_KEY, REJECTED_KEY),
+                                   "HelpSteer3": ("response1", "response2", "overall_preference")}, where,
+                             "a row is a pair or a HelpSteer3 row, so remove the fields of the other")
+            if all(key in row for key in HELPSTEER_KEYS):
                 row = from_helpsteer(row, cfg, where)
                 if row is None:
                     ties += 1

@@ -124,6 +124,21 @@ def test_row_errors_name_location(row, cfg, pattern):
     assert str(info.value).startswith(WHERE + ": ")
 
 
+def test_a_row_with_the_fields_of_two_formats_names_the_file_the_row_and_the_fields(tmp_path, tokenizer):
+    path = tmp_path / "data.jsonl"
+    rows = [{"messages": CONVERSATION}, {"messages": CONVERSATION, "prompt": "What is 2 + 3?", "completion": "5"}]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(DataError, match=re.escape(
+            f"{path}, line 2: conflicting format fields 'messages' (messages) and 'prompt', 'completion' "
+            "(prompt_completion); set data.format=messages or data.format=prompt_completion")):
+        SFTDataset(load_rows(str(path), "train"), tokenizer, DataConfig(), 64)
+    with pytest.raises(DataError, match=r"'messages' \(messages\) and 'prompt' \(prompt_completion\)"):
+        row_to_messages({"messages": CONVERSATION, "prompt": "q"}, DataConfig(), WHERE)
+    # data.format says which one the rows are.
+    assert row_to_messages(rows[1], DataConfig(format="messages"), WHERE) == CONVERSATION
+    assert row_to_messages(rows[1], DataConfig(format="prompt_completion"), WHERE)[-1]["content"] == "5"
+
+
 # --------------------------------------------------------------------------- tokenize_conversation
 
 

@@ -187,6 +187,13 @@ def test_helpsteer3_bad_preference_names_the_line(tmp_path, tokenizer):
         PreferenceDataset(load_rows(str(path), "train"), tokenizer, DataConfig(dataset_name=str(path)), 128)
 
 
+def test_a_row_that_is_both_a_pair_and_a_helpsteer3_row_is_an_error(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "hs3.jsonl", [_helpsteer(1), {**_helpsteer(2), "prompt": "q", "chosen": "2"}])
+    with pytest.raises(DataError, match=r"hs3.jsonl, line 2: conflicting format fields 'chosen' \(pair\) and "
+                                        r"'response1', 'response2', 'overall_preference' \(HelpSteer3\)"):
+        PreferenceDataset(load_rows(str(path), "train"), tokenizer, DataConfig(dataset_name=str(path)), 128)
+
+
 def test_a_rows_tools_reach_both_replies(tmp_path):
     tok = build_tiny_tokenizer()
     tok.chat_template = (  # shows the tools' names in a system turn
