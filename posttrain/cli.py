@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import time
+import traceback
+from pathlib import Path
+from typing import TypeVar
 
 from rich.console import Console
 from rich.markup import escape
@@ -11,6 +16,7 @@ from rich.markup import escape
 from posttrain.config import (
     ConfigError,
     DPORunConfig,
+    EnvConfig,
     EvalRunConfig,
     GRPORunConfig,
     RMRunConfig,
@@ -18,6 +24,8 @@ from posttrain.config import (
     load_config,
 )
 from posttrain.data.sources import DataError
+
+T = TypeVar("T")
 
 # command -> (help, run config class, "module:function" of its loop, an override example)
 TRAINING_COMMANDS = {
@@ -38,14 +46,27 @@ def _train(args: argparse.Namespace) -> None:
     _, config_class, loop, _ = TRAINING_COMMANDS[args.command]
     module, _, function = loop.partition(":")
     overrides = list(args.overrides) + (["checkpointing.resume=required"] if args.resume else [])
-    run_cfg = load_config(config_class, args.config, overrides)
+    run_cfg = _load(config_class, args.config, overrides)
+    args.log_dir = run_cfg.logger.log_dir  # where main() writes the traceback of a run that fails
     getattr(importlib.import_module(module), function)(run_cfg)
 
 
 def _eval(args: argparse.Namespace) -> None:
+    run_cfg = _load(EvalRunConfig, args.config, args.overrides)
     from posttrain.loops.eval import run_eval
 
-    run_eval(load_config(EvalRunConfig, args.config, args.overrides))
+    run_eval(run_cfg)
+
+
+def _load(config_class: type[T], path: str | None, overrides: list[str]) -> T:
+    """The run config, and the import paths its env names resolved (the loop checks them too): here,
+    before the loop's imports (torch, Ray: seconds), a typo in one fails at once."""
+    run_cfg = load_config(config_class, path, overrides)
+    if isinstance(getattr(run_cfg, "env", None), EnvConfig):
+        from posttrain.envs.registry import check_env_config
+
+        check_env_config(run_cfg.env)
+    return run_cfg
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -74,6 +95,7 @@ def _tiny_model(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     for name, (help_text, _, _, example) in TRAINING_COMMANDS.items():
@@ -116,12 +138,55 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RAY_WORKER = re.compile(r"ray::([\w.]+)\(")  # how Ray names the actor method in a remote traceback
+
+
+def ray_error_message(err: BaseException) -> str | None:
+    """One line for an error raised inside a Ray actor: the original exception's type and message,
+    and the method it came from; None for any other error. Ray is not imported for this (it is
+    slow to import): an error can come from Ray only once something else has imported it."""
+    exceptions = sys.modules.get("ray.exceptions")
+    if exceptions is None or not isinstance(err, exceptions.RayTaskError | exceptions.RayActorError):
+        return None
+    text = str(err)
+    cause = getattr(err, "cause", None)  # RayTaskError: the exception the actor raised
+    if cause is None or isinstance(cause, exceptions.RayError):  # a dead actor, or a cause Ray could not ship
+        cause_text = text.strip().splitlines()[-1].strip()  # the traceback's last line: "Type: message"
+    else:
+        cause_text = f"{type(cause).__name__}: {cause}"
+    worker = _RAY_WORKER.search(text)
+    return f"{cause_text} (raised in {f'the Ray worker {worker.group(1)}' if worker else 'a Ray worker'})"
+
+
+def _log_traceback(err: BaseException, log_dir: str, argv: list[str]) -> Path:
+    """Append the full traceback to <logger.log_dir>/error.log."""
+    path = Path(log_dir) / "error.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as f:
+        f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} posttrain {' '.join(argv)}\n")
+        f.write("".join(traceback.format_exception(err)))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can fix end with one message and exit code 2; `--debug` adds the traceback."""
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    console = Console(stderr=True)
     try:
         args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, OSError, FloatingPointError) as err:
-        Console(stderr=True).print(f"[bold red]error:[/] {escape(str(err))}")
+    except Exception as err:
+        # Ray first: an actor's error is also an instance of the original class (a ConfigError, an OSError)
+        message = ray_error_message(err)
+        if message is None and not isinstance(err, ConfigError | DataError | OSError | FloatingPointError):
+            raise
+        if args.debug:
+            traceback.print_exception(err)
+        if message is not None:
+            log_dir = getattr(args, "log_dir", None)  # set by the training commands
+            message += (f"; full traceback in {_log_traceback(err, log_dir, argv)}" if log_dir
+                        else "; run with posttrain --debug for the full traceback")
+        console.print(f"[bold red]error:[/] {escape(message or str(err))}")
         return 2
     return 0
 
