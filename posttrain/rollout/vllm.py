@@ -21,7 +21,7 @@ from transformers import AutoConfig, GenerationConfig
 
 from posttrain.config import VLLM_INSTALL_HINT, PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
-from posttrain.train.model import load_tokenizer
+from posttrain.train.model import load_tokenizer, tokenizer_source, weights_source
 
 # A tensor-parallel engine takes new weights from a folder of this prefix (in /dev/shm where it fits).
 WEIGHTS_FOLDER_PREFIX = "posttrain-vllm-weights-"
@@ -44,7 +44,7 @@ class VLLMGenerationBackend(GenerationBackend):
             raise ImportError(f"{VLLM_INSTALL_HINT} ({err})") from err
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.tokenizer = load_tokenizer(cfg)
-        model = weights_path or cfg.model_name
+        model = weights_source(cfg, weights_path)
         try:
             checkpoint_generation = GenerationConfig.from_pretrained(model)
         except OSError:  # a checkpoint without generation_config.json
@@ -67,7 +67,7 @@ class VLLMGenerationBackend(GenerationBackend):
             cpu_settings = {"enable_chunked_prefill": False, "max_num_batched_tokens": max(4096, context)}
         self.llm = vllm.LLM(
             model=model,
-            tokenizer=cfg.tokenizer.name or cfg.model_name,
+            tokenizer=tokenizer_source(cfg),
             dtype=cfg.precision,
             max_model_len=options.max_model_len,
             seed=rank,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub import constants, snapshot_download
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.utils import get_session, validate_repo_id
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from posttrain.config import PolicyConfig
@@ -14,6 +19,75 @@ from posttrain.config import PolicyConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 transformers.utils.logging.disable_progress_bar()
+
+HUB_CHECK_TIMEOUT_S = 3.0
+# What makes the local models the example configs start from (posttrain/examples/configs).
+EXAMPLE_MODEL_BUILDERS = {
+    Path("runs/tiny-model"): "`posttrain tiny-model runs/tiny-model --size demo` builds it",
+    Path("runs/sft_tiny"): "the SFT run `posttrain sft --config sft_tiny` writes it (its model comes from "
+                           "`posttrain tiny-model runs/tiny-model --size demo`)",
+    Path("runs/rm_tiny"): "the reward-model run `posttrain rm --config rm_tiny` writes it (after the SFT run "
+                          "`posttrain sft --config sft_tiny`)",
+}
+
+
+class ModelSourceError(OSError):
+    """A model or tokenizer name that is neither a local folder nor loadable from the hub."""
+
+
+def resolve_model_source(name: str, key: str | None = None) -> str:
+    """What to hand `from_pretrained` for `name` (`key` is the config key it came from): a local
+    folder or a hub id as is, or, with the hub out of reach, a hub id's snapshot in the local
+    cache. Anything else fails here at once, rather than after transformers' ~30 s of retries."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return name
+    what = f"{name!r}" + (f" ({key})" if key else "")
+    builder = next((how for folder, how in EXAMPLE_MODEL_BUILDERS.items() if folder in (path, *path.parents)), None)
+    if builder is not None:
+        raise ModelSourceError(f"{what} is not a local folder yet: {builder}")
+    if path.exists() or not _is_repo_id(name):
+        raise ModelSourceError(f"{what} is neither a local folder{' (it is a file)' if path.exists() else ''} "
+                               "nor a Hugging Face hub id; give a folder that from_pretrained loads (a run's "
+                               "checkpoints/final_model, or what `posttrain convert` writes)")
+    unreachable = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable()
+    if unreachable is None:
+        return name
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except LocalEntryNotFoundError:
+        raise ModelSourceError(f"{what} is neither a local folder nor in the Hugging Face cache, and the hub "
+                               f"is not reachable ({unreachable}); give a local folder, or download it once "
+                               "where the hub is reachable") from None
+
+
+def weights_source(cfg: PolicyConfig, path: str | None = None) -> str:
+    """`resolve_model_source` of the weights to load: `path` (a run's own folder) or policy.model_name."""
+    return resolve_model_source(path or cfg.model_name, None if path else "policy.model_name")
+
+
+def tokenizer_source(cfg: PolicyConfig) -> str:
+    """`resolve_model_source` of policy.tokenizer.name, which defaults to policy.model_name."""
+    name = cfg.tokenizer.name or cfg.model_name
+    return resolve_model_source(name, "policy.model_name" if name == cfg.model_name else "policy.tokenizer.name")
+
+
+def _is_repo_id(name: str) -> bool:
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+@functools.cache
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be reached, None if it can; asked once per process, with a short timeout."""
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_CHECK_TIMEOUT_S)
+    except Exception as err:  # the HTTP client's errors (httpx or requests, by huggingface_hub version)
+        return f"{constants.ENDPOINT}: {err}"
+    return None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -23,9 +97,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tokenizer(cfg: PolicyConfig):
-    name = cfg.tokenizer.name or cfg.model_name
+    name, source = cfg.tokenizer.name or cfg.model_name, tokenizer_source(cfg)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
         raise OSError(f"cannot load tokenizer {name!r} (policy.tokenizer.name / policy.model_name): {err}") from err
     if cfg.tokenizer.chat_template is not None:
@@ -39,8 +113,9 @@ def load_model(cfg: PolicyConfig, device: torch.device, path: str | None = None,
                dtype: torch.dtype = torch.float32):
     """Trainable weights default to float32; `policy.precision` is applied as autocast by the Policy."""
     name = path or cfg.model_name
+    source = weights_source(cfg, path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
         raise OSError(f"cannot load model {name!r} (policy.model_name): {err}") from err
     if cfg.activation_checkpointing_enabled:

@@ -12,12 +12,12 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from posttrain.config import ConfigError, PolicyConfig
-from posttrain.train.model import enable_activation_checkpointing
+from posttrain.train.model import enable_activation_checkpointing, resolve_model_source, weights_source
 
 
 def has_reward_head(path: str, trust_remote_code: bool = False) -> bool:
     """Whether a model folder or hub name is a sequence-classification (reward) model."""
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    config = AutoConfig.from_pretrained(resolve_model_source(path), trust_remote_code=trust_remote_code)
     return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
 
 
@@ -25,9 +25,10 @@ def load_reward_model(cfg: PolicyConfig, device: torch.device, path: str | None 
                       pad_token_id: int, dtype: torch.dtype = torch.float32):
     """A one-output scoring model; from a causal-LM checkpoint the `score` head is newly initialised."""
     name = path or cfg.model_name
+    source = weights_source(cfg, path)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            name, num_labels=1, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+            source, num_labels=1, pad_token_id=pad_token_id, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
     except OSError as err:
         raise OSError(f"cannot load model {name!r} (policy.model_name): {err}") from err
     except ValueError as err:  # an architecture without a sequence-classification class
