@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.resources
 import re
 import sys
 import time
 import traceback
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import TypeVar
 
@@ -93,6 +95,49 @@ def _tiny_model(args: argparse.Namespace) -> None:
     print(f"saved tiny {args.arch} model ({args.size}) to {save_tiny_model(args.out, args.size, args.arch)}")
 
 
+# The example configs, shipped in the package so that an installed wheel (no clone) has them too.
+BUILTIN_CONFIGS = importlib.resources.files("posttrain") / "examples" / "configs"
+
+
+def _builtin_configs() -> dict[str, Traversable]:
+    """Built-in config name (`sft_tiny`) -> its file."""
+    return {f.name.removesuffix(".yaml"): f for f in sorted(BUILTIN_CONFIGS.iterdir(), key=lambda f: f.name)
+            if f.name.endswith(".yaml")}
+
+
+def _config_file(value: str) -> str:
+    """`--config`: a YAML file, or a built-in config's name (no .yaml suffix, no folder)."""
+    path = Path(value)
+    if path.suffix in (".yaml", ".yml") or path.name != value or path.exists():
+        return value
+    builtin = _builtin_configs()
+    if value not in builtin:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither a config file nor a built-in config; the built-in "
+                                         f"ones are {', '.join(builtin)} (`posttrain examples` copies them)")
+    return str(builtin[value])
+
+
+def _examples(args: argparse.Namespace) -> None:
+    """Copy the built-in configs into DIR/configs, so that the README's examples/configs/... paths
+    work from DIR's parent, and list them. A copy that was edited is not replaced without --overwrite."""
+    out = Path(args.dir) / "configs"
+    configs = {f"{name}.yaml": file.read_text(encoding="utf-8") for name, file in _builtin_configs().items()}
+    edited = [out / name for name, text in configs.items()
+              if (out / name).is_file() and (out / name).read_text(encoding="utf-8") != text]
+    if edited and not args.overwrite:
+        raise FileExistsError(f"these differ from the built-in configs and would be replaced: "
+                              f"{', '.join(map(str, edited))}; pass --overwrite to replace them, or give another folder")
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in configs.items():
+        if not (out / name).is_file() or out / name in edited:
+            (out / name).write_text(text, encoding="utf-8")
+        print(f"{out / name}  {text.splitlines()[0].lstrip('# ')}")
+    print(f"run one with e.g. `posttrain sft --config {out / 'sft_tiny.yaml'}`, or by name: `--config sft_tiny`")
+
+
+CONFIG_HELP = "YAML config file, or a built-in config's name (e.g. sft_tiny; `posttrain examples` lists them)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="posttrain", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="print the full traceback of an error")
@@ -100,14 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (help_text, _, _, example) in TRAINING_COMMANDS.items():
         command = sub.add_parser(name, help=help_text)
-        command.add_argument("--config", help="YAML config file")
+        command.add_argument("--config", type=_config_file, help=CONFIG_HELP)
         command.add_argument("--resume", action="store_true", help="require resuming from the latest checkpoint "
                                                                    "(by default a checkpoint is resumed if found)")
         command.add_argument("overrides", nargs="*", help=f"dotted overrides, e.g. {example}")
         command.set_defaults(func=_train)
 
     ev = sub.add_parser("eval", help="pass@k / maj@k of a model on a math benchmark (MATH-500, AIME 2024, GSM8K)")
-    ev.add_argument("--config", help="YAML config file")
+    ev.add_argument("--config", type=_config_file, help=CONFIG_HELP)
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. generation.model_name=results/sft/final_model")
     ev.set_defaults(func=_eval)
 
@@ -135,6 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--size", default="test", choices=["test", "demo", "small", "0.5b"])
     tiny.add_argument("--arch", default="qwen2", choices=["qwen2", "llama"])
     tiny.set_defaults(func=_tiny_model)
+
+    examples = sub.add_parser("examples", help="copy the example configs into DIR/configs and list them")
+    examples.add_argument("dir", nargs="?", default="examples", help="default: ./examples")
+    examples.add_argument("--overwrite", action="store_true", help="replace copies that were edited")
+    examples.set_defaults(func=_examples)
     return parser
 
 
