@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 
 from posttrain.algos.rm import preference_metrics
-from posttrain.config import DPOConfig, DPOLossType
 
 
 def sequence_logprob(logprobs: torch.Tensor, loss_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
@@ -46,7 +45,7 @@ def dpo_loss(
     reference_rejected: torch.Tensor,
     beta: float,
     num_pairs: int | float | None = None,
-    loss_type: DPOLossType = "sigmoid",
+    loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
     simpo_gamma: float = 0.5,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -91,30 +90,37 @@ def dpo_objective(
     logprobs: torch.Tensor,
     reference_logprobs: torch.Tensor | None,
     loss_mask: torch.Tensor,
-    cfg: DPOConfig,
     num_pairs: int | float | None = None,
+    *,
+    beta: float,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+    average_log_probs: bool = False,
+    sft_loss_weight: float = 0.0,
+    sft_average_log_probs: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The training loss of one micro-batch whose rows are [chosen_1..N, rejected_1..N].
 
     Per-token log-probs and mask are [2N, T]; the reference's are None for a reference-free loss.
-    The preference term uses sums (or per-token means with `preference_average_log_probs`);
-    `sft_loss_weight` adds the NLL of the chosen replies.
+    The preference term (`dpo_loss` of `loss_type`) uses sums of log-probs, or per-token means with
+    `average_log_probs`; `sft_loss_weight` adds the NLL of the chosen replies (their sums, or
+    means with `sft_average_log_probs`).
     """
     if logprobs.shape[0] % 2:
         raise ValueError(f"expected chosen and rejected rows in two halves, got {logprobs.shape[0]} rows")
     n = num_pairs if num_pairs is not None else logprobs.shape[0] // 2
-    avg = cfg.preference_average_log_probs
-    policy_chosen, policy_rejected = sequence_logprob(logprobs, loss_mask, avg).chunk(2)
+    policy_chosen, policy_rejected = sequence_logprob(logprobs, loss_mask, average_log_probs).chunk(2)
     if reference_logprobs is None:
         reference_chosen = reference_rejected = torch.zeros_like(policy_chosen)
     else:
-        reference_chosen, reference_rejected = sequence_logprob(reference_logprobs, loss_mask, avg).chunk(2)
+        reference_chosen, reference_rejected = sequence_logprob(reference_logprobs, loss_mask,
+                                                                average_log_probs).chunk(2)
     preference, metrics = dpo_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                                   cfg.reference_policy_kl_penalty, n, cfg.loss_type, cfg.label_smoothing,
-                                   cfg.simpo_gamma)
+                                   beta, n, loss_type, label_smoothing, simpo_gamma)
     chosen_logprobs, chosen_mask = logprobs.chunk(2)[0], loss_mask.chunk(2)[0]
-    sft = -sequence_logprob(chosen_logprobs, chosen_mask, cfg.sft_average_log_probs).sum() / float(n)
+    sft = -sequence_logprob(chosen_logprobs, chosen_mask, sft_average_log_probs).sum() / float(n)
     metrics["preference_loss"] = preference.detach()
     metrics["sft_loss"] = sft.detach()
-    loss = preference + cfg.sft_loss_weight * sft if cfg.sft_loss_weight else preference
+    loss = preference + sft_loss_weight * sft if sft_loss_weight else preference
     return loss, metrics

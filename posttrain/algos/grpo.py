@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
@@ -118,3 +121,77 @@ def clipped_pg_loss(
         if kl is not None:
             metrics["kl_sum"] = (kl * mask).sum()
     return loss, metrics
+
+
+@dataclass(frozen=True)
+class GRPOObjective:
+    """One optimizer step's objective in the Policy API's form, `(model, micro-batch) -> (loss,
+    metrics)`: the clipped-ratio loss of `clipped_pg_loss` on a `collate_trajectories` micro-batch.
+
+    `score(model, batch) -> (log-probs, entropy)` is the trainer's forward at the sampling
+    temperature (`posttrain.train.logprobs.response_logprobs`); it is passed in so that this layer
+    stays pure tensor code. The batch may carry `old_logprobs` (the pre-update policy's, when a
+    rollout feeds several optimizer steps; else the current log-probs, detached, so the ratio is 1)
+    and `ref_logprobs` (the reference's, for the KL penalty). Build it with `from_config` and give
+    each step its global normalisers with `for_step`.
+    Metrics are sums over the micro-batch's trained tokens (divide by `tokens`), except
+    `mismatch_max`, a maximum: |log pi_old - log pi_generator| is the generator/trainer mismatch.
+    """
+
+    score: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+    max_response_length: int  # the most sampled tokens an episode can hold (Dr. GRPO's constant)
+    ratio_clip_min: float = 0.2
+    ratio_clip_max: float = 0.2
+    dual_clip: float | None = None
+    kl_coef: float = 0.0
+    kl_estimator: KLEstimator = "k3"
+    importance_sampling_cap: float | None = None  # None: no generator/trainer importance correction
+    sequence_level_ratio: bool = False
+    normalization: Normalization = "token"
+    global_tokens: float = 0.0
+    global_sequences: float = 0.0
+
+    @classmethod
+    def from_config(cls, loss_fn: Any, score: Callable, max_response_length: int) -> GRPOObjective:
+        """From the `loss_fn` config section; its booleans are translated here, and only here."""
+        if not loss_fn.token_level_loss:
+            normalization = "sequence"
+        else:
+            normalization = "dr_grpo" if loss_fn.constant_normalization else "token"
+        return cls(
+            score=score, max_response_length=max_response_length,
+            ratio_clip_min=loss_fn.ratio_clip_min, ratio_clip_max=loss_fn.ratio_clip_max,
+            dual_clip=loss_fn.ratio_clip_c, kl_coef=loss_fn.reference_policy_kl_penalty,
+            kl_estimator=loss_fn.reference_policy_kl_type,
+            importance_sampling_cap=(loss_fn.importance_sampling_cap
+                                     if loss_fn.use_importance_sampling_correction else None),
+            sequence_level_ratio=loss_fn.sequence_level_importance_ratios, normalization=normalization,
+        )
+
+    def for_step(self, global_tokens: float, global_sequences: float) -> GRPOObjective:
+        """The objective of an optimizer step over that many trained tokens and sequences (all ranks)."""
+        return dataclasses.replace(self, global_tokens=global_tokens, global_sequences=global_sequences)
+
+    def __call__(self, model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        logprobs, entropy = self.score(model, batch)
+        mask = batch["loss_mask"]
+        old = batch["old_logprobs"] if "old_logprobs" in batch else logprobs.detach()
+        generator = batch["generator_logprobs"]
+        weights = None
+        if self.importance_sampling_cap is not None:
+            weights = torch.exp(old - generator).clamp(max=self.importance_sampling_cap)
+        loss, metrics = clipped_pg_loss(
+            logprobs, old, batch["advantages"], mask,
+            ratio_clip_min=self.ratio_clip_min, ratio_clip_max=self.ratio_clip_max, dual_clip=self.dual_clip,
+            ref_logprobs=batch.get("ref_logprobs"), kl_coef=self.kl_coef, kl_estimator=self.kl_estimator,
+            importance_weights=weights, sequence_level_ratio=self.sequence_level_ratio,
+            normalization=self.normalization, global_tokens=self.global_tokens,
+            global_sequences=self.global_sequences, max_response_length=self.max_response_length,
+        )
+        with torch.no_grad():
+            gap = (old - generator).abs() * mask
+            metrics["entropy_sum"] = (entropy * mask).sum()
+            metrics["mismatch_sum"] = gap.sum()
+            metrics["mismatch_max"] = gap.max()
+            metrics["importance_weight_sum"] = (weights * mask).sum() if weights is not None else mask.sum()
+        return loss, metrics

@@ -49,3 +49,16 @@ class EpochSampler:
                 raise ValueError(f"cannot resume the data order: checkpoint has {key}={state[key]}, "
                                  f"this run has {getattr(self, key)}")
         self.epoch, self.position = state["epoch"], state["position"]
+
+
+def plan_steps(sampler: EpochSampler, max_num_steps: int, max_num_epochs: int, section: str) -> tuple[int, str]:
+    """The run's step count, the lesser of `max_num_steps` and `max_num_epochs` epochs, and, when
+    the epochs cut the steps asked for, a note for the start-up line that says so (else "")."""
+    per_epoch = sampler.batches_per_epoch
+    total = min(max_num_steps, max_num_epochs * per_epoch)
+    if total == max_num_steps:
+        return total, ""
+    epochs = f"{max_num_epochs} epoch{'s' if max_num_epochs > 1 else ''}"
+    return total, (f" ({max_num_steps} steps requested; {epochs} of this data "
+                   f"{'is' if max_num_epochs == 1 else 'are'} {total} steps: raise {section}.max_num_epochs "
+                   "to train longer)")

@@ -27,7 +27,7 @@ from posttrain.data.preference import (
     make_shared_prefix_micro_batches,
     pair_step_metrics,
 )
-from posttrain.data.sampler import EpochSampler
+from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.train.checkpoint import (
@@ -35,10 +35,9 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
-    resumed_message,
+    resume_training,
     run_identity,
     save_run_checkpoint,
-    set_rng_state,
 )
 from posttrain.train.logprobs import sequence_logprobs, shared_prefix_logprobs
 from posttrain.train.model import load_tokenizer
@@ -79,7 +78,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     train_set = PreferenceDataset(train_rows, tokenizer, data, max_len)
     val_pairs = load_validation_pairs(data, tokenizer, max_len, cfg.dpo.seed)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.dpo.seed, data.shuffle)
-    total_steps = min(cfg.dpo.max_num_steps, cfg.dpo.max_num_epochs * sampler.batches_per_epoch)
+    total_steps, steps_note = plan_steps(sampler, cfg.dpo.max_num_steps, cfg.dpo.max_num_epochs, "dpo")
 
     # ---- model, frozen reference, optimizer, resume
     # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls; either holds
@@ -88,20 +87,13 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     with_reference = cfg.dpo.loss_type not in REFERENCE_FREE_DPO_LOSSES
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.dpo.seed, tokenizer=tokenizer,
                          weights_path=resume_dir / "model" if resume_dir else None, with_reference=with_reference)
-    step = 0
-    if resume_dir is not None:
-        state = read_state(resume_dir)
-        policy.load_training_state(resume_dir)
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
-        step = state["step"]
-        console.print(resumed_message(resume_dir, step, total_steps))
+    step = resume_training(resume_dir, policy, sampler, total_steps, console)
 
     log_dir = Path(cfg.logger.log_dir)
     save_config(cfg, log_dir / "config.yaml")
     console.print(f"DPO: {cfg.policy.model_name} ({describe_parameters(policy)}) on "
                   f"{policy.device}; {len(train_set)} training pairs, {len(val_pairs)} validation pairs, "
-                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs, "
+                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs{steps_note}, "
                   f"beta {cfg.dpo.reference_policy_kl_penalty}")
 
     # The prompt once per pair (rows [shared; rest of chosen; rest of rejected]), or padded
@@ -121,10 +113,15 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
                 batch["reference_logprobs"] = reference_logprobs
         return batches
 
+    loss = {"beta": cfg.dpo.reference_policy_kl_penalty, "loss_type": cfg.dpo.loss_type,
+            "label_smoothing": cfg.dpo.label_smoothing, "simpo_gamma": cfg.dpo.simpo_gamma,
+            "average_log_probs": cfg.dpo.preference_average_log_probs, "sft_loss_weight": cfg.dpo.sft_loss_weight,
+            "sft_average_log_probs": cfg.dpo.sft_average_log_probs}
+
     def objective_of(num_pairs: int):
         def objective(model, batch):
             logprobs, mask = logprobs_of(model, batch)
-            return dpo_objective(logprobs, batch.get("reference_logprobs"), mask, cfg.dpo, num_pairs)
+            return dpo_objective(logprobs, batch.get("reference_logprobs"), mask, num_pairs, **loss)
         return objective
 
     # Validation pairs and their reference log-probs are fixed: computed once, reused every time.

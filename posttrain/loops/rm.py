@@ -28,7 +28,7 @@ from posttrain.data.preference import (
     make_pair_micro_batches,
     pair_step_metrics,
 )
-from posttrain.data.sampler import EpochSampler
+from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.train.checkpoint import (
@@ -36,10 +36,9 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
-    resumed_message,
+    resume_training,
     run_identity,
     save_run_checkpoint,
-    set_rng_state,
 )
 from posttrain.train.model import load_tokenizer
 from posttrain.train.policy import describe_parameters
@@ -76,22 +75,15 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
     train_set = PreferenceDataset(train_rows, tokenizer, data, max_len)
     val_pairs = load_validation_pairs(data, tokenizer, max_len, cfg.rm.seed)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.rm.seed, data.shuffle)
-    total_steps = min(cfg.rm.max_num_steps, cfg.rm.max_num_epochs * sampler.batches_per_epoch)
+    total_steps, steps_note = plan_steps(sampler, cfg.rm.max_num_steps, cfg.rm.max_num_epochs, "rm")
 
     # ---- model, optimizer, resume
     loader = functools.partial(load_reward_model, pad_token_id=tokenizer.pad_token_id)
     # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls.
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.rm.seed, tokenizer=tokenizer,
                          model_loader=loader, weights_path=resume_dir / "model" if resume_dir else None)
-    step = 0
-    if resume_dir is not None:
-        state = read_state(resume_dir)
-        policy.load_training_state(resume_dir)
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
-        step = state["step"]
-        console.print(resumed_message(resume_dir, step, total_steps))
-    elif not has_reward_head(cfg.policy.model_name, cfg.policy.trust_remote_code):
+    step = resume_training(resume_dir, policy, sampler, total_steps, console)
+    if resume_dir is None and not has_reward_head(cfg.policy.model_name, cfg.policy.trust_remote_code):
         console.print(f"Reward head: {cfg.policy.model_name} is not a sequence-classification model; "
                       "its backbone is kept and the scalar `score` head is newly initialised")
 
@@ -99,7 +91,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
     save_config(cfg, log_dir / "config.yaml")
     console.print(f"RM: {cfg.policy.model_name} ({describe_parameters(policy)}) on "
                   f"{policy.device}; {len(train_set)} training pairs, {len(val_pairs)} validation pairs, "
-                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs")
+                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} pairs{steps_note}")
 
     def micro_batches(pairs: list[PreferencePair], size: int, training: bool) -> list[dict[str, torch.Tensor]]:
         # The loss mask is not needed: a reward model scores whole sequences.

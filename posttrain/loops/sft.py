@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import transformers
 from rich.console import Console
 
@@ -20,7 +19,7 @@ from posttrain.algos.sft import nll_loss
 from posttrain.config import SFTRunConfig, save_config, to_dict
 from posttrain.data.collate import make_micro_batches
 from posttrain.data.conversations import Sample, SFTDataset
-from posttrain.data.sampler import EpochSampler
+from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.train.checkpoint import (
@@ -28,10 +27,9 @@ from posttrain.train.checkpoint import (
     check_identity,
     find_resume_checkpoint,
     read_state,
-    resumed_message,
+    resume_training,
     run_identity,
     save_run_checkpoint,
-    set_rng_state,
 )
 from posttrain.train.logprobs import sequence_logprobs
 from posttrain.train.model import load_tokenizer
@@ -70,7 +68,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     train_set = SFTDataset(train_rows, tokenizer, data, max_len)
     val_samples = _validation_samples(cfg, tokenizer)
     sampler = EpochSampler(len(train_set), cfg.policy.train_global_batch_size, cfg.sft.seed, data.shuffle)
-    total_steps = min(cfg.sft.max_num_steps, cfg.sft.max_num_epochs * sampler.batches_per_epoch)
+    total_steps, steps_note = plan_steps(sampler, cfg.sft.max_num_steps, cfg.sft.max_num_epochs, "sft")
     pack = None
     if cfg.policy.sequence_packing.enabled:
         pack = (max_len, cfg.policy.sequence_packing.train_mb_tokens or cfg.policy.train_micro_batch_size * max_len)
@@ -81,20 +79,13 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls.
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.sft.seed, tokenizer=tokenizer,
                          weights_path=resume_dir / "model" if resume_dir else None)
-    step = 0
-    if resume_dir is not None:
-        state = read_state(resume_dir)
-        policy.load_training_state(resume_dir)
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
-        step = state["step"]
-        console.print(resumed_message(resume_dir, step, total_steps))
+    step = resume_training(resume_dir, policy, sampler, total_steps, console)
 
     log_dir = Path(cfg.logger.log_dir)
     save_config(cfg, log_dir / "config.yaml")
     console.print(f"SFT: {cfg.policy.model_name} ({describe_parameters(policy)}) on "
                   f"{policy.device}; {len(train_set)} training rows, {len(val_samples)} validation rows, "
-                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} sequences")
+                  f"{total_steps} steps of {cfg.policy.train_global_batch_size} sequences{steps_note}")
 
     def loss_of(num_targets: float):
         return lambda model, batch: nll_loss(*sequence_logprobs(model, batch), num_targets)

@@ -144,6 +144,20 @@ def resumed_message(resume_dir: Path, step: int, total_steps: int) -> str:
     return message
 
 
+def resume_training(resume_dir: Path | None, policy, sampler, total_steps: int, console) -> int:
+    """Continue from `resume_dir` (if any): the policy's optimizer and schedule state, the data
+    sampler's position and the RNG streams are restored, and the run says so; returns the step
+    the checkpoint ended (0 without one). The weights were loaded with the policy."""
+    if resume_dir is None:
+        return 0
+    state = read_state(resume_dir)
+    policy.load_training_state(resume_dir)
+    sampler.load_state_dict(state["sampler"])
+    set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
+    console.print(resumed_message(resume_dir, state["step"], total_steps))
+    return state["step"]
+
+
 def read_state(path: Path) -> dict[str, Any]:
     """The state file, with an error naming the file when it is not JSON (a damaged or hand-edited checkpoint)."""
     file = Path(path) / STATE_FILE

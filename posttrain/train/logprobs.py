@@ -159,3 +159,16 @@ def picked_logprobs(flat_logits: torch.Tensor, source: torch.Tensor, targets: to
     lse = torch.cat([torch.logsumexp(flat_logits[start : start + chunk_size].float(), dim=-1)
                      for start in range(0, flat_logits.shape[0], chunk_size)])
     return flat_logits[source, targets].float() - lse[source]
+
+
+def response_logprobs(model, batch: dict[str, torch.Tensor], temperature: float = 1.0,
+                      entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs [N, span] of each response token of a `collate_trajectories` batch under the
+    temperature-scaled distribution (so that trainer and generator score tokens alike), and, if
+    asked, the entropy of the distribution predicting each token (a diagnostic, no gradient). Both
+    are computed once per predicting position and then picked per token."""
+    flat, source = packed_logits(model, batch, batch["loss_mask"].bool())
+    if temperature != 1.0:
+        flat = flat / temperature
+    logprobs = picked_logprobs(flat, source, batch["targets"])
+    return logprobs, token_entropy(flat)[source] if entropy else None

@@ -32,7 +32,23 @@ from posttrain.train.optim import build_optimizer, build_scheduler
 # normaliser, so that micro-batch losses, and their metrics, add up to the batch's values.
 Objective = Callable[[torch.nn.Module, dict[str, torch.Tensor]],
                      torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (model, micro-batch) -> a tensor computed without gradients, such as reference log-probs
+Scorer = Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
 ModelLoader = Callable[..., torch.nn.Module]  # (cfg, device, path=...) -> model, like `load_model`
+
+
+def add_metrics(total: dict[str, float], new: dict[str, float]) -> dict[str, float]:
+    """Adds `new` into `total` and returns it: how metrics combine over micro-batches, ranks and
+    optimizer steps. Values are sums (divided by a count when logged), except those whose name
+    ends in `_max`, which are maxima."""
+    for name, value in new.items():
+        if name not in total:
+            total[name] = value
+        elif name.endswith("_max"):
+            total[name] = max(total[name], value)
+        else:
+            total[name] += value
+    return total
 
 
 def describe_parameters(policy) -> str:
@@ -114,6 +130,11 @@ class Policy:
     def supports_shared_prefix(self) -> bool:
         return supports_shared_prefix(self.model)
 
+    @property
+    def model_config(self):
+        """The model's transformers config (architecture sizes, attention implementation)."""
+        return self.model.config
+
     def autocast(self):
         """Mixed precision: float32 master weights, `policy.precision` for the forward pass."""
         if self.cfg.precision == "float32":
@@ -125,8 +146,9 @@ class Policy:
 
     def _losses(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int | None,
                 metrics: dict[str, float]) -> Iterator[torch.Tensor]:
-        """Each micro-batch's loss, its metrics added into `metrics`. Micro-batches from index `real`
-        on are fillers: they run (FSDP2 ranks take part in every gather) but count for nothing."""
+        """Each micro-batch's loss, its metrics added into `metrics` (see `add_metrics`). Micro-batches
+        from index `real` on are fillers: they run (FSDP2 ranks take part in every gather) but count
+        for nothing."""
         for i, batch in enumerate(micro_batches):
             with self.autocast():
                 out = objective(self.model, self._to_device(batch))
@@ -134,8 +156,7 @@ class Policy:
             if real is not None and i >= real:
                 yield loss * 0.0
                 continue
-            for name, value in batch_metrics.items():
-                metrics[name] = metrics.get(name, 0.0) + float(value)
+            add_metrics(metrics, {name: float(value) for name, value in batch_metrics.items()})
             yield loss
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective,
@@ -200,18 +221,38 @@ class Policy:
     def close(self) -> None:
         """Nothing to release in-process (a PolicyGroup stops its actors here)."""
 
-    @torch.no_grad()
-    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]],
-                          fn: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor],
+    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer,
                           real: int | None = None) -> list[torch.Tensor]:
         """`fn(reference model, micro-batch)` on the CPU for each micro-batch before index `real`
         (the fillers after it run only to take part in the FSDP2 gathers)."""
-        outputs = []
         with self.reference_model() as reference:
-            for batch in micro_batches:
-                with self.autocast():
-                    outputs.append(fn(reference, self._to_device(batch)).cpu())
+            return self._outputs(reference, micro_batches, fn, real)
+
+    def policy_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer,
+                       real: int | None = None) -> list[torch.Tensor]:
+        """`fn(current model, micro-batch)` like `reference_outputs`, in eval mode: scores of the
+        weights as they are before an update (GRPO's old log-probs)."""
+        training = self.model.training
+        self.model.eval()
+        try:
+            return self._outputs(self.model, micro_batches, fn, real)
+        finally:
+            self.model.train(training)
+
+    @torch.no_grad()
+    def _outputs(self, model: torch.nn.Module, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer,
+                 real: int | None) -> list[torch.Tensor]:
+        outputs = []
+        for batch in micro_batches:
+            with self.autocast():
+                outputs.append(fn(model, self._to_device(batch)).cpu())
         return outputs[:real]
+
+    def generator_weights(self) -> dict[str, torch.Tensor]:
+        """The weights for the generation backends: LoRA merged, in the compute precision, on the
+        CPU; whole on rank 0 and empty on the others when sharded (every rank must call it)."""
+        dtype = DTYPES[self.cfg.precision]
+        return {name: value.detach().to("cpu", dtype) for name, value in self.full_state_dict().items()}
 
     # ------------------------------------------------------------------ persistence
 

@@ -1,7 +1,8 @@
 """A Policy split across `policy.num_workers` Ray actors, FSDP2 ranks behind the Policy interface.
 
-The loops call `train_step`, `evaluate`, `reference_outputs`, `save`, `load_training_state` and
-`export_hf` the same way whether they hold a local `Policy` (one worker) or a `PolicyGroup` (several). The group deals
+The loops call `train_step`, `evaluate`, `reference_outputs`, `policy_outputs`, `generator_weights`,
+`save`, `load_training_state` and `export_hf` the same way whether they hold a local `Policy` or a
+`PolicyGroup` (several workers; GRPO always runs its policy in one, next to its generators). The group deals
 each step's micro-batches round-robin to the ranks; a rank left with fewer than the others repeats
 one as a filler that counts for nothing, since FSDP2 ranks gather and reduce together on every pass.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
 import torch.distributed as dist
 import transformers
@@ -18,11 +20,11 @@ import transformers
 from posttrain.cluster import WorkerGroup, free_tcp_address, init_ray
 from posttrain.config import ClusterConfig, PolicyConfig
 from posttrain.train.model import load_model
-from posttrain.train.policy import ModelLoader, Objective, Policy
+from posttrain.train.policy import ModelLoader, Objective, Policy, Scorer, add_metrics
 
 
 class PolicyWorker:
-    """One rank of a PolicyGroup (or of GRPO's policy workers), as a Ray actor: built, then `setup`
+    """One rank of a PolicyGroup, as a Ray actor: built, then `setup`
     once every rank knows where to meet (rank 0's `rendezvous_address`)."""
 
     def __init__(self, cfg: PolicyConfig, total_steps: int, *, rank: int, world_size: int, seed: int,
@@ -48,7 +50,8 @@ class PolicyWorker:
                              model_loader=self.model_loader, with_reference=self.with_reference)
         return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device),
                 "num_trained_parameters": self.policy.num_trained_parameters,
-                "supports_shared_prefix": self.policy.supports_shared_prefix}
+                "supports_shared_prefix": self.policy.supports_shared_prefix,
+                "model_config": self.policy.model_config}
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
         return self.policy.train_step(micro_batches, objective, real=real)
@@ -56,8 +59,14 @@ class PolicyWorker:
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective, real: int) -> dict:
         return self.policy.evaluate(micro_batches, objective, real=real)
 
-    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn, real: int) -> list[torch.Tensor]:
+    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer, real: int) -> list[torch.Tensor]:
         return self.policy.reference_outputs(micro_batches, fn, real=real)
+
+    def policy_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer, real: int) -> list[torch.Tensor]:
+        return self.policy.policy_outputs(micro_batches, fn, real=real)
+
+    def generator_weights(self) -> dict[str, torch.Tensor]:
+        return self.policy.generator_weights()
 
     def save(self, directory: str) -> None:
         self.policy.save(Path(directory))
@@ -72,16 +81,22 @@ class PolicyWorker:
 class PolicyGroup:
     def __init__(self, cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int,
                  weights_path: str | Path | None = None, model_loader: ModelLoader = load_model,
-                 with_reference: bool = False):
+                 with_reference: bool = False, num_gpus_per_worker: float | None = None):
+        """`num_gpus_per_worker`: by default a GPU each when the cluster has GPUs (GRPO gives a
+        single worker half of one, shared with its generators)."""
         init_ray(cluster)
+        self.with_reference = with_reference
+        if num_gpus_per_worker is None:
+            num_gpus_per_worker = 1.0 if cluster.gpus_per_node > 0 else 0.0
         self.workers = WorkerGroup(PolicyWorker, cfg.num_workers, name="policy", args=(cfg, total_steps),
                                    kwargs={"seed": seed, "weights_path": str(weights_path) if weights_path else None,
                                            "model_loader": model_loader, "with_reference": with_reference},
-                                   num_gpus_per_worker=1.0 if cluster.gpus_per_node > 0 else 0.0)
+                                   num_gpus_per_worker=num_gpus_per_worker)
         info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
         self.num_parameters, self.device = info["num_parameters"], info["device"]
         self.num_trained_parameters = info["num_trained_parameters"]
         self.supports_shared_prefix = info["supports_shared_prefix"]
+        self.model_config = info["model_config"]
 
     def _deal(self, micro_batches: list[dict[str, torch.Tensor]]) -> list[tuple[list[dict], int]]:
         """Each rank's micro-batches (round-robin) and how many are real, padded to equal counts."""
@@ -92,16 +107,26 @@ class PolicyGroup:
 
     def train_step(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict:
         outs = self.workers.call_each("train_step", [(share, objective, real) for share, real in self._deal(micro_batches)])
-        return {**outs[0], "metrics": _sum_metrics(out["metrics"] for out in outs)}
+        return {**outs[0], "metrics": _add_ranks(out["metrics"] for out in outs)}
 
     def evaluate(self, micro_batches: list[dict[str, torch.Tensor]], objective: Objective) -> dict:
         outs = self.workers.call_each("evaluate", [(share, objective, real) for share, real in self._deal(micro_batches)])
-        return {"loss": outs[0]["loss"], "metrics": _sum_metrics(out["metrics"] for out in outs)}
+        return {"loss": outs[0]["loss"], "metrics": _add_ranks(out["metrics"] for out in outs)}
 
-    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn) -> list[torch.Tensor]:
-        dealt = self._deal(micro_batches)
-        outs = self.workers.call_each("reference_outputs", [(share, fn, real) for share, real in dealt])
+    def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer) -> list[torch.Tensor]:
+        return self._outputs("reference_outputs", micro_batches, fn)
+
+    def policy_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer) -> list[torch.Tensor]:
+        return self._outputs("policy_outputs", micro_batches, fn)
+
+    def _outputs(self, method: str, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer) -> list[torch.Tensor]:
+        outs = self.workers.call_each(method, [(share, fn, real) for share, real in self._deal(micro_batches)])
         return [outs[i % len(outs)][i // len(outs)] for i in range(len(micro_batches))]  # undo the round-robin
+
+    def generator_weights(self) -> ray.ObjectRef:
+        """Rank 0's `Policy.generator_weights()` as a Ray object reference: passed on to the
+        generators, it travels through the object store, never through the driver."""
+        return self.workers.call_all_async("generator_weights")[0]
 
     def save(self, directory: Path) -> None:
         self.workers.call_all("save", str(directory))
@@ -116,11 +141,10 @@ class PolicyGroup:
         self.workers.shutdown()
 
 
-def _sum_metrics(per_rank) -> dict[str, float]:
+def _add_ranks(per_rank) -> dict[str, float]:
     total: dict[str, float] = {}
     for metrics in per_rank:
-        for name, value in metrics.items():
-            total[name] = total.get(name, 0.0) + value
+        add_metrics(total, metrics)
     return total
 
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from posttrain.algos.dpo import dpo_loss, dpo_objective, sequence_logprob
-from posttrain.config import DPOConfig
 
 
 def softplus(x: float) -> float:
@@ -120,7 +119,7 @@ def test_sequence_logprob_sum_and_average():
 
 def test_objective_sums_log_probs_by_default():
     # log-ratios: chosen [-2-(-4), -2-(-1)] = [2, -1]; rejected [-5-(-6), -2-(-3)] = [1, 1]
-    loss, m = dpo_objective(LOGPROBS, REFERENCE, MASK, DPOConfig(reference_policy_kl_penalty=0.5))
+    loss, m = dpo_objective(LOGPROBS, REFERENCE, MASK, beta=0.5)
     margins = [0.5 * (2 - 1), 0.5 * (-1 - 1)]
     assert loss.item() == pytest.approx(sum(softplus(-x) for x in margins) / 2, abs=1e-6)
     assert m["margin"].item() == pytest.approx(sum(margins) / 2)
@@ -129,9 +128,9 @@ def test_objective_sums_log_probs_by_default():
 
 
 def test_objective_averaging_and_sft_term():
-    cfg = DPOConfig(reference_policy_kl_penalty=0.5, preference_average_log_probs=True, sft_loss_weight=0.25,
+    cfg = dict(beta=0.5, average_log_probs=True, sft_loss_weight=0.25,
                     sft_average_log_probs=True)
-    loss, m = dpo_objective(LOGPROBS, REFERENCE, MASK, cfg)
+    loss, m = dpo_objective(LOGPROBS, REFERENCE, MASK, **cfg)
     # per-token mean log-ratios: chosen [2/2, -1/1] = [1, -1]; rejected [1/3, 1/2]
     margins = [0.5 * (1 - 1 / 3), 0.5 * (-1 - 1 / 2)]
     preference = sum(softplus(-x) for x in margins) / 2
@@ -143,7 +142,7 @@ def test_objective_averaging_and_sft_term():
 
 def test_objective_rejects_an_odd_number_of_rows():
     with pytest.raises(ValueError, match="two halves"):
-        dpo_objective(LOGPROBS[:3], REFERENCE[:3], MASK[:3], DPOConfig())
+        dpo_objective(LOGPROBS[:3], REFERENCE[:3], MASK[:3], beta=0.05)
 
 
 # --------------------------------------------------------------------------- TRL
@@ -198,7 +197,7 @@ def _fixed_tensors(equal_chosen_lengths: bool = False):
 @pytest.mark.parametrize("beta", [0.05, 0.5])
 def test_sigmoid_loss_and_metrics_match_trl(beta):
     logprobs, ref, mask = _fixed_tensors()
-    ours, m = dpo_objective(logprobs, ref, mask, DPOConfig(reference_policy_kl_penalty=beta))
+    ours, m = dpo_objective(logprobs, ref, mask, beta=beta)
     theirs, trl_m = _trl_loss(logprobs, ref, mask, beta, ["sigmoid"], [1.0])
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
     assert m["rewards_chosen"].item() == pytest.approx(trl_m["rewards/chosen"][0], abs=1e-5)
@@ -209,8 +208,8 @@ def test_sigmoid_loss_and_metrics_match_trl(beta):
 
 def test_averaged_log_probs_match_trl_sigmoid_norm():
     logprobs, ref, mask = _fixed_tensors()
-    cfg = DPOConfig(reference_policy_kl_penalty=0.3, preference_average_log_probs=True)
-    ours, _ = dpo_objective(logprobs, ref, mask, cfg)
+    cfg = dict(beta=0.3, average_log_probs=True)
+    ours, _ = dpo_objective(logprobs, ref, mask, **cfg)
     theirs, _ = _trl_loss(logprobs, ref, mask, 0.3, ["sigmoid_norm"], [1.0])
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
 
@@ -219,8 +218,8 @@ def test_sft_term_matches_trl_when_chosen_lengths_are_equal():
     # TRL's "sft" loss is the token mean over the whole batch: our per-sequence mean equals it
     # when every chosen reply has the same length.
     logprobs, ref, mask = _fixed_tensors(equal_chosen_lengths=True)
-    cfg = DPOConfig(reference_policy_kl_penalty=0.1, sft_loss_weight=0.7, sft_average_log_probs=True)
-    ours, _ = dpo_objective(logprobs, ref, mask, cfg)
+    cfg = dict(beta=0.1, sft_loss_weight=0.7, sft_average_log_probs=True)
+    ours, _ = dpo_objective(logprobs, ref, mask, **cfg)
     theirs, _ = _trl_loss(logprobs, ref, mask, 0.1, ["sigmoid", "sft"], [1.0, 0.7])
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
 
@@ -230,18 +229,18 @@ def test_sft_term_matches_trl_when_chosen_lengths_are_equal():
 ])
 def test_loss_variants_match_trl(loss_type, smoothing, average):
     logprobs, ref, mask = _fixed_tensors()
-    cfg = DPOConfig(reference_policy_kl_penalty=0.3, loss_type=loss_type, label_smoothing=smoothing,
-                    preference_average_log_probs=average)
-    ours, _ = dpo_objective(logprobs, ref, mask, cfg)
+    cfg = dict(beta=0.3, loss_type=loss_type, label_smoothing=smoothing,
+                    average_log_probs=average)
+    ours, _ = dpo_objective(logprobs, ref, mask, **cfg)
     theirs, _ = _trl_loss(logprobs, ref, mask, 0.3, [loss_type], [1.0], label_smoothing=smoothing)
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-5)
 
 
 def test_reference_free_losses_need_no_reference_log_probs():
     logprobs, _, mask = _fixed_tensors()
-    cfg = DPOConfig(loss_type="simpo", preference_average_log_probs=True)
-    without, _ = dpo_objective(logprobs, None, mask, cfg)
-    with_zero_reference, _ = dpo_objective(logprobs, torch.zeros_like(logprobs), mask, cfg)
+    cfg = dict(beta=0.05, loss_type="simpo", average_log_probs=True)
+    without, _ = dpo_objective(logprobs, None, mask, **cfg)
+    with_zero_reference, _ = dpo_objective(logprobs, torch.zeros_like(logprobs), mask, **cfg)
     assert without.item() == with_zero_reference.item()
 
 
@@ -254,9 +253,9 @@ def _mean_logps(logprobs, mask):
 def test_simpo_matches_trl_cpo_trainer(smoothing):
     cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer", reason="trl is not installed (dev extra)")
     logprobs, _, mask = _fixed_tensors()
-    cfg = DPOConfig(reference_policy_kl_penalty=2.0, loss_type="simpo", simpo_gamma=0.8, label_smoothing=smoothing,
-                    preference_average_log_probs=True)
-    ours, m = dpo_objective(logprobs, None, mask, cfg)
+    cfg = dict(beta=2.0, loss_type="simpo", simpo_gamma=0.8, label_smoothing=smoothing,
+                    average_log_probs=True)
+    ours, m = dpo_objective(logprobs, None, mask, **cfg)
     trainer = SimpleNamespace(alpha=0.0, beta=2.0, simpo_gamma=0.8, loss_type="simpo", label_smoothing=smoothing,
                               accelerator=SimpleNamespace(device=torch.device("cpu")))
     losses, chosen_rewards, rejected_rewards = cpo.CPOTrainer.cpo_loss(trainer, *_mean_logps(logprobs, mask))
@@ -268,8 +267,8 @@ def test_orpo_matches_trl_orpo_trainer():
     orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer", reason="trl is not installed (dev extra)")
     logprobs, _, mask = _fixed_tensors()
     logprobs = logprobs / 4  # mean token probabilities from about 0.7 to 1: ORPO's odds near p = 1
-    cfg = DPOConfig(reference_policy_kl_penalty=0.1, loss_type="orpo", preference_average_log_probs=True)
-    ours, m = dpo_objective(logprobs, None, mask, cfg)
+    cfg = dict(beta=0.1, loss_type="orpo", average_log_probs=True)
+    ours, m = dpo_objective(logprobs, None, mask, **cfg)
     trainer = SimpleNamespace(beta=0.1, accelerator=SimpleNamespace(device=torch.device("cpu")))
     losses, chosen_rewards, rejected_rewards, _, _ = orpo.ORPOTrainer.odds_ratio_loss(
         trainer, *_mean_logps(logprobs, mask))

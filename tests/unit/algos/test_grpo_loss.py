@@ -3,7 +3,8 @@ import math
 import pytest
 import torch
 
-from posttrain.algos.grpo import aggregate, clipped_pg_loss, kl_estimate, kl_k3
+from posttrain.algos.grpo import GRPOObjective, aggregate, clipped_pg_loss, kl_estimate, kl_k3
+from posttrain.config import LossConfig
 
 # One sequence of three tokens whose new/old probability ratios are 1.0, 1.5 and 0.5.
 OLD = torch.zeros(1, 3)
@@ -102,3 +103,48 @@ def test_sequence_level_ratio_is_gspo():
     loss.backward()
     # d/dlogp_t of -s1 / 2 = -s1 / (3 * 2) for each token of the first response; the clipped one gets none
     torch.testing.assert_close(new.grad, torch.tensor([[-s1 / 6] * 3, [0.0] * 3]))
+
+
+# --------------------------------------------------------------------------- the GRPO objective
+
+def _loss_config(**overrides) -> LossConfig:
+    return LossConfig(**overrides)
+
+
+@pytest.mark.parametrize("token_level, constant, expected", [
+    (True, False, "token"), (True, True, "dr_grpo"), (False, False, "sequence"),
+])
+def test_objective_translates_the_normalization_booleans(token_level, constant, expected):
+    cfg = _loss_config(token_level_loss=token_level, constant_normalization=constant)
+    assert GRPOObjective.from_config(cfg, score=None, max_response_length=8).normalization == expected
+
+
+def test_objective_turns_importance_correction_on_only_when_asked():
+    off = GRPOObjective.from_config(_loss_config(importance_sampling_cap=3.0), None, 8)
+    on = GRPOObjective.from_config(_loss_config(use_importance_sampling_correction=True, importance_sampling_cap=3.0),
+                                   None, 8)
+    assert off.importance_sampling_cap is None and on.importance_sampling_cap == 3.0
+
+
+def test_objective_is_the_clipped_loss_of_its_batch_with_mismatch_metrics():
+    """Log-probs [[-1, -2], [-0.5, pad]], the generator's [[-1.5, -2], [-0.25, pad]], advantages
+    [1, -2]. No old log-probs (one optimizer step): the ratio is 1, so the token loss is -A * w with
+    the importance weights w = exp(old - generator) capped at 1.2: [1.2, 1, e^-0.25]; divided by
+    the step's 3 tokens. The mismatch |old - generator| is [0.5, 0, 0.25]: sum 0.75, max 0.5."""
+    logprobs = torch.tensor([[-1.0, -2.0], [-0.5, 0.0]], requires_grad=True)
+    batch = {"loss_mask": torch.tensor([[1.0, 1.0], [1.0, 0.0]]),
+             "generator_logprobs": torch.tensor([[-1.5, -2.0], [-0.25, 0.0]]),
+             "advantages": torch.tensor([1.0, -2.0])}
+    cfg = _loss_config(use_importance_sampling_correction=True, importance_sampling_cap=1.2,
+                       reference_policy_kl_penalty=0.0)
+    objective = GRPOObjective.from_config(cfg, lambda model, b: (logprobs, torch.full((2, 2), 0.5)), 4)
+    loss, metrics = objective.for_step(global_tokens=3.0, global_sequences=2.0)(None, batch)
+    weights = [1.2, 1.0, math.exp(-0.25)]
+    assert loss.item() == pytest.approx(-(1.0 * weights[0] + 1.0 * weights[1] - 2.0 * weights[2]) / 3.0)
+    assert metrics["tokens"].item() == 3.0
+    assert metrics["mismatch_sum"].item() == pytest.approx(0.75)
+    assert metrics["mismatch_max"].item() == pytest.approx(0.5)
+    assert metrics["importance_weight_sum"].item() == pytest.approx(sum(weights))
+    assert metrics["entropy_sum"].item() == pytest.approx(1.5)
+    loss.backward()  # the gradient flows into the scored log-probs: d loss / d logprob = -A * w / tokens
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.2 / 3, -1.0 / 3], [2 * weights[2] / 3, 0.0]]))

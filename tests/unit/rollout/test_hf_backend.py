@@ -10,9 +10,10 @@ from transformers import AutoModelForCausalLM
 
 from posttrain.config import PolicyConfig, TokenizerConfig
 from posttrain.data.conversations import tokenize_prompt
+from posttrain.data.trajectories import Trajectory, collate_trajectories
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend, SampledTokenLogprobs
-from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logprobs
+from posttrain.train.logprobs import response_logprobs
 
 
 @pytest.fixture(scope="module")

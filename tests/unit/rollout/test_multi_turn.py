@@ -10,6 +10,7 @@ import torch
 from posttrain.config import EnvConfig, PolicyConfig
 from posttrain.data.conversations import tokenize_prompt
 from posttrain.data.prompts import Prompt
+from posttrain.data.trajectories import Trajectory, collate_trajectories
 from posttrain.demo.tiny_model import build_tiny_tokenizer
 from posttrain.envs.number_guess import NumberGuessEnvironment
 from posttrain.envs.registry import load_tools
@@ -17,7 +18,7 @@ from posttrain.envs.worker import EnvironmentWorker
 from posttrain.rollout.base import Completion, SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
 from posttrain.rollout.multi_turn import observation_token_ids, run_episodes
-from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logprobs
+from posttrain.train.logprobs import response_logprobs
 
 
 @pytest.fixture(scope="module")

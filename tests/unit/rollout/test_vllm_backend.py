@@ -17,10 +17,11 @@ from transformers import AutoModelForCausalLM
 from posttrain.cluster import init_ray
 from posttrain.config import ClusterConfig, PolicyConfig
 from posttrain.data.conversations import tokenize_prompt
+from posttrain.data.trajectories import Trajectory, collate_trajectories
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.hf import HFGenerationBackend
-from posttrain.train.grpo_worker import Trajectory, collate_trajectories, response_logprobs
+from posttrain.train.logprobs import response_logprobs
 
 pytest.importorskip("vllm")
 

@@ -48,7 +48,8 @@ def test_the_scale_is_checkpointed(tiny_model_dir, tmp_path):
 
 def _objective(model, batch):
     loss = model(**batch).logits.float().logsumexp(-1).mean() / 10
-    return loss, {"tokens": torch.tensor(float(batch["input_ids"].numel()))}
+    return loss, {"tokens": torch.tensor(float(batch["input_ids"].numel())),
+                  "width_max": torch.tensor(float(batch["input_ids"].shape[1]))}
 
 
 def test_objective_metrics_are_summed_and_fillers_count_for_nothing(tiny_model_dir):
@@ -56,16 +57,16 @@ def test_objective_metrics_are_summed_and_fillers_count_for_nothing(tiny_model_d
     first, second = {"input_ids": torch.randint(3, 400, (2, 6))}, {"input_ids": torch.randint(3, 400, (1, 4))}
     cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu", optimizer=OptimizerConfig(weight_decay=0.0))
     both = Policy(cfg, total_steps=1).train_step([first, second], _objective)
-    assert both["metrics"] == {"tokens": 16.0}
+    assert both["metrics"] == {"tokens": 16.0, "width_max": 6.0}  # a sum, and a maximum by its name
 
     alone, padded = Policy(cfg, total_steps=1), Policy(cfg, total_steps=1)
     out_alone = alone.train_step([first], _objective)
     out_padded = padded.train_step([first, second], _objective, real=1)  # `second` runs as a filler
-    assert out_padded["metrics"] == {"tokens": 12.0}
+    assert out_padded["metrics"] == {"tokens": 12.0, "width_max": 6.0}
     assert out_padded["loss"] == pytest.approx(out_alone["loss"]) and out_padded["grad_norm"] == pytest.approx(
         out_alone["grad_norm"])
     evaluated = padded.evaluate([first, second], _objective, real=1)
-    assert evaluated["metrics"] == {"tokens": 12.0}
+    assert evaluated["metrics"] == {"tokens": 12.0, "width_max": 6.0}
     assert evaluated["loss"] == pytest.approx(padded.evaluate([first], _objective)["loss"])
 
 

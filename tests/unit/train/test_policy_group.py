@@ -3,7 +3,7 @@ by the SFT and RM end-to-end tests)."""
 
 from types import SimpleNamespace
 
-from posttrain.train.policy_group import PolicyGroup, _sum_metrics
+from posttrain.train.policy_group import PolicyGroup, _add_ranks
 
 
 def _group(num_workers: int) -> PolicyGroup:
@@ -22,5 +22,7 @@ def test_a_rank_without_micro_batches_runs_only_a_filler():
     assert _group(3)._deal([{"id": 0}, {"id": 1}]) == [([{"id": 0}], 1), ([{"id": 1}], 1), ([{"id": 0}], 0)]
 
 
-def test_rank_metrics_add_up():
-    assert _sum_metrics([{"a": 1.0, "b": 2.0}, {"a": 0.5}, {}]) == {"a": 1.5, "b": 2.0}
+def test_rank_metrics_add_up_and_maxima_stay_maxima():
+    assert _add_ranks([{"a": 1.0, "b": 2.0}, {"a": 0.5}, {}]) == {"a": 1.5, "b": 2.0}
+    assert _add_ranks([{"a": 1.0, "gap_max": 0.25}, {"a": 2.0, "gap_max": 0.5}, {"gap_max": 0.125}]) == {
+        "a": 3.0, "gap_max": 0.5}
