@@ -61,6 +61,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
 
     `on_step(step, metrics)` is called at the end of every training step (benchmarks time steps with it).
     """
+    cfg.check()  # a config built in Python is checked as a loaded one is
     console = console or Console()
     transformers.set_seed(cfg.dpo.seed)
     ckpt = CheckpointManager(cfg.checkpointing)

@@ -40,6 +40,7 @@ class EvalResult:
 
 
 def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
+    cfg.check()  # a config built in Python is checked as a loaded one is
     console = console or Console()
     check_env_config(cfg.env)  # before the model loads
     policy_cfg = cfg.generation.to_policy_config()

@@ -72,6 +72,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
 
     `on_step(step, metrics)` is called at the end of every step (benchmarks time steps with it).
     """
+    cfg.check()  # a config built in Python is checked as a loaded one is
     check_env_config(cfg.env)  # every import path the env config names, before Ray starts
     console = console or Console()
     transformers.set_seed(cfg.grpo.seed)

@@ -58,6 +58,7 @@ class RMResult:
 
 def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int | None = None) -> RMResult:
     """Train; `stop_at_step` ends the run early as a preempted job would (used to test resuming)."""
+    cfg.check()  # a config built in Python is checked as a loaded one is
     console = console or Console()
     transformers.set_seed(cfg.rm.seed)
     ckpt = CheckpointManager(cfg.checkpointing)

@@ -4,7 +4,7 @@ env.reward_fn and env.name.
 They run inside Ray environment actors, so test_grpo_e2e.py puts this folder on the actors' PYTHONPATH.
 """
 
-from posttrain.envs import Environment, EnvStepResult
+from posttrain import Environment, EnvStepResult
 
 
 def starts_with_space(conversation, response, metadata):
@@ -34,3 +34,11 @@ def starts_with_minus(conversation, response, metadata):
 def answer_value(conversation, response, metadata):
     """Depends on the prompt only: a step's mean reward tells which prompts it drew."""
     return int(metadata["answer"]) / 100
+
+
+class StartsWithSpace(Environment):
+    """`starts_with_space` as a whole environment, written with the public API's names only."""
+
+    def step(self, conversations, responses, metadata):
+        return EnvStepResult([float(r.startswith(" ")) for r in responses], [[] for _ in responses],
+                             [True] * len(responses), [{} for _ in responses])

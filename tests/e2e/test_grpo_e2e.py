@@ -9,18 +9,15 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
-from posttrain.cluster import init_ray
-from posttrain.config import ClusterConfig, GRPORunConfig, SFTRunConfig, load_config
+from posttrain.config import GRPORunConfig, SFTRunConfig, load_config
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.grpo import run_grpo
 from posttrain.loops.sft import run_sft
@@ -35,19 +32,6 @@ REQUIRED_METRICS = [
     "train/entropy", "train/grad_norm", "train/lr", "train/gen_logprob_mismatch", "time/generation_s",
     "time/logprobs_s", "time/training_s", "time/weight_sync_s",
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_with_reward_fns():
-    """One local Ray for the module (run_grpo reuses a running Ray), whose workers can import the
-    reward functions next to this file: they inherit PYTHONPATH from the Ray started here."""
-    if ray.is_initialized():  # started by someone else, without our PYTHONPATH
-        ray.shutdown()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")])))
-        init_ray(ClusterConfig())
-    yield
-    ray.shutdown()
 
 
 def _overrides(model_dir: Path, out: Path) -> list[str]:

@@ -65,13 +65,11 @@ def test_shard_rejects_zero_shards():
 
 
 @pytest.fixture(scope="module")
-def local_ray():
+def local_ray(ray_session):
     # Actors unpickle Doubler by reference to this module, which the workers cannot import
     # (pytest put tests/unit/cluster on the driver's sys.path only): ship its code instead.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    init_ray(ClusterConfig(), num_cpus=4)
     yield
-    ray.shutdown()
     ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
@@ -138,9 +136,10 @@ def test_shutdown_is_idempotent(local_ray):
 
 
 def test_init_ray_is_idempotent(local_ray):
-    init_ray(ClusterConfig(), num_cpus=4)
+    cpus = ray.cluster_resources()["CPU"]
+    init_ray(ClusterConfig(), num_cpus=int(cpus) + 3)  # a running Ray is reused as it is
     assert ray.is_initialized()
-    assert ray.cluster_resources()["CPU"] == 4
+    assert ray.cluster_resources()["CPU"] == cpus
 
 
 def test_multi_node_without_address_is_a_config_error(local_ray):

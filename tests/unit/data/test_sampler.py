@@ -2,7 +2,7 @@
 
 import pytest
 
-from posttrain.data.sampler import EpochSampler
+from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import DataError
 
 
@@ -77,3 +77,13 @@ def test_too_few_rows_raises():
 def test_no_shuffle_is_in_order():
     sampler = EpochSampler(num_rows=6, batch_size=2, seed=0, shuffle=False)
     assert take(sampler, 4) == [[0, 1], [2, 3], [4, 5], [0, 1]]
+
+
+def test_plan_steps_says_when_the_epochs_cut_the_steps_asked_for():
+    sampler = EpochSampler(num_rows=70, batch_size=1, seed=0)  # 70 steps an epoch
+    assert plan_steps(sampler, 50, 1, "sft") == (50, "")
+    total, note = plan_steps(sampler, 350, 1, "sft")
+    assert total == 70
+    assert note == " (350 steps requested; 1 epoch of this data is 70 steps: raise sft.max_num_epochs to train longer)"
+    assert plan_steps(sampler, 350, 2, "grpo")[1] == (" (350 steps requested; 2 epochs of this data are 140 steps: "
+                                                      "raise grpo.max_num_epochs to train longer)")

@@ -14,8 +14,7 @@ import ray
 import torch
 from transformers import AutoModelForCausalLM
 
-from posttrain.cluster import init_ray
-from posttrain.config import ClusterConfig, PolicyConfig
+from posttrain.config import PolicyConfig
 from posttrain.data.conversations import tokenize_prompt
 from posttrain.data.trajectories import Trajectory, collate_trajectories
 from posttrain.demo.tiny_model import save_tiny_model
@@ -68,14 +67,12 @@ def _cfg(model_dir, stop_token: int | None) -> PolicyConfig:
 
 
 @pytest.fixture(scope="module")
-def vllm_backend(model_dir, stop_token):
+def vllm_backend(model_dir, stop_token, ray_session):
     from posttrain.rollout.vllm import VLLMGenerationBackend
 
-    init_ray(ClusterConfig())
     actor = ray.remote(VLLMGenerationBackend).remote(_cfg(model_dir, stop_token))
     yield actor
     ray.kill(actor)
-    ray.shutdown()
 
 
 def _weight_folders() -> set[Path]:
@@ -168,7 +165,8 @@ def test_update_weights_reaches_the_engine_and_clears_the_prefix_cache(vllm_back
     assert [c.token_ids for c in _generate(vllm_backend, prompts, GREEDY)] == [c.token_ids for c in before]
 
 
-def test_a_tensor_parallel_engine_generates_and_takes_weight_updates_like_one(model_dir, stop_token, hf, prompts):
+def test_a_tensor_parallel_engine_generates_and_takes_weight_updates_like_one(model_dir, stop_token, hf, prompts,
+                                                                              ray_session):
     """Two shards (worker processes of the engine's own, each on one core): the HF backend's greedy
     tokens and log-probs, before and after a weight update that travels through a shared-memory
     file, which is gone once the shards have read it."""
@@ -177,7 +175,6 @@ def test_a_tensor_parallel_engine_generates_and_takes_weight_updates_like_one(mo
     cfg = _cfg(model_dir, stop_token)
     cfg.generation.vllm.tensor_parallel_size = 2
     folders_before = _weight_folders()
-    init_ray(ClusterConfig())
     actor = ray.remote(VLLMGenerationBackend).remote(cfg)
     try:
         reference = HFGenerationBackend(_cfg(model_dir, stop_token))
