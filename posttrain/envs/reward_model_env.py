@@ -17,7 +17,7 @@ from posttrain.config import ConfigError, EnvConfig
 from posttrain.data.collate import pad_batch
 from posttrain.data.conversations import Sample, tokenize_conversation, tokenize_prompt_completion
 from posttrain.envs.base import Environment, EnvStepResult, Message
-from posttrain.train.model import resolve_device
+from posttrain.train.model import resolve_device, resolve_model_source
 from posttrain.train.reward_model import has_reward_head, sequence_scores
 
 
@@ -39,8 +39,9 @@ class RewardModelEnvironment(Environment):
             raise ConfigError(f"env.reward_model_path={path!r} is not a reward model (no sequence-classification "
                               "head); train one with `posttrain rm` and use its final_model folder")
         self.device = resolve_device("auto")
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path).to(self.device).eval()
+        source = resolve_model_source(path, "env.reward_model_path")  # a cached hub id loads without retries
+        self.tokenizer = AutoTokenizer.from_pretrained(source)
+        self.model = AutoModelForSequenceClassification.from_pretrained(source).to(self.device).eval()
         if self.model.config.pad_token_id is None:
             raise ConfigError(f"env.reward_model_path={path!r}: the model config has no pad_token_id, so padded "
                               "batches would be scored at the wrong token")

@@ -43,5 +43,6 @@ def test_the_loops_check_the_env_before_ray_or_a_model_starts(monkeypatch, loop)
     monkeypatch.setattr(ray, "remote", no_ray)
     env = EnvConfig(reward_fn="posttrain_no_such_module:fn")
     run, cfg = (run_grpo, GRPORunConfig(env=env)) if loop == "grpo" else (run_eval, EvalRunConfig(env=env))
+    (cfg.policy if loop == "grpo" else cfg.generation).model_name = "x"  # else the config's own check fails first
     with pytest.raises(ConfigError, match=r"env\.reward_fn='posttrain_no_such_module:fn': cannot import"):
         run(cfg)
