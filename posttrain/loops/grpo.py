@@ -14,6 +14,7 @@ policy trains on this one's, so each step trains on responses sampled one update
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import statistics
 import time
@@ -36,7 +37,6 @@ from posttrain.data.trajectories import Trajectory, collate_trajectories, packin
 from posttrain.envs.registry import check_env_config, load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
-from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
 from posttrain.rollout.registry import backend_class
 from posttrain.rollout.sources import make_rollout_source
@@ -289,7 +289,7 @@ def _sync_weights(policy: PolicyGroup, generators: WorkerGroup, timings: dict[st
 
 
 def _validate(collector: RolloutCollector, val_prompts: list[Prompt], cfg: GRPORunConfig) -> dict[str, float]:
-    gen = cfg.policy.generation
-    params = SamplingParams(gen.max_new_tokens, cfg.grpo.val_temperature, gen.top_p, gen.top_k, gen.stop_strings)
+    """One response per validation prompt, sampled as in training but at `grpo.val_temperature`."""
+    params = dataclasses.replace(collector.sampling, temperature=cfg.grpo.val_temperature)
     groups = collector.sample(val_prompts, params, 1, {})
     return {f"val/{k}": v for k, v in rollout_metrics(groups).items()}
