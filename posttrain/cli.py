@@ -228,7 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:
         # Ray first: an actor's error is also an instance of the original class (a ConfigError, an OSError)
         message = ray_error_message(err)
-        if message is None and not isinstance(err, ConfigError | DataError | OSError | FloatingPointError):
+        cluster = sys.modules.get("posttrain.cluster.ray_cluster")  # loaded if a worker group ran
+        died = cluster is not None and isinstance(err, cluster.WorkerDiedError)
+        if message is None and not died and not isinstance(err, ConfigError | DataError | OSError | FloatingPointError):
             raise
         if args.debug:
             traceback.print_exception(err)

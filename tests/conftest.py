@@ -16,11 +16,9 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", size="test")
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for every test that needs one (a start costs seconds; the loops reuse a running
-    Ray). Its workers inherit PYTHONPATH from the Ray started here, so they can import the modules
-    next to the e2e tests (`grpo_reward_fns`), named by env.reward_fn and env.name."""
+def start_ray() -> None:
+    """A local Ray whose workers inherit PYTHONPATH with the e2e tests' folder, so that they can
+    import the modules next to the e2e tests (`grpo_reward_fns`), named by env.reward_fn and env.name."""
     import ray
 
     from posttrain.cluster import init_ray
@@ -32,5 +30,14 @@ def ray_session():
         e2e = str(Path(__file__).parent / "e2e")
         mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [e2e, os.environ.get("PYTHONPATH")])))
         init_ray(ClusterConfig())
-    yield
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for every test that needs one (a start costs seconds; the loops reuse a running
+    Ray); its value starts it again, for a test that needed a cluster of its own meanwhile."""
+    import ray
+
+    start_ray()
+    yield start_ray
     ray.shutdown()

@@ -1,5 +1,13 @@
 """Ray start-up and worker groups: data-parallel actors of one role, fed shards of a batch."""
 
-from posttrain.cluster.ray_cluster import WorkerGroup, free_tcp_address, init_ray, shard
+from posttrain.cluster.ray_cluster import (
+    WorkerDiedError,
+    WorkerGroup,
+    alive_nodes,
+    cluster_name,
+    free_tcp_address,
+    init_ray,
+    shard,
+)
 
-__all__ = ["WorkerGroup", "free_tcp_address", "init_ray", "shard"]
+__all__ = ["WorkerDiedError", "WorkerGroup", "alive_nodes", "cluster_name", "free_tcp_address", "init_ray", "shard"]

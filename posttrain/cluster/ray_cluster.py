@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import ray
@@ -18,13 +19,15 @@ import torch
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from posttrain.cluster.plan import worker_threads
 from posttrain.config import ClusterConfig, ConfigError
 
 T = TypeVar("T")
 
 
 def init_ray(cfg: ClusterConfig, *, num_cpus: int | None = None) -> None:
-    """Connect to `cfg.address`, or start a local Ray; a no-op when Ray is already running.
+    """Connect to `cfg.address`, or start a local Ray with at least `num_cpus` logical CPUs (what
+    the run's resource plan needs); a no-op when Ray is already running.
 
     The config is checked first, so a bad config fails the same way whether or not Ray is up.
     """
@@ -63,11 +66,26 @@ def init_ray(cfg: ClusterConfig, *, num_cpus: int | None = None) -> None:
         return
     ray.init(
         # Logical CPUs, not cores: our actors mostly take turns, so a few should fit on a laptop.
-        num_cpus=num_cpus if num_cpus is not None else max(os.cpu_count() or 1, 4),
+        num_cpus=max(os.cpu_count() or 1, 4, num_cpus or 0),
         num_gpus=cfg.gpus_per_node,
         include_dashboard=False,
         **common,
     )
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    """Each alive node's total resources (CPU, GPU, ...)."""
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
+def cluster_name(cfg: ClusterConfig) -> str:
+    """How messages name the Ray cluster a run uses."""
+    return "the local Ray" if cfg.address is None else f"the Ray cluster at cluster.address={cfg.address!r}"
+
+
+def _placement(actor: Any) -> dict:
+    return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
+            "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
 
 
 def shard(items: Sequence[T], num_shards: int) -> list[list[T]]:
@@ -92,6 +110,10 @@ def free_tcp_address() -> str:
     return f"tcp://{ray.util.get_node_ip_address()}:{port}"
 
 
+class WorkerDiedError(RuntimeError):
+    """A worker's process died (killed, out of memory, its node lost) and could not be restarted."""
+
+
 class WorkerGroup:
     """`num_workers` Ray actors of `actor_cls`, one placement-group bundle each.
 
@@ -105,15 +127,27 @@ class WorkerGroup:
 
     Exceptions raised in a worker reach the caller as `ray.exceptions.RayTaskError`, which is
     also an instance of the original exception class and carries its message and traceback.
+
+    Each worker runs as many intra-op threads as it has whole CPUs reserved (at least one), not
+    what the driver's shell says: OMP_NUM_THREADS inherited by every actor would oversubscribe the cores.
+
+    With `max_restarts`, a worker whose process dies is started again by Ray (its constructor runs
+    anew), `on_restart(rank)` brings it up to date (e.g. sends it the latest weights), and the
+    `call_sharded` call that failed is retried on it; `restarts` counts them. A worker that dies
+    beyond that (or in a group without restarts) raises WorkerDiedError naming its rank and node.
     """
 
     def __init__(self, actor_cls: type, num_workers: int, *, name: str, args: tuple = (),
                  kwargs: dict[str, Any] | None = None, num_cpus_per_worker: float = 1.0,
-                 num_gpus_per_worker: float = 0.0, strategy: str = "PACK", ready_timeout_s: float = 60.0):
+                 num_gpus_per_worker: float = 0.0, strategy: str = "PACK", ready_timeout_s: float = 60.0,
+                 max_restarts: int = 0):
         if num_workers < 1:
             raise ValueError(f"worker group {name!r}: num_workers must be >= 1, got {num_workers}")
         self.name = name
         self.num_workers = num_workers
+        self.max_restarts, self.restarts = max_restarts, 0
+        self.on_restart: Callable[[int], None] | None = None
+        self._placements: list[dict] | None = None
         bundle = {"CPU": num_cpus_per_worker}
         if num_gpus_per_worker > 0:
             bundle["GPU"] = num_gpus_per_worker
@@ -129,8 +163,10 @@ class WorkerGroup:
         for rank in range(num_workers):
             strategy_i = PlacementGroupSchedulingStrategy(placement_group=self._pg,
                                                           placement_group_bundle_index=rank)
+            threads = str(worker_threads(num_cpus_per_worker))
             options = remote_cls.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
-                                         scheduling_strategy=strategy_i, name=None)
+                                         scheduling_strategy=strategy_i, name=None, max_restarts=max_restarts,
+                                         runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
             self._workers.append(options.remote(*args, rank=rank, world_size=num_workers, **(kwargs or {})))
 
     def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
@@ -138,19 +174,44 @@ class WorkerGroup:
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """The same call on every worker; results in rank order."""
-        return ray.get(self.call_all_async(method, *args, **kwargs))
+        return self.get(self.call_all_async(method, *args, **kwargs))
+
+    def get(self, refs: list[ray.ObjectRef]) -> list[Any]:
+        """`ray.get` of one call per rank (in rank order), a dead worker named by rank and node."""
+        return [self._result(rank, ref) for rank, ref in enumerate(refs)]
+
+    def _result(self, rank: int, ref: ray.ObjectRef) -> Any:
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            if err.actor_init_failed:
+                raise  # its constructor raised: that error, not a death
+            node = (self._placements or [{}] * self.num_workers)[rank].get("node_ip", "an unknown node")
+            restarts = f" after {self.max_restarts} restart(s)" if self.max_restarts else ""
+            raise WorkerDiedError(
+                f"worker group {self.name!r}: rank {rank} (on node {node}) died{restarts}: "
+                f"{str(err).strip().splitlines()[0]}. The run cannot go on without it; running the same "
+                "command again resumes from the last checkpoint in checkpointing.checkpoint_dir") from err
+
+    def placements(self) -> list[dict]:
+        """Each worker's node (IP and Ray node id) and the GPU ids Ray gave it, in rank order."""
+        self._placements = self.call_all("__ray_call__", _placement)
+        return self._placements
 
     def call_rank(self, rank: int, method: str, *args: Any, **kwargs: Any) -> Any:
         if not 0 <= rank < self.num_workers:
             raise IndexError(f"worker group {self.name!r} has ranks 0..{self.num_workers - 1}, got {rank}")
-        return ray.get(getattr(self._workers[rank], method).remote(*args, **kwargs))
+        return self._result(rank, getattr(self._workers[rank], method).remote(*args, **kwargs))
 
     def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:
         """`method(*args_per_rank[i])` on worker i, all in flight at once; results in rank order."""
+        return self.get(self.call_each_async(method, args_per_rank))
+
+    def call_each_async(self, method: str, args_per_rank: Sequence[tuple]) -> list[ray.ObjectRef]:
         if len(args_per_rank) != self.num_workers:
             raise ValueError(f"worker group {self.name!r} has {self.num_workers} workers, "
                              f"got arguments for {len(args_per_rank)}")
-        return ray.get([getattr(w, method).remote(*a) for w, a in zip(self._workers, args_per_rank, strict=True)])
+        return [getattr(w, method).remote(*a) for w, a in zip(self._workers, args_per_rank, strict=True)]
 
     def call_sharded(self, method: str, items: Sequence[Any], *args: Any, **kwargs: Any) -> list[Any]:
         """`method(shard_i, *args, **kwargs)` on worker i; one result per item, in input order.
@@ -161,7 +222,9 @@ class WorkerGroup:
         calls = [(rank, s) for rank, s in enumerate(shards) if s]
         refs = [getattr(self._workers[rank], method).remote(s, *args, **kwargs) for rank, s in calls]
         results: list[Any] = []
-        for (rank, s), out in zip(calls, ray.get(refs), strict=True):
+        outs = [self._result_or_retry(rank, ref, lambda r=rank, s=s: getattr(self._workers[r], method).remote(
+            s, *args, **kwargs)) for (rank, s), ref in zip(calls, refs, strict=True)]
+        for (rank, s), out in zip(calls, outs, strict=True):
             if not isinstance(out, list):
                 raise TypeError(f"worker group {self.name!r}: rank {rank} {method}() must return a list "
                                 f"(one result per item), got {type(out).__name__}")
@@ -170,6 +233,32 @@ class WorkerGroup:
                                  f"results for {len(s)} items")
             results.extend(out)
         return results
+
+    def _result_or_retry(self, rank: int, ref: ray.ObjectRef, resubmit: Callable[[], ray.ObjectRef]) -> Any:
+        """The call's result; if the worker died and Ray restarts it, the call again, once it is up to date."""
+        for _ in range(self.max_restarts):
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                if err.actor_init_failed:
+                    raise
+                self.restarts += 1
+                self._wait_until_restarted(rank)
+                if self.on_restart is not None:
+                    self.on_restart(rank)
+                ref = resubmit()
+        return self._result(rank, ref)
+
+    def _wait_until_restarted(self, rank: int, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                ray.get(self._workers[rank].__ray_call__.remote(_placement))
+                return
+            except ray.exceptions.ActorUnavailableError:  # still restarting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
 
     def shutdown(self) -> None:
         """Kill the actors and free their bundles; safe to call twice, or after `ray.shutdown()`."""

@@ -94,7 +94,8 @@ class GRPORunConfig:
         require(bool(p.model_name), "policy.model_name is required (a Hugging Face name or a local path)")
         positive(self, "grpo.num_prompts_per_step", "grpo.max_num_steps", "policy.train_global_batch_size",
                  "policy.train_micro_batch_size", "policy.generation.max_new_tokens",
-                 "policy.generation.batch_size", "policy.generation.num_workers", "env.num_workers")
+                 "policy.generation.batch_size", "policy.generation.num_workers", "env.num_workers",
+                 "policy.generation.refit_bucket_mb")
         require(g.num_generations_per_prompt >= 2,
                 f"grpo.num_generations_per_prompt must be >= 2 (a group needs a baseline), got "
                 f"{g.num_generations_per_prompt}")

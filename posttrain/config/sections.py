@@ -96,6 +96,11 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = None  # besides the tokenizer's and the checkpoint's EOS ids (kept)
     batch_size: int = 64  # prompts per generate() call (Hugging Face; vLLM batches continuously)
     num_workers: int = 1  # generation actors (data-parallel)
+    # How new weights reach the generators after each update: "collective" streams them from the
+    # policy's rank 0 over a process group of their own (NCCL on GPUs, gloo on CPU) in buckets of
+    # `refit_bucket_mb`; "object_store" puts a whole copy in Ray's object store (slower; a fallback).
+    refit_transport: Literal["collective", "object_store"] = "collective"
+    refit_bucket_mb: int = 512
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
 
     @property
@@ -216,6 +221,9 @@ class ClusterConfig:
     num_nodes: int = 1
     gpus_per_node: int = 0  # 0 means CPU
     address: str | None = None  # an existing Ray cluster; None starts a local one
+    # GRPO: how often a generation or environment worker whose process died is started again (its
+    # batch is then retried); a policy rank that dies ends the run, which resumes from its checkpoint
+    max_worker_restarts: int = 2
 
 
 @dataclass
@@ -322,6 +330,8 @@ def check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig,
     require(0.0 <= lora.dropout < 1.0, f"policy.lora.dropout must be in [0, 1), got {lora.dropout}")
     require(cluster.num_nodes >= 1, f"cluster.num_nodes must be >= 1, got {cluster.num_nodes}")
     require(cluster.gpus_per_node >= 0, f"cluster.gpus_per_node must be >= 0, got {cluster.gpus_per_node}")
+    require(cluster.max_worker_restarts >= 0,
+            f"cluster.max_worker_restarts must be >= 0, got {cluster.max_worker_restarts}")
     require(ckpt.enabled or ckpt.resume != "required",
             "checkpointing.resume=required (or --resume) needs checkpointing.enabled=true: a run with "
             "checkpointing off neither saves nor resumes")

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -28,7 +30,8 @@ from rich.console import Console
 
 from posttrain.algos.advantages import group_advantages
 from posttrain.algos.grpo import GRPOObjective
-from posttrain.cluster import WorkerGroup, init_ray
+from posttrain.cluster import WorkerGroup, alive_nodes, cluster_name, init_ray
+from posttrain.cluster.plan import ResourcePlan, RolePlan, check_engine_memory
 from posttrain.config import GRPORunConfig, PolicyConfig, save_config, to_dict
 from posttrain.data.prompts import Prompt, PromptDataset
 from posttrain.data.sampler import EpochSampler, plan_steps
@@ -40,6 +43,7 @@ from posttrain.logging import MetricsLogger, make_progress
 from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
 from posttrain.rollout.registry import backend_class
 from posttrain.rollout.sources import make_rollout_source
+from posttrain.rollout.weight_sync import WeightSync
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
@@ -94,16 +98,22 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     optimizer_steps_per_rollout = cfg.grpo.num_prompts_per_step * group_size // cfg.policy.train_global_batch_size
 
     # ---- workers: policy ranks, generation and environments are separate Ray actors
-    init_ray(cfg.cluster)
-    policy_gpus, generation_gpus = _gpu_shares(cfg)
+    plan = _resource_plan(cfg)
+    init_ray(cfg.cluster, num_cpus=math.ceil(plan.cpus))
+    plan.check_fits(alive_nodes(), cluster_name(cfg.cluster))
+    roles = {role.name: role for role in plan.roles}
     weights = str(resume_dir / "model") if resume_dir else None
     policy = PolicyGroup(cfg.policy, cfg.cluster, total_steps * optimizer_steps_per_rollout, seed=cfg.grpo.seed,
                          weights_path=weights, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
-                         num_gpus_per_worker=policy_gpus)
+                         num_gpus_per_worker=roles["policy"].gpus_per_worker, strategy=roles["policy"].strategy)
+    restarts = cfg.cluster.max_worker_restarts
     generators = WorkerGroup(backend_class(gen.backend), gen.num_workers, name="generation", args=(cfg.policy,),
-                             kwargs={"weights_path": weights}, num_gpus_per_worker=generation_gpus)
+                             kwargs={"weights_path": weights}, max_restarts=restarts, **roles["generation"].resources)
     envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                       num_cpus_per_worker=0.5)
+                       max_restarts=restarts, **roles["environment"].resources)
+    plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
+                       "environment": envs.placements()}
+    weight_sync = WeightSync(policy, generators, gen.refit_transport, gen.refit_bucket_mb)
     collector = RolloutCollector(cfg, generators, envs, tokenizer, tools, train_prompts, sampler)
     rollouts = make_rollout_source(collector, cfg.grpo.async_grpo.enabled)
     # The trainer scores tokens at the sampling temperature, as the generators do.
@@ -113,9 +123,11 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     step = resume_training(resume_dir, policy, sampler, total_steps, console)
 
     save_config(cfg, Path(cfg.logger.log_dir) / "config.yaml")
+    (Path(cfg.logger.log_dir) / "resource_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
     console.print(f"GRPO: {cfg.policy.model_name}; {len(train_prompts)} training prompts, {len(val_prompts)} "
                   f"validation prompts; {total_steps} steps{steps_note} of {cfg.grpo.num_prompts_per_step} prompts "
-                  f"x {group_size} generations, {optimizer_steps_per_rollout} optimizer step(s) per rollout")
+                  f"x {group_size} generations, {optimizer_steps_per_rollout} optimizer step(s) per rollout\n"
+                  f"{plan.describe()}")
 
     def another_step_follows(step: int) -> bool:
         return step < total_steps and (stop_at_step is None or step < stop_at_step)
@@ -135,7 +147,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 # 1. rollout
                 rollout = rollouts.next(step, another_follows=another_step_follows(step))
                 timings = rollout.timings
-                metrics = _rollout_step_metrics(rollout, cfg)
+                metrics = _rollout_step_metrics(rollout, cfg, generators, envs)
                 result.train_rewards[step] = metrics["rollout/reward_mean"]
                 if rollout.groups:
                     # 2. advantages
@@ -150,7 +162,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 rollouts.settle(timings)  # async: the rollout in flight ends with the weights it began with
                 # 5. weight sync, validation, logs, checkpoint
                 if rollout.groups:
-                    _sync_weights(policy, generators, timings)
+                    timings.update(weight_sync.sync())
                 if val_prompts and ((cfg.grpo.val_period and step % cfg.grpo.val_period == 0) or step == total_steps):
                     metrics.update(_validate(collector, val_prompts, cfg))
                     result.val_accuracy[step] = metrics["val/accuracy"]
@@ -190,6 +202,22 @@ def _prompts(cfg: GRPORunConfig, tokenizer, tools: list | None) -> tuple[PromptD
     return train, [val[i] for i in range(min(len(val), cfg.grpo.max_val_samples))]
 
 
+def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
+    """What each role asks Ray for; vLLM engines that share a GPU are checked to fit it."""
+    gen = cfg.policy.generation
+    policy_gpus, generation_gpus = _gpu_shares(cfg)
+    if gen.backend == "vllm" and generation_gpus:
+        shared = generation_gpus < 1  # beside the one policy worker, on its GPU
+        check_engine_memory(gen.num_workers if shared else 1, gen.vllm.gpu_memory_utilization, beside_trainer=shared)
+    # Over several nodes, each role's workers go across them (the policy's ranks gather per layer
+    # over the network either way; generators spread out leave each node's CPUs to its environment).
+    spread = "SPREAD" if cfg.cluster.num_nodes > 1 else "PACK"
+    return ResourcePlan([
+        RolePlan("policy", cfg.policy.num_workers, 1.0, policy_gpus, "policy.num_workers", spread),
+        RolePlan("generation", gen.num_workers, 1.0, generation_gpus, "policy.generation.num_workers", spread),
+        RolePlan("environment", cfg.env.num_workers, 0.5, 0.0, "env.num_workers", spread)])
+
+
 def _gpu_shares(cfg: GRPORunConfig) -> tuple[float, float]:
     """GPUs per policy worker and per generation worker. One policy worker shares a GPU with the
     generators (half each). Several policy workers are FSDP2 ranks, which NCCL needs on GPUs of
@@ -203,8 +231,12 @@ def _gpu_shares(cfg: GRPORunConfig) -> tuple[float, float]:
     return 1.0, float(gen.gpus_per_engine)
 
 
-def _rollout_step_metrics(rollout: Rollout, cfg: GRPORunConfig) -> dict[str, float]:
+def _rollout_step_metrics(rollout: Rollout, cfg: GRPORunConfig, generators: WorkerGroup,
+                          envs: WorkerGroup) -> dict[str, float]:
     metrics = {f"rollout/{k}": v for k, v in rollout_metrics(rollout.sampled).items()}
+    # Workers restarted after their process died, since the start (each time, its batch was retried).
+    metrics["faults/generation_restarts"] = float(generators.restarts)
+    metrics["faults/environment_restarts"] = float(envs.restarts)
     if cfg.grpo.use_dynamic_sampling:
         metrics["rollout/dynamic_sampling_batches"] = len(rollout.sampled) // cfg.grpo.num_prompts_per_step
         metrics["rollout/kept_groups"] = len(rollout.groups)
@@ -279,13 +311,6 @@ def _train(policy: PolicyGroup, steps: list[OptimizerStep], timings: dict[str, f
         "train/gen_logprob_mismatch_max": sums["mismatch_max"],
         "train/importance_weight_mean": sums["importance_weight_sum"] / tokens,
     }
-
-
-def _sync_weights(policy: PolicyGroup, generators: WorkerGroup, timings: dict[str, float]) -> None:
-    """The object store carries rank 0's weights to every generator; the driver never copies them."""
-    start = time.perf_counter()
-    generators.call_all("update_weights", policy.generator_weights())
-    timings["time/weight_sync_s"] = time.perf_counter() - start
 
 
 def _validate(collector: RolloutCollector, val_prompts: list[Prompt], cfg: GRPORunConfig) -> dict[str, float]:

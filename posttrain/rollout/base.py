@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from posttrain.train import weight_transfer
 
 
 @dataclass
@@ -50,8 +53,28 @@ class GenerationBackend(ABC):
         """Complete token-id prompts; one Completion per prompt, in order (so worker groups can shard)."""
 
     @abstractmethod
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load the trainer's latest weights (same architecture and parameter names), consuming
+        `weights` one tensor at a time: every weight once, a tied pair through either name."""
+
+    @property
+    def transfer_device(self) -> torch.device:
+        """Where this worker receives weight buckets: its GPU (NCCL), else the CPU (gloo)."""
+        return torch.device("cpu")
+
     def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load the trainer's latest weights (same architecture and parameter names)."""
+        """The weights as one dict, from Ray's object store (`policy.generation.refit_transport=object_store`)."""
+        self.load_weights(state_dict.items())
+
+    def join_weight_transfer(self, address: str, rank: int, world_size: int,
+                             buckets: list[list[weight_transfer.TensorSpec]]) -> None:
+        """Joins the trainer's transfer group (`posttrain.train.weight_transfer`) as `rank`."""
+        self.transfer = weight_transfer.open_group(address, rank, world_size, self.transfer_device), buckets
+
+    def receive_weights(self) -> None:
+        """One weight sync over the transfer group, loaded bucket by bucket."""
+        group, buckets = self.transfer
+        self.load_weights(weight_transfer.receive_buckets(group, buckets, self.transfer_device))
 
 
 def stop_token_ids(tokenizer, checkpoint_generation_config, extra: list[int] | None) -> list[int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
@@ -93,8 +95,27 @@ class HFGenerationBackend(GenerationBackend):
         self.model.generation_config = GenerationConfig()
         self.batch_size = cfg.generation.batch_size
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
-        self.model.load_state_dict(state_dict, strict=True)
+    @property
+    def transfer_device(self) -> torch.device:
+        return self.device
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        targets = self.model.state_dict(keep_vars=True)  # a tied pair is one tensor under two names
+        loaded: set[int] = set()
+        for name, tensor in weights:
+            if name not in targets:
+                raise KeyError(f"the trainer sent {name!r}, which the generation model does not have: the "
+                               "generators must load the policy's architecture (policy.model_name)")
+            targets[name].copy_(tensor)
+            loaded.add(id(targets[name]))
+        missing: dict[int, str] = {}
+        for name, target in targets.items():
+            if id(target) not in loaded:
+                missing.setdefault(id(target), name)
+        if missing:
+            raise ValueError(f"the trainer's weights left {len(missing)} tensor(s) of the generation model "
+                             f"unset, e.g. {list(missing.values())[:3]}")
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:

@@ -1,11 +1,13 @@
 """Generation with vLLM: paged KV cache, continuous batching, prefix caching; weights updated in place.
 
 The engine runs inside this process (a generation actor), not in a child process of its own, so
-`update_weights` hands the trainer's tensors to the model directly, with no serialisation. A
+`load_weights` hands the trainer's tensors to the model directly as they arrive (bucket by bucket
+from the weight-transfer group, see `posttrain.train.weight_transfer`), with no serialisation. A
 tensor-parallel engine (`vllm.tensor_parallel_size` > 1) runs its shards in worker processes of
-its own, which vLLM cannot pass tensors to, so its weights travel through a safetensors file in
-shared memory that each shard reads its part of. vLLM is optional (`pip install 'posttrain[vllm]'`)
-and imported only when this backend is built.
+its own, which vLLM cannot pass tensors to, so its weights are gathered here and travel through a
+safetensors file in shared memory that each shard reads its part of (on GPUs, vLLM's own NCCL
+weight transfer would avoid that copy; it is not used yet). vLLM is optional (`pip install
+'posttrain[vllm]'`) and imported only when this backend is built.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -88,13 +91,19 @@ class VLLMGenerationBackend(GenerationBackend):
         self.context_length = self.llm.llm_engine.model_config.max_model_len
         self.sampling_params_cls = vllm.SamplingParams
 
-    def update_weights(self, state_dict: dict[str, torch.Tensor]) -> None:
+    @property
+    def transfer_device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # reload_weights copies into the engine's tensors in place (fused QKV and MLP included, under
-        # the checkpoint's names); the prefix cache holds KV computed with the old weights.
+        # the checkpoint's names) as it consumes the iterator; the prefix cache holds KV computed
+        # with the old weights.
         if self.tensor_parallel_size == 1:
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(state_dict.items()),
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                               "is_checkpoint_format": True})
         else:
+            state_dict = {name: tensor.cpu() for name, tensor in weights}
             folder = self._weights_folder(state_dict)
             try:
                 self._write_weights(folder, state_dict)

@@ -11,6 +11,7 @@ untouched base model, so the base (DPO's and GRPO's reference) stays the startin
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -80,21 +81,27 @@ def merged_state_dict(state: dict[str, torch.Tensor], scaling: float) -> dict[st
     a fully trained module (a reward model's head) takes its trained copy's place. Works on a whole
     gathered state dict, so sharded and unsharded models are merged the same way.
     """
-    merged = {}
+    return dict(iter_merged(state, scaling))
+
+
+def iter_merged(state: dict[str, torch.Tensor], scaling: float,
+                whole: Callable[[torch.Tensor], torch.Tensor] = lambda t: t) -> Iterator[tuple[str, torch.Tensor]]:
+    """`merged_state_dict` one tensor at a time; `whole` turns an entry of `state` into the whole
+    tensor (e.g. gathers a DTensor shard) as it is needed, so a sharded model is never gathered at once."""
     for name, tensor in state.items():
         if _A in name or _B in name or _FROZEN_COPY in name:
             continue
         if _TRAINED_COPY in name:
-            merged[name.replace(_TRAINED_COPY, ".")] = tensor
+            yield name.replace(_TRAINED_COPY, "."), whole(tensor)
         elif _BASE in name:
             layer, param = name.split(_BASE)
             down, up = state.get(f"{layer}{_A}{param}"), state.get(f"{layer}{_B}{param}")
+            tensor = whole(tensor)
             if param == "weight" and down is not None:
-                tensor = (tensor.float() + scaling * (up.float() @ down.float())).to(tensor.dtype)
-            merged[f"{layer}.{param}"] = tensor
+                tensor = (tensor.float() + scaling * (whole(up).float() @ whole(down).float())).to(tensor.dtype)
+            yield f"{layer}.{param}", tensor
         else:
-            merged[name] = tensor
-    return merged
+            yield name, whole(tensor)
 
 
 def peft_named(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

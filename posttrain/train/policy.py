@@ -24,7 +24,14 @@ from posttrain.train.fsdp import (
     shard_model,
 )
 from posttrain.train.logprobs import supports_shared_prefix
-from posttrain.train.lora import ADAPTER_DIR, add_lora, lora_scaling, merged_state_dict, peft_named
+from posttrain.train.lora import (
+    ADAPTER_DIR,
+    add_lora,
+    iter_merged,
+    lora_scaling,
+    merged_state_dict,
+    peft_named,
+)
 from posttrain.train.model import DTYPES, compile_decoder_layers, load_model, load_tokenizer, resolve_device
 from posttrain.train.optim import build_optimizer, build_scheduler
 
@@ -49,6 +56,11 @@ def add_metrics(total: dict[str, float], new: dict[str, float]) -> dict[str, flo
         else:
             total[name] += value
     return total
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor (a DTensor is gathered from every rank of its mesh, on their device)."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
 
 
 def describe_parameters(policy) -> str:
@@ -248,11 +260,25 @@ class Policy:
                 outputs.append(fn(model, self._to_device(batch)).cpu())
         return outputs[:real]
 
-    def generator_weights(self) -> dict[str, torch.Tensor]:
-        """The weights for the generation backends: LoRA merged, in the compute precision, on the
-        CPU; whole on rank 0 and empty on the others when sharded (every rank must call it)."""
+    def generator_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The weights for the generation backends one tensor at a time, under the plain model's
+        names, LoRA merged, in the compute precision on this rank's device. A sharded tensor is
+        gathered as it is reached, so every rank must iterate. Tied weights come under each of
+        their names: vLLM reloads its output head only from the head's own name."""
         dtype = DTYPES[self.cfg.precision]
-        return {name: value.detach().to("cpu", dtype) for name, value in self.full_state_dict().items()}
+        state = self.model.state_dict()
+        tensors = (iter_merged(state, lora_scaling(self.cfg.lora), _whole) if self.adapted is not None
+                   else ((name, _whole(tensor)) for name, tensor in state.items()))
+        for name, tensor in tensors:
+            yield name, tensor.detach().to(dtype)
+
+    def generator_weights(self) -> dict[str, torch.Tensor]:
+        """`generator_tensors` whole on the CPU, on rank 0 (empty on the others; every rank must call it)."""
+        weights = {}
+        for name, tensor in self.generator_tensors():
+            if self.rank == 0:
+                weights[name] = tensor.cpu()
+        return weights
 
     # ------------------------------------------------------------------ persistence
 

@@ -19,8 +19,10 @@ import transformers
 
 from posttrain.cluster import WorkerGroup, free_tcp_address, init_ray
 from posttrain.config import ClusterConfig, PolicyConfig
+from posttrain.train import weight_transfer
 from posttrain.train.model import load_model
 from posttrain.train.policy import ModelLoader, Objective, Policy, Scorer, add_metrics
+from posttrain.train.weight_transfer import TensorSpec
 
 
 class PolicyWorker:
@@ -68,6 +70,24 @@ class PolicyWorker:
     def generator_weights(self) -> dict[str, torch.Tensor]:
         return self.policy.generator_weights()
 
+    def generator_specs(self) -> list[TensorSpec]:
+        return [TensorSpec(name, tuple(t.shape), t.dtype) for name, t in self.policy.generator_tensors()]
+
+    def join_weight_transfer(self, address: str, world_size: int, buckets: list[list[TensorSpec]]) -> None:
+        """Rank 0 becomes rank 0 of the transfer group; the other ranks only help gather each tensor."""
+        self.transfer_buckets = buckets
+        if self.rank == 0:
+            self.transfer_group = weight_transfer.open_group(address, 0, world_size, self.policy.device)
+
+    def send_weights(self) -> int:
+        """Streams the weights to the generators; bytes sent to each (0 on the ranks that only gather)."""
+        tensors = self.policy.generator_tensors()
+        if self.rank != 0:
+            for _ in tensors:
+                pass
+            return 0
+        return weight_transfer.send_buckets(self.transfer_group, tensors, self.transfer_buckets, self.policy.device)
+
     def save(self, directory: str) -> None:
         self.policy.save(Path(directory))
 
@@ -81,9 +101,10 @@ class PolicyWorker:
 class PolicyGroup:
     def __init__(self, cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int,
                  weights_path: str | Path | None = None, model_loader: ModelLoader = load_model,
-                 with_reference: bool = False, num_gpus_per_worker: float | None = None):
+                 with_reference: bool = False, num_gpus_per_worker: float | None = None, strategy: str = "PACK"):
         """`num_gpus_per_worker`: by default a GPU each when the cluster has GPUs (GRPO gives a
-        single worker half of one, shared with its generators)."""
+        single worker half of one, shared with its generators). `strategy`: how Ray places the
+        ranks (PACK: as few nodes as possible; SPREAD: across the nodes)."""
         init_ray(cluster)
         self.with_reference = with_reference
         if num_gpus_per_worker is None:
@@ -91,7 +112,7 @@ class PolicyGroup:
         self.workers = WorkerGroup(PolicyWorker, cfg.num_workers, name="policy", args=(cfg, total_steps),
                                    kwargs={"seed": seed, "weights_path": str(weights_path) if weights_path else None,
                                            "model_loader": model_loader, "with_reference": with_reference},
-                                   num_gpus_per_worker=num_gpus_per_worker)
+                                   num_gpus_per_worker=num_gpus_per_worker, strategy=strategy)
         info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
         self.num_parameters, self.device = info["num_parameters"], info["device"]
         self.num_trained_parameters = info["num_trained_parameters"]
@@ -127,6 +148,21 @@ class PolicyGroup:
         """Rank 0's `Policy.generator_weights()` as a Ray object reference: passed on to the
         generators, it travels through the object store, never through the driver."""
         return self.workers.call_all_async("generator_weights")[0]
+
+    def generator_specs(self) -> list[TensorSpec]:
+        """Name, shape and dtype of each tensor `generator_tensors` yields (gathers the model once)."""
+        return self.workers.call_all("generator_specs")[0]
+
+    def weight_transfer_address(self) -> str:
+        return self.workers.call_rank(0, "rendezvous_address")
+
+    def join_weight_transfer_async(self, address: str, world_size: int,
+                                   buckets: list[list[TensorSpec]]) -> list[ray.ObjectRef]:
+        return self.workers.call_all_async("join_weight_transfer", address, world_size, buckets)
+
+    def send_weights_async(self) -> list[ray.ObjectRef]:
+        """Every rank's part of a weight transfer; rank 0's result is the bytes sent to each generator."""
+        return self.workers.call_all_async("send_weights")
 
     def save(self, directory: Path) -> None:
         self.workers.call_all("save", str(directory))

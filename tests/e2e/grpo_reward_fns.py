@@ -4,6 +4,10 @@ env.reward_fn and env.name.
 They run inside Ray environment actors, so test_grpo_e2e.py puts this folder on the actors' PYTHONPATH.
 """
 
+import os
+import tempfile
+from pathlib import Path
+
 from posttrain import Environment, EnvStepResult
 
 
@@ -42,3 +46,16 @@ class StartsWithSpace(Environment):
     def step(self, conversations, responses, metadata):
         return EnvStepResult([float(r.startswith(" ")) for r in responses], [[] for _ in responses],
                              [True] * len(responses), [{} for _ in responses])
+
+
+# The environment actor that first finds this file deletes it and dies (its process exits), as a
+# worker killed mid-step would; the fault-tolerance test creates it.
+DIE_ONCE = Path(tempfile.gettempdir()) / f"posttrain-test-env-dies-once-{os.getuid()}"
+
+
+def starts_with_space_but_dies_once(conversation, response, metadata):
+    try:
+        DIE_ONCE.unlink()
+    except FileNotFoundError:
+        return starts_with_space(conversation, response, metadata)
+    os._exit(1)

@@ -17,7 +17,7 @@ from rich.console import Console
 from transformers import AutoModelForCausalLM
 
 from posttrain.cli import main
-from posttrain.config import GRPORunConfig, SFTRunConfig, load_config
+from posttrain.config import ConfigError, GRPORunConfig, SFTRunConfig, load_config
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.grpo import run_grpo
 from posttrain.loops.sft import run_sft
@@ -30,7 +30,7 @@ REQUIRED_METRICS = [
     "rollout/reward_mean", "rollout/reward_std", "rollout/accuracy", "rollout/response_length_mean",
     "rollout/response_length_max", "rollout/truncated_fraction", "train/clip_fraction", "train/kl",
     "train/entropy", "train/grad_norm", "train/lr", "train/gen_logprob_mismatch", "time/generation_s",
-    "time/logprobs_s", "time/training_s", "time/weight_sync_s",
+    "time/logprobs_s", "time/training_s", "time/weight_sync_s", "weight_sync/bytes",
 ]
 
 
@@ -102,8 +102,68 @@ def test_reward_rises_and_every_metric_is_logged(tiny_model_dir, tmp_path):
         assert row["rollout/accuracy"] == row["rollout/reward_mean"]  # 0/1 rewards, no shaping
         assert row["rollout/reward_errors"] == 0  # the environment actors could import the reward function
     assert (tmp_path / "logs" / "config.yaml").is_file()
+    plan = json.loads((tmp_path / "logs" / "resource_plan.json").read_text())
+    assert [(r["name"], r["workers"]) for r in plan["roles"]] == [("policy", 1), ("generation", 1), ("environment", 1)]
+    assert all(len(plan["placements"][r["name"]]) == r["workers"] for r in plan["roles"])
     assert [p.name for p in (tmp_path / "ckpt").glob("step_*")] == ["step_20"]
     assert (result.final_model_dir / "config.json").is_file()
+
+
+def test_a_plan_larger_than_the_running_ray_ends_at_once_naming_the_keys(tiny_model_dir, tmp_path):
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    envs = int(2 * cpus) + 1  # half a CPU each: more than the whole cluster
+    with pytest.raises(ConfigError, match=rf"env.num_workers \({envs}\) x 0.5 = .* CPUs, but the local Ray has {cpus:g}"):
+        _run(_cfg(tiny_model_dir, tmp_path, f"env.num_workers={envs}"))
+    assert ray.available_resources()["CPU"] == cpus  # no actor was started
+
+
+def _kill_actors(title: str) -> int:
+    """SIGKILLs this machine's processes whose title starts with `title` (Ray names an actor's
+    process `ray::<Class>`); returns how many."""
+    import psutil
+
+    killed = 0
+    for process in psutil.process_iter(["cmdline"]):
+        if (process.info["cmdline"] or [""])[0].startswith(title):
+            process.kill()
+            killed += 1
+    return killed
+
+
+def test_dead_generation_and_environment_workers_are_restarted_and_the_run_is_unchanged(tiny_model_dir, tmp_path):
+    from grpo_reward_fns import DIE_ONCE
+
+    extra = ["grpo.max_num_steps=3", "checkpointing.enabled=false", "data.val_split=null"]
+    undisturbed = _run(_cfg(tiny_model_dir, tmp_path / "undisturbed", *extra))
+    killed = []
+
+    def faults(step: int, metrics: dict) -> None:
+        if step == 1:  # the generator dies between steps; the environment, while scoring step 3
+            killed.append(_kill_actors("ray::HFGenerationBackend"))
+        if step == 2:
+            DIE_ONCE.touch()
+
+    disturbed = _run(_cfg(tiny_model_dir, tmp_path / "disturbed", *extra,
+                          "env.reward_fn=grpo_reward_fns:starts_with_space_but_dies_once"), on_step=faults)
+    assert killed == [1] and not DIE_ONCE.exists()
+    # The restarted generator got the latest weights and the retried batches the same seeds.
+    assert disturbed.train_rewards == undisturbed.train_rewards
+    rows = _train_rows(tmp_path / "disturbed" / "logs")
+    assert [(r["faults/generation_restarts"], r["faults/environment_restarts"]) for r in rows] == [
+        (0, 0), (1, 0), (1, 1)]
+
+
+def test_a_dead_policy_rank_ends_the_run_naming_it_and_the_run_resumes(tiny_model_dir, tmp_path):
+    from posttrain.cluster import WorkerDiedError
+
+    extra = ["grpo.max_num_steps=3", "checkpointing.save_period=1", "data.val_split=null"]
+    with pytest.raises(WorkerDiedError, match=r"worker group 'policy': rank 0 \(on node [\d.]+\) died.*resumes "
+                                              r"from the last checkpoint"):
+        _run(_cfg(tiny_model_dir, tmp_path, *extra), on_step=lambda step, _: step == 1 and _kill_actors("ray::PolicyWorker"))
+    resumed = _run(_cfg(tiny_model_dir, tmp_path, *extra, "checkpointing.resume=required"))
+    assert sorted(resumed.train_rewards) == [2, 3] and resumed.steps == 3
 
 
 def test_resumed_run_reproduces_the_uninterrupted_run(tiny_model_dir, tmp_path):

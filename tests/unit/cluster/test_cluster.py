@@ -33,6 +33,16 @@ class Doubler:
     def boom(self) -> None:
         raise ValueError("boom")
 
+    def double_or_die(self, items: list[int], marker: str) -> list[int]:
+        """Doubles, unless `marker` exists: then deletes it and exits the process (a worker killed mid-call)."""
+        import os
+        from pathlib import Path
+
+        if Path(marker).exists():
+            Path(marker).unlink()
+            os._exit(1)
+        return [x * self.scale for x in items]
+
     def tensor_sum(self, t: torch.Tensor) -> float:
         assert isinstance(t, torch.Tensor)
         return float(t.sum())
@@ -150,3 +160,41 @@ def test_multi_node_without_address_is_a_config_error(local_ray):
 def test_more_gpus_than_visible_is_a_config_error(local_ray):
     with pytest.raises(ConfigError, match=r"cluster\.gpus_per_node"):
         init_ray(ClusterConfig(gpus_per_node=torch.cuda.device_count() + 1))
+
+
+def _threads(actor) -> tuple[str, int, str]:
+    import os
+
+    return os.environ["OMP_NUM_THREADS"], torch.get_num_threads(), os.environ.get("TOKENIZERS_PARALLELISM", "")
+
+
+@pytest.mark.parametrize("cpus, threads", [(0.5, 1), (2.0, 2)])
+def test_each_worker_runs_the_threads_of_its_reservation_and_reports_where_it_landed(local_ray, cpus, threads):
+    with WorkerGroup(Doubler, 1, name="threads", num_cpus_per_worker=cpus) as g:
+        # Ray's job-wide variables stay (the actor's own are merged into them).
+        assert g.call_all("__ray_call__", _threads) == [(str(threads), threads, "false")]
+        (placement,) = g.placements()
+        assert placement == {"node_ip": ray.util.get_node_ip_address(), "gpu_ids": [],
+                             "node_id": ray.get_runtime_context().get_node_id()}
+
+
+def test_a_worker_that_dies_is_restarted_brought_up_to_date_and_its_shard_retried(local_ray, tmp_path):
+    marker = tmp_path / "die"
+    restored = []
+    with WorkerGroup(Doubler, 2, name="restarts", num_cpus_per_worker=0.5, max_restarts=1) as g:
+        g.on_restart = restored.append
+        marker.touch()  # the first worker to see it dies
+        assert g.call_sharded("double_or_die", [1, 2, 3, 4], str(marker)) == [2, 4, 6, 8]
+        assert g.restarts == 1 and len(restored) == 1 and not marker.exists()
+
+
+def test_a_worker_that_dies_without_restarts_is_named_by_rank_and_node(local_ray, tmp_path):
+    from posttrain.cluster import WorkerDiedError
+
+    marker = tmp_path / "die"
+    with WorkerGroup(Doubler, 1, name="mortal", num_cpus_per_worker=0.5) as g:
+        g.placements()
+        marker.touch()
+        with pytest.raises(WorkerDiedError, match=r"worker group 'mortal': rank 0 \(on node [\d.]+\) died: .*"
+                                                  r"running the same command again resumes"):
+            g.call_rank(0, "double_or_die", [1], str(marker))

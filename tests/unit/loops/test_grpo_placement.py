@@ -1,9 +1,10 @@
-"""GRPO's GPU shares per worker (Ray's accounting), from the policy and generation settings."""
+"""GRPO's resource plan: GPU shares per worker (Ray's accounting) from the policy and generation
+settings, and vLLM engines that would not fit the GPU they share."""
 
 import pytest
 
-from posttrain.config import GRPORunConfig
-from posttrain.loops.grpo import _gpu_shares
+from posttrain.config import ConfigError, GRPORunConfig
+from posttrain.loops.grpo import _gpu_shares, _resource_plan
 
 
 def _cfg(gpus_per_node=1, policy_workers=1, generators=1, tensor_parallel=1) -> GRPORunConfig:
@@ -25,3 +26,15 @@ def _cfg(gpus_per_node=1, policy_workers=1, generators=1, tensor_parallel=1) -> 
 ])
 def test_gpu_shares(settings, shares):
     assert _gpu_shares(_cfg(**settings)) == shares
+
+
+def test_the_plan_holds_every_role_and_checks_engines_sharing_the_policy_gpu():
+    cfg = _cfg(generators=2)
+    plan = _resource_plan(cfg)
+    assert [(r.name, r.workers, r.cpus_per_worker, r.gpus_per_worker) for r in plan.roles] == [
+        ("policy", 1, 1.0, 0.5), ("generation", 2, 1.0, 0.25), ("environment", 1, 0.5, 0.0)]
+    cfg.policy.generation.backend = "vllm"
+    with pytest.raises(ConfigError, match=r"2 vLLM engine\(s\) x policy.generation.vllm.gpu_memory_utilization"):
+        _resource_plan(cfg)
+    cfg.policy.generation.vllm.gpu_memory_utilization = 0.3
+    assert _resource_plan(cfg).gpus == 1.0

@@ -202,3 +202,22 @@ def test_extra_stop_tokens_end_a_response(tiny_model_dir, prompts, tmp_path, sou
     [stopped] = HFGenerationBackend(cfg).generate(prompts[:1], params)
     first = free[0].token_ids.index(token)
     assert stopped.token_ids == free[0].token_ids[: first + 1] and stopped.finish_reason == "stop"
+
+
+def test_load_weights_takes_the_trainers_stream_and_refuses_gaps_and_strangers(tiny_model_dir, prompts):
+    from posttrain.train.policy import Policy
+
+    cfg = PolicyConfig(model_name=str(tiny_model_dir), device="cpu")
+    policy = Policy(cfg, total_steps=1)
+    with torch.no_grad():
+        for p in policy.model.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    backend = HFGenerationBackend(cfg)
+    backend.load_weights(policy.generator_tensors())
+    for name, tensor in policy.model.state_dict().items():
+        torch.testing.assert_close(backend.model.state_dict()[name], tensor, rtol=0, atol=0)
+    streamed = list(policy.generator_tensors())
+    with pytest.raises(ValueError, match=r"left 1 tensor\(s\) of the generation model unset"):
+        backend.load_weights([(name, t) for name, t in streamed if name != "model.norm.weight"])
+    with pytest.raises(KeyError, match="'model.extra.weight', which the generation model does not have"):
+        backend.load_weights([*streamed, ("model.extra.weight", torch.zeros(1))])

@@ -1,0 +1,275 @@
+"""What only a GPU can show, on a machine with torch, transformers and peft but no Ray and no vLLM.
+
+    python -m bench.gpu_check [--out results.json] [--size 0.5b]
+    python -m bench.gpu_check --device cpu --size test   (a dry run of the same code, as the tests do)
+
+Each check runs posttrain's own layers directly (no Ray actors) and records its figures; a check
+that raises is recorded as failed and the others still run. The exit status is 1 when any failed.
+
+1. collectives: a 1-rank NCCL group under the collective checker (every tensor must be on CUDA):
+   the Policy's all-reduces, FSDP2's gathers and reduce-scatters, the weight-transfer group.
+2. training: `Policy` SFT and GRPO-objective steps in bf16 on the locally built model; tokens/s, MFU.
+3. log-probs: peak GPU memory of the GRPO log-prob forward and backward over one micro-batch.
+4. generation: Hugging Face generation tokens/s in bf16, and the generator/trainer log-prob mismatch.
+5. CUDA IPC: a model-sized bf16 buffer handed to a second process through a CUDA IPC handle (the
+   colocated weight-sync primitive), with its time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from posttrain.algos.grpo import GRPOObjective
+from posttrain.algos.sft import nll_loss
+from posttrain.config import GRPORunConfig, PolicyConfig
+from posttrain.data.collate import make_micro_batches
+from posttrain.data.conversations import Sample
+from posttrain.data.trajectories import Trajectory, collate_trajectories
+from posttrain.demo.tiny_model import save_tiny_model
+from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.hf import HFGenerationBackend
+from posttrain.train import weight_transfer
+from posttrain.train.collective_check import checked_collectives
+from posttrain.train.fsdp import full_model_state, shard_model
+from posttrain.train.logprobs import response_logprobs, sequence_logprobs
+from posttrain.train.model import load_model
+from posttrain.train.policy import Policy
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, FLOP/s
+
+
+def _free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
+def _peak_flops() -> float | None:
+    name = torch.cuda.get_device_name()
+    return next((peak for gpu, peak in PEAK_BF16.items() if gpu in name), None)
+
+
+def _samples(count: int, length: int, vocab: int) -> list[Sample]:
+    generator = torch.Generator().manual_seed(0)
+    return [Sample(torch.randint(3, vocab, (length,), generator=generator).tolist(), [0] * 8 + [1] * (length - 8))
+            for _ in range(count)]
+
+
+def _trajectories(groups: int, size: int, prompt: int, response: int, vocab: int) -> list[Trajectory]:
+    generator = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(groups):
+        prompt_ids = torch.randint(3, vocab, (prompt,), generator=generator).tolist()
+        for j in range(size):
+            ids = torch.randint(3, vocab, (response,), generator=generator).tolist()
+            out.append(Trajectory(prompt_ids, ids, [-1.0] * response, 1.0 if j % 2 else -1.0))
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _timed(fn, repeats: int, device: torch.device) -> float:
+    """Median seconds of `fn()` over `repeats` runs after one warm-up, with the GPU synchronised."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def check_collectives(small_model: Path, device: torch.device) -> dict:
+    if device.type == "cuda":
+        dist.init_process_group("nccl", init_method=_free_address(), rank=0, world_size=1, device_id=device)
+    else:
+        dist.init_process_group("gloo", init_method=_free_address(), rank=0, world_size=1)
+    try:
+        cfg = PolicyConfig(model_name=str(small_model), precision="bfloat16")
+        policy = Policy(cfg, 4, device=device, process_group=dist.group.WORLD)
+        batches = make_micro_batches(_samples(4, 32, 400), 2, policy.tokenizer.pad_token_id)
+        objective = lambda m, b: nll_loss(*sequence_logprobs(m, b), 4 * 24)  # noqa: E731
+        sharded = load_model(cfg, device)
+        shard_model(sharded, dist.group.WORLD, device)  # FSDP2 on a 1-rank mesh: its NCCL collectives
+        with checked_collectives() as log:
+            policy.train_step(batches, objective)
+            policy.evaluate(batches, objective)
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                objective(sharded, {k: v.to(device) for k, v in batches[0].items()}).backward()
+            full_model_state(sharded)
+            tensors = dict(policy.generator_tensors())
+            specs = [weight_transfer.TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+            group = weight_transfer.open_group(_free_address(), 0, 1, device)
+            sent = weight_transfer.send_buckets(group, iter(tensors.items()), weight_transfer.plan_buckets(specs, 2**20),
+                                                device)
+        return {"calls": sorted(set(log.calls)), "transfer_bytes": sent}
+    finally:
+        dist.destroy_process_group()
+
+
+def check_training(model_dir: Path, repeats: int, device: torch.device) -> dict:
+    cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
+    policy = Policy(cfg, 100, device=device)
+    params, vocab = policy.num_parameters, policy.model.config.vocab_size
+    peak = _peak_flops() if device.type == "cuda" else None
+    out = {"parameters": params}
+    samples = _samples(16, 512, vocab)
+    batches = make_micro_batches(samples, 4, policy.tokenizer.pad_token_id)
+    tokens = sum(len(s.input_ids) for s in samples)
+    objective = lambda m, b: nll_loss(*sequence_logprobs(m, b), tokens)  # noqa: E731
+    seconds = _timed(lambda: policy.train_step(batches, objective), repeats, device)
+    out["sft_tokens_per_s"] = tokens / seconds
+    trajectories = _trajectories(4, 8, 128, 384, vocab)
+    grpo = GRPOObjective.from_config(GRPORunConfig().loss_fn, functools.partial(response_logprobs, entropy=True),
+                                     max_response_length=384)
+    micro = [collate_trajectories(trajectories[i:i + 8], policy.tokenizer.pad_token_id, policy.supports_shared_prefix)
+             for i in range(0, len(trajectories), 8)]
+    step = grpo.for_step(float(sum(t.num_trained for t in trajectories)), float(len(trajectories)))
+    seconds = _timed(lambda: policy.train_step(micro, step), repeats, device)
+    counted = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
+    processed = 4 * 128 + sum(len(t.response_ids) for t in trajectories)  # each group's prompt once
+    out["grpo_tokens_per_s"] = counted / seconds
+    if peak:
+        out["sft_mfu"] = 6 * params * out["sft_tokens_per_s"] / peak
+        out["grpo_mfu"] = 6 * params * processed / seconds / peak
+    return out
+
+
+def check_logprob_memory(model_dir: Path, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "GPU memory only"}
+    cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
+    policy = Policy(cfg, 1, device=device)
+    vocab = policy.model.config.vocab_size
+    batch = collate_trajectories(_trajectories(1, 8, 256, 1024, vocab), policy.tokenizer.pad_token_id,
+                                 policy.supports_shared_prefix)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logprobs, _ = response_logprobs(policy.model, batch)
+    logprobs.sum().backward()
+    torch.cuda.synchronize()
+    positions = int(batch["loss_mask"].sum())
+    return {"positions": positions, "vocab": vocab, "peak_above_model_gb": (torch.cuda.max_memory_allocated() - before) / 1e9,
+            "fp32_logits_copy_gb": positions * vocab * 4 / 1e9}
+
+
+def check_generation(model_dir: Path, device: torch.device) -> dict:
+    cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
+    cfg.generation.batch_size = 64
+    backend = HFGenerationBackend(cfg, device=device)
+    vocab = backend.model.config.vocab_size
+    generator = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, vocab, (64,), generator=generator).tolist() for _ in range(64)]
+    params = SamplingParams(max_new_tokens=128, temperature=1.0, seed=0)
+    backend.generate(prompts[:4], params)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    completions = backend.generate(prompts, params)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    new_tokens = sum(len(c.token_ids) for c in completions)
+    trajectories = [Trajectory(p, c.token_ids, c.logprobs, 0.0) for p, c in zip(prompts, completions, strict=True)]
+    policy = Policy(cfg, 1, device=device)
+    policy.model.eval()
+    differences = []
+    for i in range(0, len(trajectories), 16):
+        batch = collate_trajectories(trajectories[i:i + 16], policy.tokenizer.pad_token_id, policy.supports_shared_prefix)
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            trainer, _ = response_logprobs(policy.model, batch)
+        mask = batch["loss_mask"].bool()
+        differences.append((trainer - batch["generator_logprobs"]).abs()[mask])
+    difference = torch.cat(differences)
+    return {"generation_tokens_per_s": new_tokens / seconds, "new_tokens": new_tokens,
+            "logprob_mismatch_mean": float(difference.mean()), "logprob_mismatch_max": float(difference.max())}
+
+
+def _ipc_receiver(queue, done) -> None:
+    buffer = queue.get()  # rebuilt from its CUDA IPC handle: the sender's memory, not a copy
+    own = buffer.clone()
+    torch.cuda.synchronize()
+    done.put(float(own[:1024].float().sum()))
+    queue.get()  # keep the handle open until the sender is done timing
+
+
+def check_cuda_ipc(model_dir: Path, device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {"skipped": "CUDA only"}
+    params = Policy(PolicyConfig(model_name=str(model_dir), precision="bfloat16"), 1).num_parameters
+    buffer = torch.randn(params, dtype=torch.bfloat16, device="cuda")
+    context = mp.get_context("spawn")
+    queue, done = context.Queue(), context.Queue()
+    child = context.Process(target=_ipc_receiver, args=(queue, done))
+    child.start()
+    start = time.perf_counter()
+    queue.put(buffer)
+    checksum = done.get(timeout=120)
+    seconds = time.perf_counter() - start
+    queue.put(None)
+    child.join(timeout=60)
+    expected = float(buffer[:1024].float().sum())
+    if abs(checksum - expected) > 1e-3 * max(1.0, abs(expected)):
+        raise RuntimeError(f"the receiver read {checksum}, the sender holds {expected}")
+    return {"bytes": buffer.numel() * 2, "seconds_handoff_and_copy": seconds}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="0.5b")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: this check is for a GPU machine (--device cpu: a dry run)", file=sys.stderr)
+        return 2
+    device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
+    workdir = Path(tempfile.mkdtemp(prefix="posttrain-gpu-check-"))
+    small = save_tiny_model(workdir / "test", size="test")
+    model = save_tiny_model(workdir / args.size, size=args.size)
+    results: dict = {"torch": torch.__version__, "cuda": torch.version.cuda,
+                     "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
+    checks = {"collectives": lambda: check_collectives(small, device),
+              "training": lambda: check_training(model, args.repeats, device),
+              "logprob_memory": lambda: check_logprob_memory(model, device),
+              "generation": lambda: check_generation(model, device), "cuda_ipc": lambda: check_cuda_ipc(model, device)}
+    failed = []
+    for name, check in checks.items():
+        start = time.perf_counter()
+        try:
+            results[name] = {**check(), "ok": True}
+        except Exception as err:  # noqa: BLE001 - every check runs; each failure is recorded with its traceback
+            failed.append(name)
+            results[name] = {"ok": False, "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+        results[name]["check_seconds"] = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps({name: results[name]}, default=str), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str))
+    print("FAILED: " + ", ".join(failed) if failed else "all checks passed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

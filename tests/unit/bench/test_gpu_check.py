@@ -1,0 +1,21 @@
+"""bench/gpu_check.py, prepared for a lent GPU machine, runs its code on the CPU (--device cpu):
+every check passes, and the GPU-only ones say they were skipped."""
+
+import importlib
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def test_the_gpu_check_runs_dry_on_the_cpu(monkeypatch, tmp_path, capsys):
+    monkeypatch.syspath_prepend(str(ROOT))
+    out = tmp_path / "gpu_check.json"
+    status = importlib.import_module("bench.gpu_check").main(
+        ["--device", "cpu", "--size", "test", "--repeats", "1", "--out", str(out)])
+    assert status == 0, capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert "all_reduce" in results["collectives"]["calls"] and results["collectives"]["transfer_bytes"] > 0
+    assert results["training"]["sft_tokens_per_s"] > 0 and results["training"]["grpo_tokens_per_s"] > 0
+    assert results["generation"]["logprob_mismatch_max"] < 0.05  # bf16 on both sides
+    assert results["logprob_memory"]["skipped"] and results["cuda_ipc"]["skipped"]

@@ -1,0 +1,72 @@
+"""The bucketed weight transfer over a standalone gloo group: what the receivers load is exactly
+what the trainer produced, bucket plans respect their size, and a device mismatch is named."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from posttrain.train import weight_transfer as wt
+from posttrain.train.collective_check import check_on_group_device
+
+SPECS = [wt.TensorSpec("embed", (11, 8), torch.bfloat16), wt.TensorSpec("norm", (8,), torch.float32),
+         wt.TensorSpec("layer.0", (40, 8), torch.bfloat16), wt.TensorSpec("head_bias", (3,), torch.bfloat16)]
+
+
+def _tensors(seed: int = 0) -> list[tuple[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(seed)
+    return [(s.name, torch.randn(s.shape, generator=generator).to(s.dtype)) for s in SPECS]
+
+
+def test_buckets_hold_consecutive_tensors_up_to_their_size():
+    buckets = wt.plan_buckets(SPECS, 256)
+    assert [[s.name for s in b] for b in buckets] == [["embed", "norm"], ["layer.0"], ["head_bias"]]
+    assert wt.bucket_nbytes(buckets[0]) == 11 * 8 * 2 + 32  # the float32 vector starts 16-byte aligned
+    assert [s for b in buckets for s in b] == SPECS
+    assert len(wt.plan_buckets(SPECS, 2**30)) == 1
+
+
+def _member(rank: int, address: str, buckets, folder: str) -> None:
+    group = wt.open_group(address, rank, 3, torch.device("cpu"), timeout_s=60)
+    if rank == 0:
+        result = wt.send_buckets(group, iter(_tensors()), buckets, torch.device("cpu"))
+    else:
+        result = {name: tensor.clone() for name, tensor in wt.receive_buckets(group, buckets, torch.device("cpu"))}
+    torch.save(result, f"{folder}/{rank}.pt")
+
+
+def test_two_receivers_get_every_tensor_bit_exact(tmp_path):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    buckets = wt.plan_buckets(SPECS, 256)
+    mp.spawn(_member, args=(f"tcp://127.0.0.1:{port}", buckets, str(tmp_path)), nprocs=3)
+    out = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(3)}
+    assert out[0] == sum(wt.bucket_nbytes(b) for b in buckets)
+    for rank in (1, 2):
+        assert list(out[rank]) == [s.name for s in SPECS]
+        for name, tensor in _tensors():
+            assert out[rank][name].dtype == tensor.dtype
+            assert torch.equal(out[rank][name], tensor)
+
+
+def test_the_sender_refuses_tensors_that_differ_from_the_plan():
+    class NoGroup:  # never reached: the mismatch is found while packing the first bucket
+        def broadcast(self, *args):
+            raise AssertionError
+
+    wrong = [("embed", torch.zeros(11, 8, dtype=torch.float32))]
+    with pytest.raises(RuntimeError, match=r"embed \(11, 8\) torch.float32 where the plan has"):
+        wt.send_buckets(NoGroup(), iter(wrong), wt.plan_buckets(SPECS, 256), torch.device("cpu"))
+
+
+def test_a_tensor_on_the_wrong_device_for_the_backend_is_named():
+    class NCCLGroup:
+        def name(self):
+            return "NCCL"
+
+    with pytest.raises(RuntimeError, match="a cpu tensor given to a collective of a group whose backend takes cuda"):
+        check_on_group_device(torch.zeros(2), NCCLGroup(), "weight transfer")
