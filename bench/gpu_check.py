@@ -1,7 +1,7 @@
 """What only a GPU can show, on a machine with torch, transformers and peft but no Ray and no vLLM.
 
     python -m bench.gpu_check [--out results.json] [--size 0.5b]
-    python -m bench.gpu_check --device cpu --size test   (a dry run of the same code, as the tests do)
+    python -m bench.gpu_check --device cpu --size test --length 64   (a dry run of the same code, as the tests do)
 
 Each check runs posttrain's own layers directly (no Ray actors) and records its figures; a check
 that raises is recorded as failed and the others still run. The exit status is 1 when any failed.
@@ -124,27 +124,29 @@ def check_collectives(small_model: Path, device: torch.device) -> dict:
         dist.destroy_process_group()
 
 
-def check_training(model_dir: Path, repeats: int, device: torch.device) -> dict:
+def check_training(model_dir: Path, repeats: int, device: torch.device, length: int) -> dict:
+    """`length`: tokens per SFT sequence and per GRPO episode (a quarter of it the shared prompt)."""
     cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
     policy = Policy(cfg, 100, device=device)
     params, vocab = policy.num_parameters, policy.model.config.vocab_size
     peak = _peak_flops() if device.type == "cuda" else None
     out = {"parameters": params}
-    samples = _samples(16, 512, vocab)
+    samples = _samples(16, length, vocab)
     batches = make_micro_batches(samples, 4, policy.tokenizer.pad_token_id)
     tokens = sum(len(s.input_ids) for s in samples)
     objective = lambda m, b: nll_loss(*sequence_logprobs(m, b), tokens)  # noqa: E731
     seconds = _timed(lambda: policy.train_step(batches, objective), repeats, device)
     out["sft_tokens_per_s"] = tokens / seconds
-    trajectories = _trajectories(4, 8, 128, 384, vocab)
+    prompt = length // 4
+    trajectories = _trajectories(4, 8, prompt, length - prompt, vocab)
     grpo = GRPOObjective.from_config(GRPORunConfig().loss_fn, functools.partial(response_logprobs, entropy=True),
-                                     max_response_length=384)
+                                     max_response_length=length - prompt)
     micro = [collate_trajectories(trajectories[i:i + 8], policy.tokenizer.pad_token_id, policy.supports_shared_prefix)
              for i in range(0, len(trajectories), 8)]
     step = grpo.for_step(float(sum(t.num_trained for t in trajectories)), float(len(trajectories)))
     seconds = _timed(lambda: policy.train_step(micro, step), repeats, device)
     counted = sum(len(t.prompt_ids) + len(t.response_ids) for t in trajectories)
-    processed = 4 * 128 + sum(len(t.response_ids) for t in trajectories)  # each group's prompt once
+    processed = 4 * prompt + sum(len(t.response_ids) for t in trajectories)  # each group's prompt once
     out["grpo_tokens_per_s"] = counted / seconds
     if peak:
         out["sft_mfu"] = 6 * params * out["sft_tokens_per_s"] / peak
@@ -173,14 +175,14 @@ def check_logprob_memory(model_dir: Path, device: torch.device) -> dict:
             "fp32_logits_copy_gb": positions * vocab * 4 / 1e9}
 
 
-def check_generation(model_dir: Path, device: torch.device) -> dict:
+def check_generation(model_dir: Path, device: torch.device, length: int) -> dict:
     cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
     cfg.generation.batch_size = 64
     backend = HFGenerationBackend(cfg, device=device)
     vocab = backend.model.config.vocab_size
     generator = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, vocab, (64,), generator=generator).tolist() for _ in range(64)]
-    params = SamplingParams(max_new_tokens=128, temperature=1.0, seed=0)
+    params = SamplingParams(max_new_tokens=length // 4, temperature=1.0, seed=0)
     backend.generate(prompts[:4], params)  # warm-up
     _sync(device)
     start = time.perf_counter()
@@ -239,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None)
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    parser.add_argument("--length", type=int, default=512, help="tokens per training sequence")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: this check is for a GPU machine (--device cpu: a dry run)", file=sys.stderr)
@@ -250,9 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {"torch": torch.__version__, "cuda": torch.version.cuda,
                      "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None}
     checks = {"collectives": lambda: check_collectives(small, device),
-              "training": lambda: check_training(model, args.repeats, device),
+              "training": lambda: check_training(model, args.repeats, device, args.length),
               "logprob_memory": lambda: check_logprob_memory(model, device),
-              "generation": lambda: check_generation(model, device), "cuda_ipc": lambda: check_cuda_ipc(model, device)}
+              "generation": lambda: check_generation(model, device, args.length), "cuda_ipc": lambda: check_cuda_ipc(model, device)}
     failed = []
     for name, check in checks.items():
         start = time.perf_counter()

@@ -12,7 +12,7 @@ def test_the_gpu_check_runs_dry_on_the_cpu(monkeypatch, tmp_path, capsys):
     monkeypatch.syspath_prepend(str(ROOT))
     out = tmp_path / "gpu_check.json"
     status = importlib.import_module("bench.gpu_check").main(
-        ["--device", "cpu", "--size", "test", "--repeats", "1", "--out", str(out)])
+        ["--device", "cpu", "--size", "test", "--repeats", "1", "--length", "64", "--out", str(out)])
     assert status == 0, capsys.readouterr().out
     results = json.loads(out.read_text())
     assert "all_reduce" in results["collectives"]["calls"] and results["collectives"]["transfer_bytes"] > 0
