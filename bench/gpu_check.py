@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bench.common import peak_flops
 from posttrain.algos.grpo import GRPOObjective
 from posttrain.algos.sft import nll_loss
 from posttrain.config import GRPORunConfig, PolicyConfig
@@ -47,18 +48,11 @@ from posttrain.train.logprobs import response_logprobs, sequence_logprobs
 from posttrain.train.model import load_model
 from posttrain.train.policy import Policy
 
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}  # dense, FLOP/s
-
 
 def _free_address() -> str:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
-
-
-def _peak_flops() -> float | None:
-    name = torch.cuda.get_device_name()
-    return next((peak for gpu, peak in PEAK_BF16.items() if gpu in name), None)
 
 
 def _samples(count: int, length: int, vocab: int) -> list[Sample]:
@@ -129,7 +123,7 @@ def check_training(model_dir: Path, repeats: int, device: torch.device, length: 
     cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
     policy = Policy(cfg, 100, device=device)
     params, vocab = policy.num_parameters, policy.model.config.vocab_size
-    peak = _peak_flops() if device.type == "cuda" else None
+    peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
     out = {"parameters": params}
     samples = _samples(16, length, vocab)
     batches = make_micro_batches(samples, 4, policy.tokenizer.pad_token_id)

@@ -29,17 +29,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from bench.common import machine_info, print_machine_info
+from bench.common import machine_info, peak_flops, print_machine_info
 from posttrain.config import GRPORunConfig, load_config
 from posttrain.demo.tiny_model import save_tiny_model
 from posttrain.loops.grpo import run_grpo
-
-# Dense bf16 tensor-core peaks, FLOP/s (no sparsity).
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((flops for key, flops in PEAK_BF16.items() if key in device_name), None)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

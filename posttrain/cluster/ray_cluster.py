@@ -7,6 +7,7 @@ results back in input order, so the training loop reads like single-process code
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -174,24 +175,35 @@ class WorkerGroup:
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """The same call on every worker; results in rank order."""
-        return self.get(self.call_all_async(method, *args, **kwargs))
+        return self._results(self.call_all_async(method, *args, **kwargs))
 
-    def get(self, refs: list[ray.ObjectRef]) -> list[Any]:
+    def _results(self, refs: list[ray.ObjectRef]) -> list[Any]:
         """`ray.get` of one call per rank (in rank order), a dead worker named by rank and node."""
         return [self._result(rank, ref) for rank, ref in enumerate(refs)]
 
-    def _result(self, rank: int, ref: ray.ObjectRef) -> Any:
-        try:
-            return ray.get(ref)
-        except ray.exceptions.RayActorError as err:
-            if err.actor_init_failed:
-                raise  # its constructor raised: that error, not a death
-            node = (self._placements or [{}] * self.num_workers)[rank].get("node_ip", "an unknown node")
-            restarts = f" after {self.max_restarts} restart(s)" if self.max_restarts else ""
-            raise WorkerDiedError(
-                f"worker group {self.name!r}: rank {rank} (on node {node}) died{restarts}: "
-                f"{str(err).strip().splitlines()[0]}. The run cannot go on without it; running the same "
-                "command again resumes from the last checkpoint in checkpointing.checkpoint_dir") from err
+    def _result(self, rank: int, ref: ray.ObjectRef, resubmit: Callable[[], ray.ObjectRef] | None = None) -> Any:
+        """The call's result. If the worker died, and `resubmit` is given and a restart is left, the
+        call again once Ray has restarted the worker and `on_restart` has brought it up to date."""
+        attempts = 0
+        while True:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                if err.actor_init_failed:
+                    raise  # its constructor raised: that error, not a death
+                if resubmit is None or attempts == self.max_restarts:
+                    node = (self._placements or [{}] * self.num_workers)[rank].get("node_ip", "an unknown node")
+                    restarts = f" after {attempts} restart(s)" if attempts else ""
+                    raise WorkerDiedError(
+                        f"worker group {self.name!r}: rank {rank} (on node {node}) died{restarts}: "
+                        f"{str(err).strip().splitlines()[0]}. The run cannot go on without it; running the same "
+                        "command again resumes from the last checkpoint in checkpointing.checkpoint_dir") from err
+                attempts += 1
+                self.restarts += 1
+                self._wait_until_restarted(rank)
+                if self.on_restart is not None:
+                    self.on_restart(rank)
+                ref = resubmit()
 
     def placements(self) -> list[dict]:
         """Each worker's node (IP and Ray node id) and the GPU ids Ray gave it, in rank order."""
@@ -205,7 +217,7 @@ class WorkerGroup:
 
     def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:
         """`method(*args_per_rank[i])` on worker i, all in flight at once; results in rank order."""
-        return self.get(self.call_each_async(method, args_per_rank))
+        return self._results(self.call_each_async(method, args_per_rank))
 
     def call_each_async(self, method: str, args_per_rank: Sequence[tuple]) -> list[ray.ObjectRef]:
         if len(args_per_rank) != self.num_workers:
@@ -220,10 +232,13 @@ class WorkerGroup:
         """
         shards = shard(items, self.num_workers)
         calls = [(rank, s) for rank, s in enumerate(shards) if s]
-        refs = [getattr(self._workers[rank], method).remote(s, *args, **kwargs) for rank, s in calls]
+
+        def submit(rank: int, items: list) -> ray.ObjectRef:
+            return getattr(self._workers[rank], method).remote(items, *args, **kwargs)
+
+        refs = [submit(rank, s) for rank, s in calls]  # all in flight before the first result is awaited
+        outs = [self._result(rank, ref, functools.partial(submit, rank, s)) for (rank, s), ref in zip(calls, refs, strict=True)]
         results: list[Any] = []
-        outs = [self._result_or_retry(rank, ref, lambda r=rank, s=s: getattr(self._workers[r], method).remote(
-            s, *args, **kwargs)) for (rank, s), ref in zip(calls, refs, strict=True)]
         for (rank, s), out in zip(calls, outs, strict=True):
             if not isinstance(out, list):
                 raise TypeError(f"worker group {self.name!r}: rank {rank} {method}() must return a list "
@@ -233,21 +248,6 @@ class WorkerGroup:
                                  f"results for {len(s)} items")
             results.extend(out)
         return results
-
-    def _result_or_retry(self, rank: int, ref: ray.ObjectRef, resubmit: Callable[[], ray.ObjectRef]) -> Any:
-        """The call's result; if the worker died and Ray restarts it, the call again, once it is up to date."""
-        for _ in range(self.max_restarts):
-            try:
-                return ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                if err.actor_init_failed:
-                    raise
-                self.restarts += 1
-                self._wait_until_restarted(rank)
-                if self.on_restart is not None:
-                    self.on_restart(rank)
-                ref = resubmit()
-        return self._result(rank, ref)
 
     def _wait_until_restarted(self, rank: int, timeout_s: float = 300.0) -> None:
         deadline = time.monotonic() + timeout_s

@@ -101,16 +101,15 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     plan = _resource_plan(cfg)
     init_ray(cfg.cluster, num_cpus=math.ceil(plan.cpus))
     plan.check_fits(alive_nodes(), cluster_name(cfg.cluster))
-    roles = {role.name: role for role in plan.roles}
     weights = str(resume_dir / "model") if resume_dir else None
     policy = PolicyGroup(cfg.policy, cfg.cluster, total_steps * optimizer_steps_per_rollout, seed=cfg.grpo.seed,
                          weights_path=weights, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
-                         num_gpus_per_worker=roles["policy"].gpus_per_worker, strategy=roles["policy"].strategy)
+                         num_gpus_per_worker=plan.role("policy").gpus_per_worker, strategy=plan.role("policy").strategy)
     restarts = cfg.cluster.max_worker_restarts
     generators = WorkerGroup(backend_class(gen.backend), gen.num_workers, name="generation", args=(cfg.policy,),
-                             kwargs={"weights_path": weights}, max_restarts=restarts, **roles["generation"].resources)
+                             kwargs={"weights_path": weights}, max_restarts=restarts, **plan.role("generation").resources)
     envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                       max_restarts=restarts, **roles["environment"].resources)
+                       max_restarts=restarts, **plan.role("environment").resources)
     plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
                        "environment": envs.placements()}
     weight_sync = WeightSync(policy, generators, gen.refit_transport, gen.refit_bucket_mb)

@@ -15,14 +15,15 @@ import torch.distributed as dist
 
 # The torch.distributed functions posttrain and FSDP2 call, with where their tensors are.
 _COLLECTIVES = ("all_reduce", "broadcast", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
-                "reduce_scatter_single", "all_gather",
-                "reduce_scatter", "all_to_all_single", "reduce", "gather", "scatter", "send", "recv")
+                "reduce_scatter_single", "all_gather", "reduce_scatter", "all_to_all_single", "reduce", "gather",
+                "scatter", "send", "recv")
 
 
 def group_device_type(group: dist.ProcessGroup | None) -> str:
     """The device type a group's collectives take their tensors on: "cuda" for NCCL, else "cpu"."""
-    name = group.name() if group is not None and hasattr(group, "name") and group.name() else dist.get_backend(group)
-    return "cuda" if "nccl" in str(name).lower() else "cpu"
+    # A standalone group (the weight transfer's) names its backend; a registered one, dist knows.
+    backend = group.name() if group is not None and hasattr(group, "name") else dist.get_backend(group)
+    return "cuda" if "nccl" in str(backend).lower() else "cpu"
 
 
 def check_on_group_device(tensor: torch.Tensor, group: dist.ProcessGroup | None, what: str,

@@ -79,14 +79,14 @@ class PolicyWorker:
         if self.rank == 0:
             self.transfer_group = weight_transfer.open_group(address, 0, world_size, self.policy.device)
 
-    def send_weights(self) -> int:
-        """Streams the weights to the generators; bytes sent to each (0 on the ranks that only gather)."""
+    def send_weights(self) -> None:
+        """Streams the weights to the generators (the ranks other than 0 only help gather)."""
         tensors = self.policy.generator_tensors()
         if self.rank != 0:
             for _ in tensors:
                 pass
-            return 0
-        return weight_transfer.send_buckets(self.transfer_group, tensors, self.transfer_buckets, self.policy.device)
+            return
+        weight_transfer.send_buckets(self.transfer_group, tensors, self.transfer_buckets, self.policy.device)
 
     def save(self, directory: str) -> None:
         self.policy.save(Path(directory))
@@ -161,7 +161,7 @@ class PolicyGroup:
         return self.workers.call_all_async("join_weight_transfer", address, world_size, buckets)
 
     def send_weights_async(self) -> list[ray.ObjectRef]:
-        """Every rank's part of a weight transfer; rank 0's result is the bytes sent to each generator."""
+        """Every rank's part of a weight transfer (await them with the generators' `receive_weights`)."""
         return self.workers.call_all_async("send_weights")
 
     def save(self, directory: Path) -> None:

@@ -93,6 +93,18 @@ def test_an_error_inside_a_ray_actor_ends_the_run_with_its_cause(capsys, monkeyp
     assert "Traceback" in capsys.readouterr().err
 
 
+def test_a_dead_worker_ends_the_run_with_one_line(capsys, monkeypatch, tmp_path):
+    from posttrain.cluster import WorkerDiedError
+
+    def run_sft(cfg):
+        raise WorkerDiedError("worker group 'policy': rank 1 (on node 10.0.0.2) died: gone")
+
+    monkeypatch.setattr("posttrain.loops.sft.run_sft", run_sft)
+    assert main(["sft", "policy.model_name=x", f"logger.log_dir={tmp_path}"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert err == "error: worker group 'policy': rank 1 (on node 10.0.0.2) died: gone"
+
+
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
     def run_sft(cfg):
         raise RuntimeError("a bug")

@@ -265,6 +265,17 @@ def test_grpo_sampling_temperature_must_be_positive():
         grpo("policy.generation.temperature=0")
 
 
+@pytest.mark.parametrize(("override", "message"), [
+    ("cluster.max_worker_restarts=-1", r"cluster\.max_worker_restarts must be >= 0, got -1"),
+    ("policy.generation.refit_bucket_mb=0", r"policy\.generation\.refit_bucket_mb must be > 0, got 0"),
+    ("policy.generation.refit_transport=nccl", r"policy\.generation\.refit_transport"),
+])
+def test_grpo_cluster_settings_are_checked(override, message):
+    with pytest.raises(ConfigError, match=message):
+        grpo(override)
+    assert grpo("cluster.max_worker_restarts=0").cluster.max_worker_restarts == 0
+
+
 def test_grpo_constant_normalization_needs_token_level_loss():
     with pytest.raises(ConfigError, match=r"loss_fn\.constant_normalization .*needs loss_fn\.token_level_loss=true"):
         grpo("loss_fn.constant_normalization=true", "loss_fn.token_level_loss=false")
