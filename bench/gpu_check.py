@@ -11,8 +11,9 @@ that raises is recorded as failed and the others still run. The exit status is 1
 2. training: `Policy` SFT and GRPO-objective steps in bf16 on the locally built model; tokens/s, MFU.
 3. log-probs: peak GPU memory of the GRPO log-prob forward and backward over one micro-batch.
 4. generation: Hugging Face generation tokens/s in bf16, and the generator/trainer log-prob mismatch.
-5. CUDA IPC: a model-sized bf16 buffer handed to a second process through a CUDA IPC handle (the
-   colocated weight-sync primitive), with its time.
+5. colocation: the policy's optimizer state off the GPU and back (memory freed, seconds), and one
+   colocated weight sync of the model to a second process through CUDA IPC handles, checked
+   tensor by tensor, with its time.
 """
 
 from __future__ import annotations
@@ -111,9 +112,9 @@ def check_collectives(small_model: Path, device: torch.device) -> dict:
             tensors = dict(policy.generator_tensors())
             specs = [weight_transfer.TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
             group = weight_transfer.open_group(_free_address(), 0, 1, device)
-            sent = weight_transfer.send_buckets(group, iter(tensors.items()), weight_transfer.plan_buckets(specs, 2**20),
-                                                device)
-        return {"calls": sorted(set(log.calls)), "transfer_bytes": sent}
+            buckets = weight_transfer.plan_buckets(specs, 2**20)
+            weight_transfer.send_buckets(group, iter(tensors.items()), buckets, device)
+        return {"calls": sorted(set(log.calls)), "transfer_bytes": sum(map(weight_transfer.bucket_nbytes, buckets))}
     finally:
         dist.destroy_process_group()
 
@@ -200,33 +201,56 @@ def check_generation(model_dir: Path, device: torch.device, length: int) -> dict
             "logprob_mismatch_mean": float(difference.mean()), "logprob_mismatch_max": float(difference.max())}
 
 
-def _ipc_receiver(queue, done) -> None:
-    buffer = queue.get()  # rebuilt from its CUDA IPC handle: the sender's memory, not a copy
-    own = buffer.clone()
-    torch.cuda.synchronize()
-    done.put(float(own[:1024].float().sum()))
-    queue.get()  # keep the handle open until the sender is done timing
+def _colocated_generator(address: str, buckets: list, queue) -> None:
+    """A colocated generator's side of one weight sync: each tensor read in place, its checksum sent back."""
+    store = weight_transfer.connect_store(address, timeout_s=120)
+    queue.put({name: float(view.double().sum())
+               for name, view in weight_transfer.receive_shared_buckets(store, buckets, 1, slot=0)})
 
 
-def check_cuda_ipc(model_dir: Path, device: torch.device) -> dict:
-    if device.type != "cuda":
-        return {"skipped": "CUDA only"}
-    params = Policy(PolicyConfig(model_name=str(model_dir), precision="bfloat16"), 1).num_parameters
-    buffer = torch.randn(params, dtype=torch.bfloat16, device="cuda")
-    context = mp.get_context("spawn")
-    queue, done = context.Queue(), context.Queue()
-    child = context.Process(target=_ipc_receiver, args=(queue, done))
-    child.start()
+def check_colocation(model_dir: Path, device: torch.device) -> dict:
+    """The colocated step's two hand-overs on one device: the policy's optimizer state off the GPU
+    and back (`Policy.offload_optimizer`), and one weight sync in place to a second process through
+    `weight_transfer.share_buckets` (CUDA IPC on a GPU, shared memory on a CPU)."""
+    cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
+    policy = Policy(cfg, 10, device=device)
+    batches = make_micro_batches(_samples(2, 64, policy.model.config.vocab_size), 2, policy.tokenizer.pad_token_id)
+    policy.train_step(batches, lambda m, b: nll_loss(*sequence_logprobs(m, b), 2 * 56))  # the optimizer state exists
+    out: dict = {}
+    allocated = (lambda: torch.cuda.memory_allocated(device)) if device.type == "cuda" else (lambda: 0)
+    _sync(device)
+    before, start = allocated(), time.perf_counter()
+    policy.offload_optimizer()
+    _sync(device)
+    out["offload_s"], out["offload_freed_gb"] = time.perf_counter() - start, (before - allocated()) / 1e9
     start = time.perf_counter()
-    queue.put(buffer)
-    checksum = done.get(timeout=120)
-    seconds = time.perf_counter() - start
-    queue.put(None)
-    child.join(timeout=60)
-    expected = float(buffer[:1024].float().sum())
-    if abs(checksum - expected) > 1e-3 * max(1.0, abs(expected)):
-        raise RuntimeError(f"the receiver read {checksum}, the sender holds {expected}")
-    return {"bytes": buffer.numel() * 2, "seconds_handoff_and_copy": seconds}
+    policy.onload_optimizer()
+    _sync(device)
+    out["onload_s"] = time.perf_counter() - start
+    policy.offload_optimizer()  # as before a sync in a colocated step
+
+    specs = [weight_transfer.TensorSpec(n, tuple(t.shape), t.dtype) for n, t in policy.generator_tensors()]
+    buckets = weight_transfer.plan_buckets(specs, 512 * 2**20)
+    address = _free_address()
+    store = weight_transfer.serve_store(address, timeout_s=120)
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_colocated_generator, args=(address, buckets, queue))
+    child.start()
+    try:
+        start = time.perf_counter()
+        weight_transfer.share_buckets(store, policy.generator_tensors(), buckets, device, 1, receivers=1)
+        out["weight_sync_s"] = time.perf_counter() - start
+        received = queue.get(timeout=120)
+    finally:
+        child.join(timeout=60)
+    expected = {name: float(tensor.double().sum()) for name, tensor in policy.generator_tensors()}
+    wrong = [name for name in expected if abs(received.get(name, float("nan")) - expected[name])
+             > 1e-6 * max(1.0, abs(expected[name]))]
+    if wrong or list(received) != list(expected):
+        raise RuntimeError(f"the colocated generator read other weights than the policy's: {wrong[:5]}")
+    out["weight_sync_bytes"] = sum(weight_transfer.bucket_nbytes(b) for b in buckets)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -249,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     checks = {"collectives": lambda: check_collectives(small, device),
               "training": lambda: check_training(model, args.repeats, device, args.length),
               "logprob_memory": lambda: check_logprob_memory(model, device),
-              "generation": lambda: check_generation(model, device, args.length), "cuda_ipc": lambda: check_cuda_ipc(model, device)}
+              "generation": lambda: check_generation(model, device, args.length), "colocation": lambda: check_colocation(model, device)}
     failed = []
     for name, check in checks.items():
         start = time.perf_counter()

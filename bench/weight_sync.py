@@ -1,14 +1,16 @@
-"""One weight sync, policy actor -> generation actor(s), through Ray's object store and through the
-collective path, side by side in one run, on a locally built model.
+"""One weight sync, policy actor -> generation actor(s), through Ray's object store, the collective
+path and the colocated (ipc) path, side by side in one run, on a locally built model.
 
     python -m bench.weight_sync [--size 0.5b] [--precision bfloat16] [--generators 1] [--repeats 3]
 
-Both transports serve the same actors (one policy worker, `--generators` Hugging Face generation
-workers) and alternate, so the machine's load falls on both alike. For each sync it prints the
-seconds, the bytes each generator received, and how far the driver's and each actor's resident
-memory rose above where it stood before the sync (its peak, from /proc, so Linux only): the
-object-store path copies the whole model on the policy's side and again on each generator's; the
-collective path holds one bucket at a time.
+All transports serve the same actors (one policy worker, `--generators` Hugging Face generation
+workers, all on this machine as colocated ones would be) and take turns, so the machine's load
+falls on all alike. For each sync it prints the seconds, the bytes each generator received, and
+how far the driver's and each actor's resident memory rose above where it stood before the sync
+(its peak, from /proc, so Linux only): the object-store path copies the whole model on the
+policy's side and again on each generator's; the collective path holds one bucket at a time, as
+does ipc, whose buckets are shared-memory files both sides map (counted in each one's RSS once
+touched).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from posttrain.rollout.hf import HFGenerationBackend
 from posttrain.rollout.weight_sync import WeightSync
 from posttrain.train.policy_group import PolicyGroup
 
-TRANSPORTS = ("object_store", "collective")
+TRANSPORTS = ("object_store", "collective", "ipc")
 
 
 def _pid(actor) -> int:
@@ -71,15 +73,16 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
                        generation=GenerationConfig(num_workers=args.generators))
     started_ray = not ray.is_initialized()
     init_ray(ClusterConfig())
-    policy = PolicyGroup(cfg, ClusterConfig(), total_steps=1, seed=0, num_gpus_per_worker=0.0)
+    policy = PolicyGroup(cfg, ClusterConfig(), total_steps=1, seed=0)
     generators = WorkerGroup(HFGenerationBackend, args.generators, name="generation", args=(cfg,))
     try:
-        syncs = {transport: WeightSync(policy, generators, transport, args.bucket_mb) for transport in TRANSPORTS}
+        syncs = {transport: WeightSync(policy, generators, transport, args.bucket_mb,
+                                       colocated_ranks=[0] * args.generators) for transport in TRANSPORTS}
         processes = {"driver": os.getpid(), "policy": policy.workers.call_all("__ray_call__", _pid)[0],
                      **{f"generator {i}": pid for i, pid in enumerate(generators.call_all("__ray_call__", _pid))}}
         results: dict[str, list[dict[str, float]]] = {transport: [] for transport in TRANSPORTS}
         for repeat in range(args.repeats):
-            for transport in TRANSPORTS if repeat % 2 == 0 else reversed(TRANSPORTS):
+            for transport in TRANSPORTS[repeat % 3:] + TRANSPORTS[:repeat % 3]:  # each one first in turn
                 before = {name: _reset_peak(pid) for name, pid in processes.items()}
                 out = syncs[transport].sync()
                 rises = {f"{name} +RSS GB": (_peak(pid) - before[name]) / 1e9 for name, pid in processes.items()}
@@ -92,8 +95,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
         medians = {t: {c: statistics.median(r[c] for r in results[t]) for c in columns} for t in TRANSPORTS}
         for transport in TRANSPORTS:
             print(f"{transport:<14}" + "".join(f"{medians[transport][c]:>20.3f}" for c in columns))
-        speedup = medians["object_store"]["seconds"] / medians["collective"]["seconds"]
-        print(f"\ncollective is {speedup:.1f}x faster than the object store")
+        print()
+        for transport in TRANSPORTS[1:]:
+            speedup = medians["object_store"]["seconds"] / medians[transport]["seconds"]
+            print(f"{transport} is {speedup:.1f}x faster than the object store")
         return medians
     finally:
         generators.shutdown()

@@ -1,6 +1,7 @@
 """Ray start-up and worker groups: data-parallel actors of one role, fed shards of a batch."""
 
 from posttrain.cluster.ray_cluster import (
+    SharedBundles,
     WorkerDiedError,
     WorkerGroup,
     alive_nodes,
@@ -10,4 +11,4 @@ from posttrain.cluster.ray_cluster import (
     shard,
 )
 
-__all__ = ["WorkerDiedError", "WorkerGroup", "alive_nodes", "cluster_name", "free_tcp_address", "init_ray", "shard"]
+__all__ = ["SharedBundles", "WorkerDiedError", "WorkerGroup", "alive_nodes", "cluster_name", "free_tcp_address", "init_ray", "shard"]

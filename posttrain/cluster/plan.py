@@ -32,6 +32,8 @@ class RolePlan:
     gpus_per_worker: float = 0.0
     key: str = ""  # the config key that sets `workers`, for messages
     strategy: str = "PACK"  # Ray placement-group strategy: PACK (fewest nodes) or SPREAD (across nodes)
+    # Colocated roles: each worker's bundle among the plan's shared ones; None: bundles of its own
+    bundles: list[int] | None = None
 
     @property
     def threads(self) -> int:
@@ -40,12 +42,6 @@ class RolePlan:
     @property
     def cpus(self) -> float:
         return self.workers * self.cpus_per_worker
-
-    @property
-    def resources(self) -> dict[str, float]:
-        """A WorkerGroup's keyword arguments for one worker's share."""
-        return {"num_cpus_per_worker": self.cpus_per_worker, "num_gpus_per_worker": self.gpus_per_worker,
-                "strategy": self.strategy}
 
     @property
     def gpus(self) -> float:
@@ -60,9 +56,36 @@ class ResourcePlan:
     def role(self, name: str) -> RolePlan:
         return next(role for role in self.roles if role.name == name)
 
+    def placement(self, name: str, shared=None) -> dict:
+        """A WorkerGroup's keyword arguments for role `name`: each worker's share, and for a
+        colocated role its bundles among `shared` (the `SharedBundles` of `shared_bundles`)."""
+        role = self.role(name)
+        kwargs = {"num_cpus_per_worker": role.cpus_per_worker, "num_gpus_per_worker": role.gpus_per_worker,
+                  "strategy": role.strategy}
+        if role.bundles is not None:
+            kwargs["bundles"] = (shared, role.bundles)
+        return kwargs
+
     @property
     def cpus(self) -> float:
         return sum(role.cpus for role in self.roles)
+
+    @property
+    def shared_bundles(self) -> list[dict[str, float]]:
+        """The bundles the colocated roles share (none without colocation): each holds its workers'
+        CPUs and one whole GPU, so that Ray never puts a second bundle's workers on that GPU."""
+        colocated = [role for role in self.roles if role.bundles is not None]
+        count = max((max(role.bundles) + 1 for role in colocated), default=0)
+        bundles = [{"CPU": 0.0, "GPU": 0.0} for _ in range(count)]
+        for role in colocated:
+            for index in role.bundles:
+                bundles[index]["CPU"] += role.cpus_per_worker
+                bundles[index]["GPU"] += role.gpus_per_worker
+        for bundle in bundles:
+            bundle["GPU"] = float(math.ceil(bundle["GPU"] - 1e-9))
+            if not bundle["GPU"]:
+                del bundle["GPU"]
+        return bundles
 
     @property
     def gpus(self) -> float:
@@ -84,6 +107,13 @@ class ResourcePlan:
             if role.gpus_per_worker > widest + 1e-9:
                 raise ConfigError(f"each {role.name} worker needs {role.gpus_per_worker:g} GPUs on one node, but the "
                                   f"largest node of {where} has {widest:g}")
+        largest = max((n.get("CPU", 0) for n in nodes), default=0)
+        for bundle in self.shared_bundles:
+            if bundle["CPU"] > largest + 1e-9:
+                raise ConfigError(f"a policy rank and the generation workers colocated with it need {bundle['CPU']:g} "
+                                  f"CPUs on one node, but the largest node of {where} has {largest:g}; raise "
+                                  "policy.num_workers or lower policy.generation.num_workers (fewer per rank), or "
+                                  "set policy.generation.colocated.enabled=false")
 
     def describe(self) -> str:
         lines = []
@@ -92,6 +122,8 @@ class ResourcePlan:
             if role.gpus_per_worker:
                 line += f", {role.gpus_per_worker:g} GPU"
             line += f", {role.threads} thread(s), {role.strategy}"
+            if role.bundles is not None:
+                line += f", colocated in shared bundle(s) {','.join(map(str, role.bundles))}"
             for rank, placement in enumerate(self.placements.get(role.name, [])):
                 gpus = ",".join(map(str, placement["gpu_ids"])) or "-"
                 line += f"\n    rank {rank}: node {placement['node_ip']} ({placement['node_id'][:8]}), GPU(s) {gpus}"

@@ -115,8 +115,36 @@ class WorkerDiedError(RuntimeError):
     """A worker's process died (killed, out of memory, its node lost) and could not be restarted."""
 
 
+def _reserve(bundles: list[dict[str, float]], strategy: str, name: str, ready_timeout_s: float):
+    """A placement group of `bundles`, waited for; removed again when Ray cannot place it in time."""
+    group = placement_group(bundles, strategy=strategy)
+    if not group.wait(timeout_seconds=ready_timeout_s):
+        remove_placement_group(group)  # a pending group would otherwise grab resources later
+        raise RuntimeError(f"worker group {name!r}: could not reserve {len(bundles)} bundle(s) of {bundles[0]} "
+                           f"(strategy {strategy}) within {ready_timeout_s:g}s; Ray has "
+                           f"{ray.available_resources()} available")
+    return group
+
+
+class SharedBundles:
+    """One placement group whose bundles the workers of several groups share (colocation): each
+    bundle holds a policy rank and the generation workers beside it, on one node and one GPU. The
+    worker groups placed in it leave it reserved when they shut down; `remove` frees it."""
+
+    def __init__(self, bundles: list[dict[str, float]], *, name: str, strategy: str = "PACK",
+                 ready_timeout_s: float = 60.0):
+        self.name = name
+        self.placement_group = _reserve(bundles, strategy, name, ready_timeout_s)
+
+    def remove(self) -> None:
+        if ray.is_initialized() and self.placement_group is not None:
+            remove_placement_group(self.placement_group)
+        self.placement_group = None
+
+
 class WorkerGroup:
-    """`num_workers` Ray actors of `actor_cls`, one placement-group bundle each.
+    """`num_workers` Ray actors of `actor_cls`, one placement-group bundle each: bundles of their
+    own, or with `bundles=(shared, indices)` worker i in bundle `indices[i]` of a `SharedBundles`.
 
     Each actor is built as `actor_cls(*args, rank=i, world_size=num_workers, **kwargs)`, so the
     class must accept `rank` and `world_size` keyword arguments.
@@ -141,7 +169,7 @@ class WorkerGroup:
     def __init__(self, actor_cls: type, num_workers: int, *, name: str, args: tuple = (),
                  kwargs: dict[str, Any] | None = None, num_cpus_per_worker: float = 1.0,
                  num_gpus_per_worker: float = 0.0, strategy: str = "PACK", ready_timeout_s: float = 60.0,
-                 max_restarts: int = 0):
+                 max_restarts: int = 0, bundles: tuple[SharedBundles, Sequence[int]] | None = None):
         if num_workers < 1:
             raise ValueError(f"worker group {name!r}: num_workers must be >= 1, got {num_workers}")
         self.name = name
@@ -149,21 +177,22 @@ class WorkerGroup:
         self.max_restarts, self.restarts = max_restarts, 0
         self.on_restart: Callable[[int], None] | None = None
         self._placements: list[dict] | None = None
-        bundle = {"CPU": num_cpus_per_worker}
-        if num_gpus_per_worker > 0:
-            bundle["GPU"] = num_gpus_per_worker
-        bundles = [dict(bundle) for _ in range(num_workers)]
-        self._pg = placement_group(bundles, strategy=strategy)
+        self._pg = None  # the group's own placement group, when not in shared bundles
+        if bundles is None:
+            bundle = {"CPU": num_cpus_per_worker}
+            if num_gpus_per_worker > 0:
+                bundle["GPU"] = num_gpus_per_worker
+            self._pg = group = _reserve([dict(bundle) for _ in range(num_workers)], strategy, name, ready_timeout_s)
+            indices = range(num_workers)
+        else:
+            group, indices = bundles[0].placement_group, bundles[1]
+            if len(indices) != num_workers:
+                raise ValueError(f"worker group {name!r}: {num_workers} workers, {len(indices)} bundle indices")
         self._workers: list[ray.actor.ActorHandle] = []
-        if not self._pg.wait(timeout_seconds=ready_timeout_s):
-            self.shutdown()  # a pending group would otherwise grab resources later
-            raise RuntimeError(f"worker group {name!r}: could not reserve {num_workers} bundle(s) of {bundle} "
-                               f"(strategy {strategy}) within {ready_timeout_s:g}s; Ray has "
-                               f"{ray.available_resources()} available")
         remote_cls = ray.remote(actor_cls)
         for rank in range(num_workers):
-            strategy_i = PlacementGroupSchedulingStrategy(placement_group=self._pg,
-                                                          placement_group_bundle_index=rank)
+            strategy_i = PlacementGroupSchedulingStrategy(placement_group=group,
+                                                          placement_group_bundle_index=indices[rank])
             threads = str(worker_threads(num_cpus_per_worker))
             options = remote_cls.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
                                          scheduling_strategy=strategy_i, name=None, max_restarts=max_restarts,

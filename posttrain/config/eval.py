@@ -8,6 +8,7 @@ from typing import Literal
 
 from posttrain.config.loader import positive, require
 from posttrain.config.sections import (
+    ColocatedConfig,
     EnvConfig,
     GenerationConfig,
     PolicyConfig,
@@ -31,6 +32,7 @@ class EvalGenerationConfig(GenerationConfig):
     def to_policy_config(self) -> PolicyConfig:
         """The PolicyConfig the generation backend is built from (no training fields are used)."""
         gen_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(GenerationConfig)}
+        gen_fields["colocated"] = ColocatedConfig(enabled=False)  # eval generates alone, no trainer beside it
         return PolicyConfig(model_name=self.model_name, tokenizer=self.tokenizer, precision=self.precision,
                             device=self.device, trust_remote_code=self.trust_remote_code,
                             generation=GenerationConfig(**gen_fields))

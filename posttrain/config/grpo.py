@@ -107,16 +107,7 @@ class GRPORunConfig:
         require(p.num_workers >= 1 and p.train_global_batch_size % p.num_workers == 0,
                 f"policy.train_global_batch_size ({p.train_global_batch_size}) must be a multiple of "
                 f"policy.num_workers ({p.num_workers}): each training worker takes an equal share of every step")
-        gpus = self.cluster.num_nodes * self.cluster.gpus_per_node
-        tp = p.generation.gpus_per_engine
-        engines = f" x policy.generation.vllm.tensor_parallel_size ({tp})" if tp > 1 else ""
-        require(gpus == 0 or (p.num_workers == 1 and tp == 1) or p.num_workers + p.generation.num_workers * tp <= gpus,
-                f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({p.generation.num_workers})"
-                f"{engines} need a GPU each (several FSDP2 workers do not share GPUs, nor does a tensor-parallel "
-                f"engine), but the cluster has {gpus}")
-        require(tp <= self.cluster.gpus_per_node or self.cluster.gpus_per_node == 0,
-                f"policy.generation.vllm.tensor_parallel_size ({tp}) must fit one node's "
-                f"cluster.gpus_per_node ({self.cluster.gpus_per_node})")
+        _check_placement(self)
         require(p.generation.temperature > 0, "policy.generation.temperature must be > 0 for GRPO sampling")
         require(0 < p.generation.top_p <= 1, f"policy.generation.top_p must be in (0, 1], got {p.generation.top_p}")
         require(p.generation.top_k is None or p.generation.top_k >= 0,
@@ -150,6 +141,9 @@ class GRPORunConfig:
         require(not (loss.sequence_level_importance_ratios and loss.token_level_loss),
                 "loss_fn.sequence_level_importance_ratios (GSPO) averages each response's loss over its "
                 "tokens; set loss_fn.token_level_loss=false")
+        require(not (g.async_grpo.enabled and p.generation.colocated.enabled),
+                "grpo.async_grpo.enabled generates while the policy trains, which colocated generators (on the "
+                "policy's own GPUs, taking turns with it) cannot; set policy.generation.colocated.enabled=false")
         require(not g.async_grpo.enabled or loss.use_importance_sampling_correction,
                 "grpo.async_grpo.enabled trains on responses sampled with the weights of one step before; "
                 "set loss_fn.use_importance_sampling_correction=true to weight them by pi_trainer / pi_generator")
@@ -162,3 +156,49 @@ class GRPORunConfig:
                     f"grpo.reward_shaping.overlong_buffer_length must be in (0, {max_len}]")
         check_env(self.env)
         check_common(self.policy, self.data, self.cluster, self.checkpointing)
+
+
+def _check_placement(cfg: GRPORunConfig) -> None:
+    """Colocated generators share the policy ranks' GPUs one engine GPU each; dedicated ones need
+    whole GPUs of their own beside the policy's (FSDP2 ranks never share a GPU)."""
+    p, gen, cluster = cfg.policy, cfg.policy.generation, cfg.cluster
+    gpus = cluster.num_nodes * cluster.gpus_per_node
+    tp, colocated, resources = gen.gpus_per_engine, gen.colocated.enabled, gen.colocated.resources
+    require(tp <= cluster.gpus_per_node or cluster.gpus_per_node == 0,
+            f"policy.generation.vllm.tensor_parallel_size ({tp}) must fit one node's "
+            f"cluster.gpus_per_node ({cluster.gpus_per_node})")
+    require(gen.refit_transport != "ipc" or colocated,
+            "policy.generation.refit_transport=ipc hands each generator buffers on its own GPU (or node), which "
+            "only colocated generators share with the policy; set policy.generation.colocated.enabled=true or "
+            "refit_transport=auto")
+    if colocated:
+        require(resources.gpus_per_node is None and resources.num_nodes is None,
+                "policy.generation.colocated.resources sets the generators' own GPUs, which colocated generators "
+                "do not have; set it to null, or policy.generation.colocated.enabled=false")
+        if gpus:
+            require(tp == 1,
+                    f"policy.generation.vllm.tensor_parallel_size ({tp}) > 1 spans several GPUs, and colocated "
+                    "engines take one policy rank's GPU each; set policy.generation.colocated.enabled=false (the "
+                    "engines then get GPUs of their own) or tensor_parallel_size=1")
+            require(gen.transport != "collective",
+                    "policy.generation.refit_transport=collective with colocated generators would put two NCCL "
+                    "ranks on one GPU, which NCCL refuses; use refit_transport=auto (ipc: CUDA IPC)")
+            require(p.num_workers <= gpus,
+                    f"policy.num_workers ({p.num_workers}) needs a GPU each, but the cluster has {gpus}")
+        return
+    if resources.gpus_per_node is None:
+        require(resources.num_nodes is None, "policy.generation.colocated.resources.num_nodes needs "
+                                             "resources.gpus_per_node (the generators' GPUs on each of those nodes)")
+    else:
+        require(gpus > 0, "policy.generation.colocated.resources.gpus_per_node needs GPUs (cluster.gpus_per_node > 0)")
+        own = resources.gpus_per_node * (resources.num_nodes or 1)
+        require(own == gen.num_workers * tp,
+                f"policy.generation.colocated.resources ({resources.gpus_per_node} GPU(s) per node x "
+                f"{resources.num_nodes or 1} node(s) = {own}) must equal policy.generation.num_workers "
+                f"({gen.num_workers}) x the engines' tensor_parallel_size ({tp}); set "
+                f"policy.generation.num_workers={max(1, own // tp)}")
+    engines = f" x policy.generation.vllm.tensor_parallel_size ({tp})" if tp > 1 else ""
+    require(gpus == 0 or p.num_workers + gen.num_workers * tp <= gpus,
+            f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({gen.num_workers}){engines} "
+            f"need a GPU each (policy.generation.colocated.enabled=false gives the generators GPUs of their own), "
+            f"but the cluster has {gpus}")

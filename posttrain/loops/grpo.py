@@ -30,7 +30,7 @@ from rich.console import Console
 
 from posttrain.algos.advantages import group_advantages
 from posttrain.algos.grpo import GRPOObjective
-from posttrain.cluster import WorkerGroup, alive_nodes, cluster_name, init_ray
+from posttrain.cluster import SharedBundles, WorkerGroup, alive_nodes, cluster_name, init_ray
 from posttrain.cluster.plan import ResourcePlan, RolePlan, check_engine_memory
 from posttrain.config import GRPORunConfig, PolicyConfig, save_config, to_dict
 from posttrain.data.prompts import Prompt, PromptDataset
@@ -41,6 +41,7 @@ from posttrain.envs.registry import check_env_config, load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
+from posttrain.rollout.colocation import Colocation
 from posttrain.rollout.registry import backend_class
 from posttrain.rollout.sources import make_rollout_source
 from posttrain.rollout.weight_sync import WeightSync
@@ -101,18 +102,24 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     plan = _resource_plan(cfg)
     init_ray(cfg.cluster, num_cpus=math.ceil(plan.cpus))
     plan.check_fits(alive_nodes(), cluster_name(cfg.cluster))
+    # Colocated: one bundle per policy rank, holding it and the generation workers beside it.
+    shared = (SharedBundles(plan.shared_bundles, name="colocated", strategy=plan.role("policy").strategy)
+              if gen.colocated.enabled else None)
     weights = str(resume_dir / "model") if resume_dir else None
     policy = PolicyGroup(cfg.policy, cfg.cluster, total_steps * optimizer_steps_per_rollout, seed=cfg.grpo.seed,
                          weights_path=weights, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
-                         num_gpus_per_worker=plan.role("policy").gpus_per_worker, strategy=plan.role("policy").strategy)
+                         placement=plan.placement("policy", shared))
     restarts = cfg.cluster.max_worker_restarts
     generators = WorkerGroup(backend_class(gen.backend), gen.num_workers, name="generation", args=(cfg.policy,),
-                             kwargs={"weights_path": weights}, max_restarts=restarts, **plan.role("generation").resources)
+                             kwargs={"weights_path": weights}, max_restarts=restarts,
+                             **plan.placement("generation", shared))
     envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                       max_restarts=restarts, **plan.role("environment").resources)
+                       max_restarts=restarts, **plan.placement("environment", shared))
     plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
                        "environment": envs.placements()}
-    weight_sync = WeightSync(policy, generators, gen.refit_transport, gen.refit_bucket_mb)
+    weight_sync = WeightSync(policy, generators, gen.transport, gen.refit_bucket_mb,
+                             colocated_ranks=plan.role("generation").bundles)
+    turns = Colocation(policy, generators, gen.colocated.enabled)
     collector = RolloutCollector(cfg, generators, envs, tokenizer, tools, train_prompts, sampler)
     rollouts = make_rollout_source(collector, cfg.grpo.async_grpo.enabled)
     # The trainer scores tokens at the sampling temperature, as the generators do.
@@ -151,6 +158,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 if rollout.groups:
                     # 2. advantages
                     trajectories = _trajectories(rollout.groups, cfg)
+                    timings.update(turns.prepare_for_training())
                     # 3. log-probs of the weights before this rollout's updates
                     steps = _optimizer_steps(trajectories, policy, cfg.policy, tokenizer.pad_token_id, objective)
                     _score_before_update(policy, steps, gen.temperature, timings)
@@ -161,6 +169,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 rollouts.settle(timings)  # async: the rollout in flight ends with the weights it began with
                 # 5. weight sync, validation, logs, checkpoint
                 if rollout.groups:
+                    timings.update(turns.prepare_for_generation())
                     timings.update(weight_sync.sync())
                 if val_prompts and ((cfg.grpo.val_period and step % cfg.grpo.val_period == 0) or step == total_steps):
                     metrics.update(_validate(collector, val_prompts, cfg))
@@ -184,6 +193,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         policy.close()
         generators.shutdown()
         envs.shutdown()
+        if shared is not None:
+            shared.remove()
     return result
 
 
@@ -202,32 +213,31 @@ def _prompts(cfg: GRPORunConfig, tokenizer, tools: list | None) -> tuple[PromptD
 
 
 def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
-    """What each role asks Ray for; vLLM engines that share a GPU are checked to fit it."""
-    gen = cfg.policy.generation
-    policy_gpus, generation_gpus = _gpu_shares(cfg)
-    if gen.backend == "vllm" and generation_gpus:
-        shared = generation_gpus < 1  # beside the one policy worker, on its GPU
-        check_engine_memory(gen.num_workers if shared else 1, gen.vllm.gpu_memory_utilization, beside_trainer=shared)
+    """What each role asks Ray for, and where. Colocated: generation worker j shares policy rank
+    j % policy.num_workers's bundle (its node, and its GPU half and half: the two take turns).
+    Dedicated: a GPU per policy rank, `tensor_parallel_size` per engine. vLLM engines sharing a GPU
+    are checked to fit it."""
+    gen, cluster = cfg.policy.generation, cfg.cluster
+    ranks, engines, on_gpus = cfg.policy.num_workers, gen.num_workers, cluster.gpus_per_node > 0
     # Over several nodes, each role's workers go across them (the policy's ranks gather per layer
     # over the network either way; generators spread out leave each node's CPUs to its environment).
-    spread = "SPREAD" if cfg.cluster.num_nodes > 1 else "PACK"
+    spread = "SPREAD" if cluster.num_nodes > 1 else "PACK"
+    if gen.colocated.enabled:
+        per_gpu = math.ceil(engines / ranks)
+        if gen.backend == "vllm" and on_gpus:
+            check_engine_memory(per_gpu, gen.vllm.gpu_memory_utilization, beside_trainer=True)
+        policy_gpus, generation_gpus = (0.5, 0.5 / per_gpu) if on_gpus else (0.0, 0.0)
+        policy_bundles, generation_bundles = list(range(ranks)), [j % ranks for j in range(engines)]
+    else:
+        if gen.backend == "vllm" and on_gpus:
+            check_engine_memory(1, gen.vllm.gpu_memory_utilization, beside_trainer=False)
+        policy_gpus, generation_gpus = (1.0, float(gen.gpus_per_engine)) if on_gpus else (0.0, 0.0)
+        policy_bundles = generation_bundles = None
     return ResourcePlan([
-        RolePlan("policy", cfg.policy.num_workers, 1.0, policy_gpus, "policy.num_workers", spread),
-        RolePlan("generation", gen.num_workers, 1.0, generation_gpus, "policy.generation.num_workers", spread),
+        RolePlan("policy", ranks, 1.0, policy_gpus, "policy.num_workers", spread, policy_bundles),
+        RolePlan("generation", engines, 1.0, generation_gpus, "policy.generation.num_workers", spread,
+                 generation_bundles),
         RolePlan("environment", cfg.env.num_workers, 0.5, 0.0, "env.num_workers", spread)])
-
-
-def _gpu_shares(cfg: GRPORunConfig) -> tuple[float, float]:
-    """GPUs per policy worker and per generation worker. One policy worker shares a GPU with the
-    generators (half each). Several policy workers are FSDP2 ranks, which NCCL needs on GPUs of
-    their own; then every generation worker gets a GPU too, and a tensor-parallel vLLM engine
-    always gets its own GPUs."""
-    gen = cfg.policy.generation
-    if cfg.cluster.gpus_per_node == 0:
-        return 0.0, 0.0
-    if cfg.policy.num_workers == 1 and gen.gpus_per_engine == 1:
-        return 0.5, 0.5 / gen.num_workers
-    return 1.0, float(gen.gpus_per_engine)
 
 
 def _rollout_step_metrics(rollout: Rollout, cfg: GRPORunConfig, generators: WorkerGroup,

@@ -76,6 +76,26 @@ class GenerationBackend(ABC):
         group, buckets = self.transfer
         self.load_weights(weight_transfer.receive_buckets(group, buckets, self.transfer_device))
 
+    def join_shared_weights(self, address: str, slot: int, buckets: list[list[weight_transfer.TensorSpec]]) -> None:
+        """Colocated: finds the buckets of the policy rank beside it through that rank's store at
+        `address`, as its `slot`-th receiver."""
+        self.shared = weight_transfer.connect_store(address), slot, buckets
+
+    def receive_shared_weights(self, sync_id: int) -> None:
+        """One colocated weight sync, each bucket read in place (CUDA IPC, or shared memory on a CPU)."""
+        store, slot, buckets = self.shared
+        self.load_weights(weight_transfer.receive_shared_buckets(store, buckets, sync_id, slot))
+
+    @abstractmethod
+    def sleep(self, level: int) -> None:
+        """Colocated, while the policy trains on this GPU: give its memory back. Level 1 keeps the
+        weights (in CPU memory), level 2 drops them (a weight sync follows before the next
+        generation). Nothing to give back on a CPU."""
+
+    @abstractmethod
+    def wake_up(self) -> None:
+        """Ready to generate again after `sleep`."""
+
 
 def stop_token_ids(tokenizer, checkpoint_generation_config, extra: list[int] | None) -> list[int]:
     """The tokens that end a response: the tokenizer's EOS, the checkpoint's own EOS ids (an instruct

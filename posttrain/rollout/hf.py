@@ -99,6 +99,17 @@ class HFGenerationBackend(GenerationBackend):
     def transfer_device(self) -> torch.device:
         return self.device
 
+    def sleep(self, level: int) -> None:
+        """On a GPU the weights go to CPU memory at either level (a Hugging Face model cannot be
+        rebuilt without them) and the allocator's cache is released."""
+        if self.device.type == "cuda":
+            self.model.to("cpu")
+            torch.cuda.empty_cache()
+
+    def wake_up(self) -> None:
+        if self.device.type == "cuda":
+            self.model.to(self.device)
+
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         targets = self.model.state_dict(keep_vars=True)  # a tied pair is one tensor under two names

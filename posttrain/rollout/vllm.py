@@ -55,6 +55,9 @@ class VLLMGenerationBackend(GenerationBackend):
         self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
         options = cfg.generation.vllm
         self.tensor_parallel_size = options.tensor_parallel_size
+        # Colocated with the trainer on a GPU: vLLM's sleep mode, so that it can give its memory back
+        # while the policy trains (not on a CPU, where there is nothing to give back).
+        self.sleep_mode = cfg.generation.colocated.enabled and not current_platform.is_cpu()
         kv_cache_gb, cpu_settings = options.kv_cache_memory_gb, {}
         if current_platform.is_cpu() and self.tensor_parallel_size > 1:
             # vLLM binds each shard's threads to a NUMA node by default and refuses when there are
@@ -86,6 +89,7 @@ class VLLMGenerationBackend(GenerationBackend):
             generation_config="vllm",
             tensor_parallel_size=self.tensor_parallel_size,
             distributed_executor_backend="mp" if self.tensor_parallel_size > 1 else None,
+            enable_sleep_mode=self.sleep_mode,
             **cpu_settings,
         )
         self.context_length = self.llm.llm_engine.model_config.max_model_len
@@ -94,6 +98,15 @@ class VLLMGenerationBackend(GenerationBackend):
     @property
     def transfer_device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+    def sleep(self, level: int) -> None:
+        """vLLM's own sleep: the KV cache freed, the weights kept in CPU memory (level 1) or dropped (2)."""
+        if self.sleep_mode:
+            self.llm.sleep(level=level)
+
+    def wake_up(self) -> None:
+        if self.sleep_mode:
+            self.llm.wake_up()
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         # reload_weights copies into the engine's tensors in place (fused QKV and MLP included, under

@@ -1,13 +1,16 @@
 """The policy's new weights to every generation worker, after each update.
 
-`collective` (the default): the policy's rank 0 and the generators form a transfer group once,
-at start-up, and each sync streams the weights over it in buckets (see
-`posttrain.train.weight_transfer`); the policy's other ranks only help gather each sharded tensor.
+`ipc` (colocated generators): each policy rank hands its buckets in place to the generators that
+share its GPU or node (CUDA IPC, or shared memory on a CPU; see `posttrain.train.weight_transfer`).
+`collective` (generators on GPUs of their own): the policy's rank 0 and the generators form a
+transfer group once, at start-up, and each sync streams the weights over it in buckets. On both,
+the policy's other ranks help gather each sharded tensor.
 `object_store`: rank 0 puts one whole CPU copy in Ray's object store, which every generator reads.
 """
 
 from __future__ import annotations
 
+import collections
 import time
 
 import ray
@@ -19,15 +22,29 @@ from posttrain.train.weight_transfer import bucket_nbytes, plan_buckets
 
 class WeightSync:
     """Also restores a generation worker that Ray restarted (set as its group's `on_restart`): it
-    starts again from the initial weights, and, on the collective path, outside the transfer group."""
+    starts again from the initial weights, and outside the transfer group or store.
 
-    def __init__(self, policy: PolicyGroup, generators: WorkerGroup, transport: str, bucket_mb: int):
+    `colocated_ranks[j]`: the policy rank generation worker j shares its bundle with (ipc only).
+    """
+
+    def __init__(self, policy: PolicyGroup, generators: WorkerGroup, transport: str, bucket_mb: int,
+                 colocated_ranks: list[int] | None = None):
+        if transport == "ipc" and colocated_ranks is None:
+            raise ValueError("weight sync over ipc needs each generator's colocated policy rank")
         self.policy, self.generators, self.transport = policy, generators, transport
+        self.colocated_ranks = colocated_ranks
         self.buckets = plan_buckets(policy.generator_specs(), bucket_mb * 2**20)
         self.bytes = sum(bucket_nbytes(bucket) for bucket in self.buckets)  # to each generator, per sync
         self.weights_changed = False  # since the generators were built
+        self.syncs = 0
         if transport == "collective":
             self._form_group()
+        elif transport == "ipc":
+            counts = collections.Counter(colocated_ranks)
+            self.addresses = policy.serve_shared_weights([counts[r] for r in range(policy.workers.num_workers)],
+                                                         self.buckets)
+            for rank in range(generators.num_workers):
+                self._join_shared(rank)
         generators.on_restart = self._restore
 
     def _form_group(self) -> None:
@@ -37,20 +54,34 @@ class WeightSync:
                 + self.generators.call_each_async("join_weight_transfer", [
                     (address, 1 + rank, world_size, self.buckets) for rank in range(self.generators.num_workers)]))
 
+    def _join_shared(self, rank: int) -> None:
+        """Generation worker `rank` finds its policy rank's store; its slot: its place among that rank's receivers."""
+        policy_rank = self.colocated_ranks[rank]
+        slot = self.colocated_ranks[:rank].count(policy_rank)
+        self.generators.call_rank(rank, "join_shared_weights", self.addresses[policy_rank], slot, self.buckets)
+
     def _restore(self, rank: int) -> None:
         if self.transport == "collective":
             self._form_group()  # a new group, the restarted worker in it
-            if self.weights_changed:
-                self.sync()
-        elif self.weights_changed:
+        elif self.transport == "ipc":
+            self._join_shared(rank)
+        if not self.weights_changed:
+            return
+        if self.transport == "object_store":
             self.generators.call_rank(rank, "update_weights", self.policy.generator_weights())
+        else:
+            self.sync()  # every generator takes part; the others reload what they have
 
     def sync(self) -> dict[str, float]:
         """One sync; its time and the bytes each generator received."""
         start = time.perf_counter()
         self.weights_changed = True
+        self.syncs += 1
         if self.transport == "collective":
             ray.get(self.policy.send_weights_async() + self.generators.call_all_async("receive_weights"))
+        elif self.transport == "ipc":
+            ray.get(self.policy.share_weights_async(self.syncs)
+                    + self.generators.call_all_async("receive_shared_weights", self.syncs))
         else:
             self.generators.call_all("update_weights", self.policy.generator_weights())
         return {"time/weight_sync_s": time.perf_counter() - start, "weight_sync/bytes": float(self.bytes)}

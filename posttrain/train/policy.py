@@ -33,7 +33,7 @@ from posttrain.train.lora import (
     peft_named,
 )
 from posttrain.train.model import DTYPES, compile_decoder_layers, load_model, load_tokenizer, resolve_device
-from posttrain.train.optim import build_optimizer, build_scheduler
+from posttrain.train.optim import build_optimizer, build_scheduler, move_optimizer_state
 
 # (model, micro-batch) -> loss, or (loss, metrics): the loss already divided by the global batch's
 # normaliser, so that micro-batch losses, and their metrics, add up to the batch's values.
@@ -114,6 +114,7 @@ class Policy:
         # float16's narrow range flushes small gradients to zero; the loss is scaled up to keep them
         # (bfloat16 has float32's range and needs no scaling).
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if cfg.precision == "float16" else None
+        self.optimizer_offloaded = False  # see `offload_optimizer`
 
     @property
     def num_parameters(self) -> int:
@@ -181,6 +182,7 @@ class Policy:
         (each forward and backward gathers and reduces with the others). Returns the loss summed
         over ranks, the grad norm, the learning rate and this rank's summed `metrics`.
         """
+        self.onload_optimizer()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
@@ -232,6 +234,35 @@ class Policy:
 
     def close(self) -> None:
         """Nothing to release in-process (a PolicyGroup stops its actors here)."""
+
+    def offload_optimizer(self) -> None:
+        """Makes room on the GPU for colocated generators: the gradients freed, the optimizer state
+        moved to the CPU and the allocator's cache released. The weights stay (the generators'
+        next sync reads them). On a CPU only the gradients go. `onload_optimizer` undoes it."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cpu" or self.optimizer_offloaded:
+            return
+        move_optimizer_state(self.optimizer, "cpu")
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        self.optimizer_offloaded = True
+
+    def onload_optimizer(self) -> None:
+        """The optimizer state back on this policy's device (a no-op unless it was offloaded)."""
+        if self.optimizer_offloaded:
+            move_optimizer_state(self.optimizer, self.device)
+            self.optimizer_offloaded = False
+
+    @contextlib.contextmanager
+    def _optimizer_on_device(self) -> Iterator[None]:
+        """The optimizer state on the device for the duration, offloaded again after if it was."""
+        offloaded = self.optimizer_offloaded
+        self.onload_optimizer()
+        try:
+            yield
+        finally:
+            if offloaded:
+                self.offload_optimizer()
 
     def reference_outputs(self, micro_batches: list[dict[str, torch.Tensor]], fn: Scorer,
                           real: int | None = None) -> list[torch.Tensor]:
@@ -286,8 +317,9 @@ class Policy:
         """Model + tokenizer in Hugging Face format, plus optimizer and schedule state, all whole
         (unsharded), written by rank 0; every rank must call it."""
         self.export_hf(directory / "model")
-        optimizer_state = (full_optimizer_state(self.model, self.optimizer) if is_sharded(self.model)
-                           else self.optimizer.state_dict())
+        with self._optimizer_on_device():  # the gather of a sharded state runs on the device's group
+            optimizer_state = (full_optimizer_state(self.model, self.optimizer) if is_sharded(self.model)
+                               else self.optimizer.state_dict())
         if self.rank != 0:
             return
         torch.save(optimizer_state, directory / "optimizer.pt")

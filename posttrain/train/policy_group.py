@@ -83,10 +83,34 @@ class PolicyWorker:
         """Streams the weights to the generators (the ranks other than 0 only help gather)."""
         tensors = self.policy.generator_tensors()
         if self.rank != 0:
-            for _ in tensors:
-                pass
+            _drain(tensors)
             return
         weight_transfer.send_buckets(self.transfer_group, tensors, self.transfer_buckets, self.policy.device)
+
+    def serve_shared_weights(self, receivers: int, buckets: list[list[TensorSpec]]) -> str | None:
+        """Colocated: a rank with `receivers` generators beside it serves the store they find its
+        buckets through, and returns its address (None for a rank with none)."""
+        self.transfer_buckets, self.receivers, self.shared_store = buckets, receivers, None
+        if receivers == 0:
+            return None
+        address = free_tcp_address()
+        self.shared_store = weight_transfer.serve_store(address)
+        return address
+
+    def share_weights(self, sync_id: int) -> None:
+        """One colocated sync: this rank's buckets handed to the generators beside it, if any."""
+        tensors = self.policy.generator_tensors()
+        if self.shared_store is None:
+            _drain(tensors)
+            return
+        weight_transfer.share_buckets(self.shared_store, tensors, self.transfer_buckets, self.policy.device,
+                                      sync_id, self.receivers)
+
+    def offload_optimizer(self) -> None:
+        self.policy.offload_optimizer()
+
+    def onload_optimizer(self) -> None:
+        self.policy.onload_optimizer()
 
     def save(self, directory: str) -> None:
         self.policy.save(Path(directory))
@@ -101,18 +125,17 @@ class PolicyWorker:
 class PolicyGroup:
     def __init__(self, cfg: PolicyConfig, cluster: ClusterConfig, total_steps: int, *, seed: int,
                  weights_path: str | Path | None = None, model_loader: ModelLoader = load_model,
-                 with_reference: bool = False, num_gpus_per_worker: float | None = None, strategy: str = "PACK"):
-        """`num_gpus_per_worker`: by default a GPU each when the cluster has GPUs (GRPO gives a
-        single worker half of one, shared with its generators). `strategy`: how Ray places the
-        ranks (PACK: as few nodes as possible; SPREAD: across the nodes)."""
+                 with_reference: bool = False, placement: dict[str, Any] | None = None):
+        """`placement`: the WorkerGroup's placement arguments (GRPO's resource plan: GPU shares,
+        strategy, colocated bundles); by default a GPU per rank when the cluster has GPUs."""
         init_ray(cluster)
         self.with_reference = with_reference
-        if num_gpus_per_worker is None:
-            num_gpus_per_worker = 1.0 if cluster.gpus_per_node > 0 else 0.0
+        if placement is None:
+            placement = {"num_gpus_per_worker": 1.0 if cluster.gpus_per_node > 0 else 0.0}
         self.workers = WorkerGroup(PolicyWorker, cfg.num_workers, name="policy", args=(cfg, total_steps),
                                    kwargs={"seed": seed, "weights_path": str(weights_path) if weights_path else None,
                                            "model_loader": model_loader, "with_reference": with_reference},
-                                   num_gpus_per_worker=num_gpus_per_worker, strategy=strategy)
+                                   **placement)
         info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
         self.num_parameters, self.device = info["num_parameters"], info["device"]
         self.num_trained_parameters = info["num_trained_parameters"]
@@ -164,6 +187,21 @@ class PolicyGroup:
         """Every rank's part of a weight transfer (await them with the generators' `receive_weights`)."""
         return self.workers.call_all_async("send_weights")
 
+    def serve_shared_weights(self, receivers_per_rank: list[int], buckets: list[list[TensorSpec]]) -> list[str | None]:
+        """Colocated weight sync: each rank's store address, for the generators beside it."""
+        return self.workers.call_each("serve_shared_weights", [(n, buckets) for n in receivers_per_rank])
+
+    def share_weights_async(self, sync_id: int) -> list[ray.ObjectRef]:
+        """Every rank's part of a colocated sync (await them with the generators' `receive_shared_weights`)."""
+        return self.workers.call_all_async("share_weights", sync_id)
+
+    def offload_optimizer(self) -> None:
+        """`Policy.offload_optimizer` on every rank: the GPUs to the colocated generators."""
+        self.workers.call_all("offload_optimizer")
+
+    def onload_optimizer(self) -> None:
+        self.workers.call_all("onload_optimizer")
+
     def save(self, directory: Path) -> None:
         self.workers.call_all("save", str(directory))
 
@@ -175,6 +213,12 @@ class PolicyGroup:
 
     def close(self) -> None:
         self.workers.shutdown()
+
+
+def _drain(tensors) -> None:
+    """Takes part in gathering every tensor without keeping any (a rank that sends nothing)."""
+    for _ in tensors:
+        pass
 
 
 def _add_ranks(per_rank) -> dict[str, float]:

@@ -1,19 +1,30 @@
-"""Weights from the trainer to the generators over a process group, in buckets.
+"""Weights from the trainer to the generators, in buckets, without Ray's object store.
 
-The policy's rank 0 and every generation worker join one process group of their own (NCCL on
-GPUs, gloo on CPU: the same code), separate from the policy's FSDP2 group. Each sync streams the
-weights as a fixed sequence of buckets: rank 0 packs a bucket's tensors into one flat buffer and
-broadcasts it; each generator unpacks it into views and loads them before the next bucket
-arrives, so neither side ever holds a second whole copy of the model, and nothing passes
-through the driver or Ray's object store. The bucket plan (names, shapes, dtypes) is computed
-once, from the trainer's tensors, and given to every member at set-up.
+Each sync streams the weights as a fixed sequence of buckets: a sender packs a bucket's tensors
+into one flat buffer, each generator unpacks it into views and loads them before the next bucket
+arrives, so neither side ever holds a second whole copy of the model, and nothing passes through
+the driver. The bucket plan (names, shapes, dtypes) is computed once, from the trainer's
+tensors, and given to every member at set-up. Two ways to hand a bucket over:
+
+- over a process group (disaggregated generators): the policy's rank 0 and every generation
+  worker join one group of their own (NCCL on GPUs, gloo on CPU: the same code), separate from
+  the policy's FSDP2 group, and rank 0 broadcasts each bucket;
+- in place (colocated generators, on their policy rank's GPU or node): each policy rank packs a
+  bucket into a buffer the generators beside it map without a copy (a CUDA IPC handle on a GPU,
+  a file in shared memory on a CPU), announced through a small key-value store (torch's TCPStore)
+  that the rank serves; at most two buckets are out at once.
 """
 
 from __future__ import annotations
 
 import datetime
+import os
+import pickle
+import tempfile
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -71,25 +82,29 @@ def open_group(address: str, rank: int, world_size: int, device: torch.device,
 
 
 def send_buckets(group: dist.ProcessGroup, tensors: Iterator[tuple[str, torch.Tensor]],
-                 buckets: list[list[TensorSpec]], device: torch.device) -> int:
-    """Rank 0's side: `tensors` (in the plan's order) packed and broadcast bucket by bucket.
-    Returns the bytes sent to each receiver."""
-    sent = 0
+                 buckets: list[list[TensorSpec]], device: torch.device) -> None:
+    """Rank 0's side: `tensors` (in the plan's order) packed and broadcast bucket by bucket."""
     for bucket in buckets:
         flat = torch.empty(bucket_nbytes(bucket), dtype=torch.uint8, device=device)
-        offset = 0
-        for spec in bucket:
-            name, tensor = next(tensors)
-            if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
-                raise RuntimeError(f"weight transfer: the trainer produced {name} {tuple(tensor.shape)} "
-                                   f"{tensor.dtype} where the plan has {spec}")
-            _view(flat, offset, spec).copy_(tensor)
-            offset += spec.nbytes
+        _pack(flat, tensors, bucket)
         _broadcast(group, flat)
-        sent += flat.numel()
+    _check_exhausted(tensors)
+
+
+def _pack(flat: torch.Tensor, tensors: Iterator[tuple[str, torch.Tensor]], bucket: list[TensorSpec]) -> None:
+    offset = 0
+    for spec in bucket:
+        name, tensor = next(tensors)
+        if name != spec.name or tuple(tensor.shape) != spec.shape or tensor.dtype != spec.dtype:
+            raise RuntimeError(f"weight transfer: the trainer produced {name} {tuple(tensor.shape)} "
+                               f"{tensor.dtype} where the plan has {spec}")
+        _view(flat, offset, spec).copy_(tensor)
+        offset += spec.nbytes
+
+
+def _check_exhausted(tensors: Iterator) -> None:
     if next(tensors, None) is not None:
         raise RuntimeError("weight transfer: the trainer produced more tensors than the plan holds")
-    return sent
 
 
 def receive_buckets(group: dist.ProcessGroup, buckets: list[list[TensorSpec]],
@@ -100,10 +115,104 @@ def receive_buckets(group: dist.ProcessGroup, buckets: list[list[TensorSpec]],
     for bucket in buckets:
         flat = torch.empty(bucket_nbytes(bucket), dtype=torch.uint8, device=device)
         _broadcast(group, flat)
-        offset = 0
-        for spec in bucket:
-            yield spec.name, _view(flat, offset, spec)
-            offset += spec.nbytes
+        yield from _unpack(flat, bucket)
+
+
+def _unpack(flat: torch.Tensor, bucket: list[TensorSpec]) -> Iterator[tuple[str, torch.Tensor]]:
+    offset = 0
+    for spec in bucket:
+        yield spec.name, _view(flat, offset, spec)
+        offset += spec.nbytes
+
+
+# ---------------------------------------------------------------- colocated: buckets handed over in place
+
+
+def serve_store(address: str, timeout_s: float = 600.0) -> dist.TCPStore:
+    """The key-value store a policy rank announces its shared buckets in, listening at `address`."""
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    return dist.TCPStore(host, int(port), None, is_master=True, timeout=datetime.timedelta(seconds=timeout_s),
+                         wait_for_workers=False)
+
+
+def connect_store(address: str, timeout_s: float = 600.0) -> dist.TCPStore:
+    host, port = address.removeprefix("tcp://").rsplit(":", 1)
+    return dist.TCPStore(host, int(port), None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def share_buckets(store: dist.Store, tensors: Iterator[tuple[str, torch.Tensor]], buckets: list[list[TensorSpec]],
+                  device: torch.device, sync_id: int, receivers: int) -> None:
+    """A policy rank's side of a colocated sync: each bucket packed into a fresh shared buffer and
+    announced; returns once all `receivers` have taken every bucket. The receivers' views stay
+    valid after that: a file's mapping outlives its name, and CUDA keeps memory that another
+    process has opened until it lets go."""
+    out: list[tuple[int, _SharedBuffer]] = []  # buckets not yet taken by every receiver
+    try:
+        for index, bucket in enumerate(buckets):
+            if len(out) == 2:
+                _release(store, sync_id, receivers, *out.pop(0))
+            buffer = _SharedBuffer(bucket_nbytes(bucket), device)
+            out.append((index, buffer))
+            _pack(buffer.tensor, tensors, bucket)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)  # the copies are done before anyone reads
+            store.set(f"{sync_id}/{index}", pickle.dumps(buffer.handle))
+        _check_exhausted(tensors)
+        while out:
+            _release(store, sync_id, receivers, *out.pop(0))
+    finally:
+        for _, buffer in out:
+            buffer.close()
+
+
+def receive_shared_buckets(store: dist.Store, buckets: list[list[TensorSpec]], sync_id: int,
+                           slot: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """A colocated generator's side (`slot`: its number among its policy rank's receivers): views
+    into each bucket as it is announced. A bucket counts as taken once the consumer asks for the
+    next tensor after it."""
+    for index, bucket in enumerate(buckets):
+        flat = _open_shared(pickle.loads(store.get(f"{sync_id}/{index}")))
+        yield from _unpack(flat, bucket)
+        store.set(f"{sync_id}/{index}/taken/{slot}", b"1")
+
+
+def _release(store: dist.Store, sync_id: int, receivers: int, index: int, buffer: _SharedBuffer) -> None:
+    taken = [f"{sync_id}/{index}/taken/{slot}" for slot in range(receivers)]
+    store.wait(taken)
+    buffer.close()
+    for key in (f"{sync_id}/{index}", *taken):
+        store.delete_key(key)
+
+
+class _SharedBuffer:
+    """A flat uint8 buffer other processes beside this one can map: a CUDA allocation with its IPC
+    handle, or on a CPU a file in shared memory (/dev/shm where there is one)."""
+
+    def __init__(self, nbytes: int, device: torch.device):
+        self.path = None
+        if device.type == "cuda":
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            self.tensor = torch.empty(nbytes, dtype=torch.uint8, device=device)
+            self.handle = ("cuda", reduce_tensor(self.tensor))
+        else:
+            folder = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+            self.path = Path(folder) / f"posttrain-weights-{uuid.uuid4().hex}"
+            self.tensor = torch.from_file(str(self.path), shared=True, size=nbytes, dtype=torch.uint8)
+            self.handle = ("file", str(self.path), nbytes)
+
+    def close(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+        self.tensor = None
+
+
+def _open_shared(handle: tuple) -> torch.Tensor:
+    if handle[0] == "cuda":
+        rebuild, args = handle[1]
+        return rebuild(*args)
+    _, path, nbytes = handle
+    return torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
 
 
 def _broadcast(group: dist.ProcessGroup, flat: torch.Tensor) -> None:

@@ -375,8 +375,8 @@ def test_async_grpo_trains_on_one_step_old_rollouts_and_learns(tiny_model_dir, t
     responses from the weights before the previous update (a non-zero generator/trainer gap, weighted
     by the importance correction), and the reward still rises."""
     steps = 20
-    extra = ["grpo.async_grpo.enabled=true", "loss_fn.use_importance_sampling_correction=true",
-             "data.val_split=null", "checkpointing.save_period=10"]
+    extra = ["grpo.async_grpo.enabled=true", "policy.generation.colocated.enabled=false",
+             "loss_fn.use_importance_sampling_correction=true", "data.val_split=null", "checkpointing.save_period=10"]
     result = _run(_cfg(tiny_model_dir, tmp_path, f"grpo.max_num_steps={steps}", *extra))
     rewards = [result.train_rewards[s] for s in sorted(result.train_rewards)]
     assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.3, rewards

@@ -1,6 +1,8 @@
 """GRPO on a two-node Ray cluster started on this machine (`ray.cluster_utils.Cluster`): two
-policy ranks and two generation workers spread over both nodes train exactly like the same
-run on one node, and every worker landed as the saved resource plan says."""
+policy ranks and two generation workers spread over both nodes, colocated (each generator in its
+policy rank's bundle, weights handed over in place) and disaggregated (bundles of their own,
+weights over the transfer group), train exactly like the same run on one node, and every worker
+landed as the saved resource plan says."""
 
 from __future__ import annotations
 
@@ -36,23 +38,33 @@ def cluster(ray_session, monkeypatch):
 
 
 def test_two_nodes_train_like_one_and_each_role_lands_where_the_plan_says(tiny_model_dir, tmp_path, cluster):
-    def run(name: str, nodes: int):
+    def run(name: str, nodes: int, *overrides: str):
         out = tmp_path / name
-        _run(_cfg(tiny_model_dir, out, *ROLES, f"cluster.address={cluster.address}", f"cluster.num_nodes={nodes}"))
+        _run(_cfg(tiny_model_dir, out, *ROLES, f"cluster.address={cluster.address}", f"cluster.num_nodes={nodes}",
+                  *overrides))
         ray.shutdown()  # the loop connected to the cluster; the next run connects anew
         return _train_rows(out / "logs"), json.loads((out / "logs" / "resource_plan.json").read_text())
 
     one_rows, one_plan = run("one", 1)
     cluster.add_node(num_cpus=5)
     cluster.wait_for_nodes()
-    two_rows, two_plan = run("two", 2)
+    colocated_rows, colocated_plan = run("colocated", 2)
+    dedicated_rows, dedicated_plan = run("dedicated", 2, "policy.generation.colocated.enabled=false")
 
-    for one, two in zip(one_rows, two_rows, strict=True):
-        assert two["rollout/reward_mean"] == one["rollout/reward_mean"]
-        assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5, abs=1e-7)
-        assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-5)
+    for rows in (colocated_rows, dedicated_rows):
+        for one, two in zip(one_rows, rows, strict=True):
+            assert two["rollout/reward_mean"] == one["rollout/reward_mean"]
+            assert two["train/loss"] == pytest.approx(one["train/loss"], rel=1e-5, abs=1e-7)
+            assert two["train/grad_norm"] == pytest.approx(one["train/grad_norm"], rel=1e-5)
     assert {p["node_id"] for role in one_plan["placements"].values() for p in role} == {cluster.head_node.node_id}
-    for role in two_plan["roles"]:
-        assert role["strategy"] == "SPREAD"
-        nodes = {p["node_id"] for p in two_plan["placements"][role["name"]]}
-        assert len(nodes) == 2, (role["name"], two_plan["placements"])  # one worker on each node
+    for plan in (colocated_plan, dedicated_plan):
+        for role in plan["roles"]:
+            assert role["strategy"] == "SPREAD"
+            nodes = {p["node_id"] for p in plan["placements"][role["name"]]}
+            assert len(nodes) == 2, (role["name"], plan["placements"])  # one worker on each node
+    # Colocated: generator j shares policy rank j's bundle, so its node; dedicated: bundles of their own.
+    roles = {role["name"]: role for role in colocated_plan["roles"]}
+    assert roles["policy"]["bundles"] == roles["generation"]["bundles"] == [0, 1]
+    policy_nodes = [p["node_id"] for p in colocated_plan["placements"]["policy"]]
+    assert [p["node_id"] for p in colocated_plan["placements"]["generation"]] == policy_nodes
+    assert all(role["bundles"] is None for role in dedicated_plan["roles"])

@@ -17,6 +17,7 @@ from posttrain.config import (
 )
 
 BASE = ["policy.model_name=x"]
+DEDICATED = "policy.generation.colocated.enabled=false"
 
 
 def write(tmp_path: Path, text: str, name: str = "cfg.yaml") -> Path:
@@ -427,9 +428,9 @@ def test_vllm_settings_are_checked(override, message):
     pytest.importorskip("vllm")
     assert grpo("policy.generation.backend=vllm").policy.generation.backend == "vllm"
     assert grpo("policy.generation.backend=vllm", "policy.generation.vllm.tensor_parallel_size=2",
-                "cluster.gpus_per_node=3").policy.generation.vllm.tensor_parallel_size == 2
+                "cluster.gpus_per_node=3", DEDICATED).policy.generation.vllm.tensor_parallel_size == 2
     with pytest.raises(ConfigError, match=message):
-        grpo("policy.generation.backend=vllm", *override.split())
+        grpo("policy.generation.backend=vllm", DEDICATED, *override.split())
     # eval samples with any top-p/top-k: it trains on no log-probs
     load_config(EvalRunConfig, None, ["generation.model_name=m", "generation.backend=vllm", "generation.top_p=0.9"])
 
@@ -473,13 +474,48 @@ def test_grpo_workers_split_every_step_evenly():
         grpo("policy.num_workers=3", "policy.train_global_batch_size=32", "policy.train_micro_batch_size=4")
 
 
-def test_several_gpu_policy_workers_need_gpus_of_their_own():
+def test_dedicated_generators_need_gpus_of_their_own_beside_the_policy_ranks():
     with pytest.raises(ConfigError, match=r"policy\.num_workers \(8\) \+ policy\.generation\.num_workers \(9\) need a "
                                           r"GPU each .* but the cluster has 16"):
         grpo("policy.num_workers=8", "policy.generation.num_workers=9", "cluster.num_nodes=2",
-             "cluster.gpus_per_node=8", "policy.train_global_batch_size=64")
+             "cluster.gpus_per_node=8", "policy.train_global_batch_size=64", DEDICATED)
     assert grpo("policy.num_workers=8", "policy.generation.num_workers=8", "cluster.num_nodes=2",
-                "cluster.gpus_per_node=8", "policy.train_global_batch_size=64").policy.num_workers == 8
+                "cluster.gpus_per_node=8", "policy.train_global_batch_size=64", DEDICATED).policy.num_workers == 8
+    # colocated (the default), the same 16 generators share the 16 policy GPUs
+    assert grpo("policy.num_workers=16", "policy.generation.num_workers=16", "cluster.num_nodes=2",
+                "cluster.gpus_per_node=8", "policy.train_global_batch_size=64").policy.generation.colocated.enabled
+    with pytest.raises(ConfigError, match=r"policy\.num_workers \(4\) needs a GPU each, but the cluster has 2"):
+        grpo("policy.num_workers=4", "cluster.gpus_per_node=2")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["policy.generation.colocated.resources.gpus_per_node=4", "cluster.gpus_per_node=8"],
+     r"colocated\.resources sets the generators' own GPUs, which colocated generators do not have"),
+    ([DEDICATED, "policy.generation.colocated.resources.gpus_per_node=4", "cluster.gpus_per_node=8",
+      "policy.generation.num_workers=2"],
+     r"colocated\.resources \(4 GPU\(s\) per node x 1 node\(s\) = 4\) must equal policy\.generation\.num_workers "
+     r"\(2\) x the engines' tensor_parallel_size \(1\); set policy\.generation\.num_workers=4"),
+    ([DEDICATED, "policy.generation.colocated.resources.num_nodes=1"],
+     r"resources\.num_nodes needs resources\.gpus_per_node"),
+    ([DEDICATED, "policy.generation.colocated.resources.gpus_per_node=1"],
+     r"resources\.gpus_per_node needs GPUs \(cluster\.gpus_per_node > 0\)"),
+    ([DEDICATED, "policy.generation.refit_transport=ipc"],
+     r"refit_transport=ipc hands each generator buffers on its own GPU .*generation\.colocated\.enabled=true"),
+    (["policy.generation.refit_transport=collective", "cluster.gpus_per_node=1"],
+     r"refit_transport=collective with colocated generators would put two NCCL ranks on one GPU"),
+])
+def test_placement_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        grpo(*overrides)
+
+
+def test_the_weight_transport_follows_the_placement():
+    assert grpo().policy.generation.transport == "ipc"
+    assert grpo(DEDICATED).policy.generation.transport == "collective"
+    assert grpo("policy.generation.refit_transport=collective").policy.generation.transport == "collective"  # CPU
+    cfg = grpo(DEDICATED, "policy.generation.colocated.resources.gpus_per_node=2", "cluster.gpus_per_node=4",
+               "policy.generation.num_workers=2")
+    assert cfg.policy.generation.colocated.resources.gpus_per_node == 2
 
 
 @pytest.mark.parametrize(("override", "pattern"), [
@@ -494,9 +530,13 @@ def test_lora_settings_are_checked(run, override, pattern):
     assert load_config(run, None, [*BASE, "policy.lora.enabled=true"]).policy.lora.dim == 8
 
 
-def test_async_grpo_needs_the_importance_sampling_correction():
+def test_async_grpo_needs_dedicated_generators_and_the_importance_sampling_correction():
+    with pytest.raises(ConfigError, match=r"grpo\.async_grpo\.enabled generates while the policy trains.*"
+                                          r"set policy\.generation\.colocated\.enabled=false"):
+        load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true",
+                                          "loss_fn.use_importance_sampling_correction=true"])
     with pytest.raises(ConfigError, match=r"grpo\.async_grpo\.enabled .* loss_fn\.use_importance_sampling_correction"):
-        load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true"])
-    cfg = load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true",
+        load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true", DEDICATED])
+    cfg = load_config(GRPORunConfig, None, [*BASE, "grpo.async_grpo.enabled=true", DEDICATED,
                                             "loss_fn.use_importance_sampling_correction=true"])
     assert cfg.grpo.async_grpo.enabled

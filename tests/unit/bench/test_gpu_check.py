@@ -1,5 +1,6 @@
 """bench/gpu_check.py, prepared for a lent GPU machine, runs its code on the CPU (--device cpu):
-every check passes, and the GPU-only ones say they were skipped."""
+every check passes (the colocated weight sync through shared memory instead of CUDA IPC), and
+the GPU-only ones say they were skipped."""
 
 import importlib
 import json
@@ -18,4 +19,6 @@ def test_the_gpu_check_runs_dry_on_the_cpu(monkeypatch, tmp_path, capsys):
     assert "all_reduce" in results["collectives"]["calls"] and results["collectives"]["transfer_bytes"] > 0
     assert results["training"]["sft_tokens_per_s"] > 0 and results["training"]["grpo_tokens_per_s"] > 0
     assert results["generation"]["logprob_mismatch_max"] < 0.05  # bf16 on both sides
-    assert results["logprob_memory"]["skipped"] and results["cuda_ipc"]["skipped"]
+    assert results["logprob_memory"]["skipped"]
+    # the colocated sync through shared memory, each tensor checked by the receiving process
+    assert results["colocation"]["weight_sync_bytes"] > 0 and results["colocation"]["weight_sync_s"] > 0

@@ -47,4 +47,7 @@ def test_placements_are_described_per_rank():
     text = plan.describe()
     assert "policy: 1 worker(s) x 1 CPU, 1 thread(s), PACK\n    rank 0: node 10.0.0.1 (abcdef01), GPU(s) 0" in text
     assert plan.to_dict()["roles"][2] == {"name": "environment", "workers": 1, "cpus_per_worker": 0.5,
-                                          "gpus_per_worker": 0.0, "key": "env.num_workers", "strategy": "PACK"}
+                                          "gpus_per_worker": 0.0, "key": "env.num_workers", "strategy": "PACK",
+                                          "bundles": None}
+    plan.roles[1].bundles = [0]
+    assert "generation: 1 worker(s) x 1 CPU, 1 thread(s), PACK, colocated in shared bundle(s) 0" in plan.describe()

@@ -1,8 +1,10 @@
-"""The bucketed weight transfer over a standalone gloo group: what the receivers load is exactly
-what the trainer produced, bucket plans respect their size, and a device mismatch is named."""
+"""The bucketed weight transfer, over a standalone gloo group and in place through shared memory:
+what the receivers load is exactly what the trainer produced, bucket plans respect their size,
+nothing is left in shared memory, and a device mismatch is named."""
 
 from __future__ import annotations
 
+import glob
 import socket
 
 import pytest
@@ -29,28 +31,57 @@ def test_buckets_hold_consecutive_tensors_up_to_their_size():
     assert len(wt.plan_buckets(SPECS, 2**30)) == 1
 
 
+def _free_address() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
+
+
 def _member(rank: int, address: str, buckets, folder: str) -> None:
     group = wt.open_group(address, rank, 3, torch.device("cpu"), timeout_s=60)
     if rank == 0:
-        result = wt.send_buckets(group, iter(_tensors()), buckets, torch.device("cpu"))
-    else:
-        result = {name: tensor.clone() for name, tensor in wt.receive_buckets(group, buckets, torch.device("cpu"))}
+        wt.send_buckets(group, iter(_tensors()), buckets, torch.device("cpu"))
+        return
+    result = {name: tensor.clone() for name, tensor in wt.receive_buckets(group, buckets, torch.device("cpu"))}
     torch.save(result, f"{folder}/{rank}.pt")
 
 
+def _shared_member(rank: int, address: str, buckets, folder: str) -> None:
+    if rank == 0:
+        store = wt.serve_store(address, timeout_s=60)
+        for sync_id in (1, 2):  # the second sync sends other values under fresh keys
+            wt.share_buckets(store, iter(_tensors(seed=sync_id)), buckets, torch.device("cpu"), sync_id, receivers=2)
+        return
+    store = wt.connect_store(address, timeout_s=60)
+    for sync_id in (1, 2):
+        # Views kept, not copied, past the sender's release of their buckets: the mappings stay valid.
+        views = dict(wt.receive_shared_buckets(store, buckets, sync_id, slot=rank - 1))
+        torch.save({name: view.clone() for name, view in views.items()}, f"{folder}/{rank}-{sync_id}.pt")
+
+
+def _check_received(received: dict[str, torch.Tensor], seed: int) -> None:
+    assert list(received) == [s.name for s in SPECS]
+    for name, tensor in _tensors(seed):
+        assert received[name].dtype == tensor.dtype
+        assert torch.equal(received[name], tensor)
+
+
 def test_two_receivers_get_every_tensor_bit_exact(tmp_path):
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     buckets = wt.plan_buckets(SPECS, 256)
-    mp.spawn(_member, args=(f"tcp://127.0.0.1:{port}", buckets, str(tmp_path)), nprocs=3)
-    out = {rank: torch.load(tmp_path / f"{rank}.pt") for rank in range(3)}
-    assert out[0] == sum(wt.bucket_nbytes(b) for b in buckets)
+    mp.spawn(_member, args=(_free_address(), buckets, str(tmp_path)), nprocs=3)
     for rank in (1, 2):
-        assert list(out[rank]) == [s.name for s in SPECS]
-        for name, tensor in _tensors():
-            assert out[rank][name].dtype == tensor.dtype
-            assert torch.equal(out[rank][name], tensor)
+        _check_received(torch.load(tmp_path / f"{rank}.pt"), seed=0)
+
+
+def test_buckets_shared_in_place_reach_every_receiver_and_leave_nothing_behind(tmp_path):
+    before = set(glob.glob("/dev/shm/posttrain-weights-*"))
+    buckets = wt.plan_buckets(SPECS, 256)
+    assert len(buckets) == 3  # more than the two the sender keeps out at once
+    mp.spawn(_shared_member, args=(_free_address(), buckets, str(tmp_path)), nprocs=3)
+    for rank in (1, 2):
+        for sync_id in (1, 2):
+            _check_received(torch.load(tmp_path / f"{rank}-{sync_id}.pt"), seed=sync_id)
+    assert set(glob.glob("/dev/shm/posttrain-weights-*")) == before
 
 
 def test_the_sender_refuses_tensors_that_differ_from_the_plan():
