@@ -84,6 +84,10 @@ def cluster_name(cfg: ClusterConfig) -> str:
     return "the local Ray" if cfg.address is None else f"the Ray cluster at cluster.address={cfg.address!r}"
 
 
+def _nothing(_actor: Any) -> None:
+    return None
+
+
 def _placement(actor: Any) -> dict:
     return {"node_ip": ray.util.get_node_ip_address(), "node_id": ray.get_runtime_context().get_node_id(),
             "gpu_ids": [str(i) for i in ray.get_gpu_ids()]}
@@ -204,11 +208,17 @@ class WorkerGroup:
 
     def call_all(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
         """The same call on every worker; results in rank order."""
-        return self._results(self.call_all_async(method, *args, **kwargs))
+        return self.results(self.call_all_async(method, *args, **kwargs))
 
-    def _results(self, refs: list[ray.ObjectRef]) -> list[Any]:
+    def results(self, refs: list[ray.ObjectRef]) -> list[Any]:
         """`ray.get` of one call per rank (in rank order), a dead worker named by rank and node."""
         return [self._result(rank, ref) for rank, ref in enumerate(refs)]
+
+    def recover(self, rank: int, ref: ray.ObjectRef) -> None:
+        """The call `ref` on `rank` failed because its worker died: once Ray has restarted it,
+        `on_restart` brings it up to date (the call itself is not repeated). Raises
+        `WorkerDiedError` when no restart is left."""
+        self._result(rank, ref, resubmit=lambda: self._workers[rank].__ray_call__.remote(_nothing))
 
     def _result(self, rank: int, ref: ray.ObjectRef, resubmit: Callable[[], ray.ObjectRef] | None = None) -> Any:
         """The call's result. If the worker died, and `resubmit` is given and a restart is left, the
@@ -246,7 +256,7 @@ class WorkerGroup:
 
     def call_each(self, method: str, args_per_rank: Sequence[tuple]) -> list[Any]:
         """`method(*args_per_rank[i])` on worker i, all in flight at once; results in rank order."""
-        return self._results(self.call_each_async(method, args_per_rank))
+        return self.results(self.call_each_async(method, args_per_rank))
 
     def call_each_async(self, method: str, args_per_rank: Sequence[tuple]) -> list[ray.ObjectRef]:
         if len(args_per_rank) != self.num_workers:

@@ -53,9 +53,11 @@ class GenerationBackend(ABC):
         """Complete token-id prompts; one Completion per prompt, in order (so worker groups can shard)."""
 
     @abstractmethod
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     buckets: list[list[weight_transfer.TensorSpec]] | None = None) -> None:
         """Load the trainer's latest weights (same architecture and parameter names), consuming
-        `weights` one tensor at a time: every weight once, a tied pair through either name."""
+        `weights` one tensor at a time: every weight once, a tied pair through either name.
+        `buckets`: the plan they arrive in, when they stream (for a backend that passes them on)."""
 
     @property
     def transfer_device(self) -> torch.device:
@@ -74,7 +76,7 @@ class GenerationBackend(ABC):
     def receive_weights(self) -> None:
         """One weight sync over the transfer group, loaded bucket by bucket."""
         group, buckets = self.transfer
-        self.load_weights(weight_transfer.receive_buckets(group, buckets, self.transfer_device))
+        self.load_weights(weight_transfer.receive_buckets(group, buckets, self.transfer_device), buckets)
 
     def join_shared_weights(self, address: str, slot: int, buckets: list[list[weight_transfer.TensorSpec]]) -> None:
         """Colocated: finds the buckets of the policy rank beside it through that rank's store at
@@ -84,7 +86,7 @@ class GenerationBackend(ABC):
     def receive_shared_weights(self, sync_id: int) -> None:
         """One colocated weight sync, each bucket read in place (CUDA IPC, or shared memory on a CPU)."""
         store, slot, buckets = self.shared
-        self.load_weights(weight_transfer.receive_shared_buckets(store, buckets, sync_id, slot))
+        self.load_weights(weight_transfer.receive_shared_buckets(store, buckets, sync_id, slot), buckets)
 
     @abstractmethod
     def sleep(self, level: int) -> None:

@@ -11,6 +11,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from posttrain.config import PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
+from posttrain.train import weight_transfer
 from posttrain.train.model import DTYPES, load_model, load_tokenizer, resolve_device
 
 # transformers 5.24 renamed the KV cache argument and output field `past_key_values` to `cache`
@@ -111,7 +112,8 @@ class HFGenerationBackend(GenerationBackend):
             self.model.to(self.device)
 
     @torch.no_grad()
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     buckets: list[list[weight_transfer.TensorSpec]] | None = None) -> None:
         targets = self.model.state_dict(keep_vars=True)  # a tied pair is one tensor under two names
         loaded: set[int] = set()
         for name, tensor in weights:

@@ -4,30 +4,28 @@ The engine runs inside this process (a generation actor), not in a child process
 `load_weights` hands the trainer's tensors to the model directly as they arrive (bucket by bucket
 from the weight-transfer group, see `posttrain.train.weight_transfer`), with no serialisation. A
 tensor-parallel engine (`vllm.tensor_parallel_size` > 1) runs its shards in worker processes of
-its own, which vLLM cannot pass tensors to, so its weights are gathered here and travel through a
-safetensors file in shared memory that each shard reads its part of (on GPUs, vLLM's own NCCL
-weight transfer would avoid that copy; it is not used yet). vLLM is optional (`pip install
-'posttrain[vllm]'`) and imported only when this backend is built.
+its own, which vLLM cannot pass tensors to, so this process hands each bucket on to them in
+place, as a colocated policy rank does to its generators (shared memory on a CPU, CUDA IPC on a
+GPU; at most two buckets out at once), and each shard loads its part of it. (vLLM's own
+weight-transfer engines serve only its GPU workers, not the CPU build this is tested with.) vLLM
+is optional (`pip install 'posttrain[vllm]'`) and imported only when this backend is built.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
+import threading
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoConfig, GenerationConfig
 
+from posttrain.cluster import free_tcp_address
 from posttrain.config import VLLM_INSTALL_HINT, PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
+from posttrain.train import weight_transfer
 from posttrain.train.model import load_tokenizer, tokenizer_source, weights_source
-
-# A tensor-parallel engine takes new weights from a folder of this prefix (in /dev/shm where it fits).
-WEIGHTS_FOLDER_PREFIX = "posttrain-vllm-weights-"
 
 
 class VLLMGenerationBackend(GenerationBackend):
@@ -108,7 +106,8 @@ class VLLMGenerationBackend(GenerationBackend):
         if self.sleep_mode:
             self.llm.wake_up()
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]],
+                     buckets: list[list[weight_transfer.TensorSpec]] | None = None) -> None:
         # reload_weights copies into the engine's tensors in place (fused QKV and MLP included, under
         # the checkpoint's names) as it consumes the iterator; the prefix cache holds KV computed
         # with the old weights.
@@ -116,37 +115,43 @@ class VLLMGenerationBackend(GenerationBackend):
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights),
                                                               "is_checkpoint_format": True})
         else:
-            state_dict = {name: tensor.cpu() for name, tensor in weights}
-            folder = self._weights_folder(state_dict)
-            try:
-                self._write_weights(folder, state_dict)
-                self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder),
-                                                                  "is_checkpoint_format": True})
-            finally:  # every shard has read its part: the memory goes back now, and nothing is left behind
-                shutil.rmtree(folder, ignore_errors=True)
+            self._load_into_shards(weights, buckets)
         self.llm.reset_prefix_cache()
 
-    @staticmethod
-    def _weights_folder(state_dict: dict[str, torch.Tensor]) -> Path:
-        """A fresh folder for one weight sync, in shared memory where it has room."""
-        size = sum(t.numel() * t.element_size() for t in state_dict.values())
-        shm = Path("/dev/shm")
-        parent = shm if shm.is_dir() and shutil.disk_usage(shm).free > 2 * size else None
-        return Path(tempfile.mkdtemp(prefix=WEIGHTS_FOLDER_PREFIX, dir=parent))
+    def _load_into_shards(self, weights: Iterable[tuple[str, torch.Tensor]],
+                          buckets: list[list[weight_transfer.TensorSpec]] | None) -> None:
+        """Each bucket shared in place with every shard process, which loads its part of it: a
+        thread here packs the buckets while the shards read them (`_reload_in_shard`)."""
+        if buckets is None:  # a whole state dict (the object-store path): planned here
+            weights = list(weights)
+            specs = [weight_transfer.TensorSpec(name, tuple(t.shape), t.dtype) for name, t in weights]
+            buckets = weight_transfer.plan_buckets(specs, self.cfg.generation.refit_bucket_mb * 2**20)
+        if getattr(self, "shard_store", None) is None:
+            self.shard_address = free_tcp_address()
+            self.shard_store, self.shard_syncs = weight_transfer.serve_store(self.shard_address), 0
+        self.shard_syncs += 1
+        failure: list[BaseException] = []
 
-    def _write_weights(self, folder: Path, state_dict: dict[str, torch.Tensor]) -> None:
-        """The weights as one safetensors file (tied tensors written twice: the format stores no
-        shared memory) beside the model's config."""
-        from safetensors.torch import save_file
+        def share() -> None:
+            try:
+                weight_transfer.share_buckets(self.shard_store, iter(weights), buckets, self.transfer_device,
+                                              self.shard_syncs, self.tensor_parallel_size)
+            except BaseException as err:  # noqa: BLE001 - raised again in the calling thread
+                failure.append(err)
 
-        self.llm.llm_engine.model_config.hf_config.save_pretrained(folder)
-        seen: set[int] = set()
-        tensors = {}
-        for name, tensor in state_dict.items():
-            pointer = tensor.untyped_storage().data_ptr()
-            tensors[name] = tensor.detach().clone() if pointer in seen else tensor.detach().contiguous()
-            seen.add(pointer)
-        save_file(tensors, str(folder / "model.safetensors"))
+        sharer = threading.Thread(target=share, name="posttrain-shard-weights")
+        sharer.start()
+        try:
+            self.llm.collective_rpc(_reload_in_shard, args=(self.shard_address, buckets, self.shard_syncs))
+        except BaseException:
+            # The shards stopped reading: their unread buckets are given up, so that the sharer ends.
+            for slot in range(self.tensor_parallel_size):
+                weight_transfer.give_up_buckets(self.shard_store, self.shard_syncs, len(buckets), slot)
+            raise
+        finally:
+            sharer.join()
+        if failure:
+            raise failure[0]
 
     def generate(self, prompts: list[list[int]], sampling: SamplingParams) -> list[Completion]:
         if not prompts:
@@ -189,3 +194,11 @@ def _split_cores(parts: int) -> str:
                          f"this process may use {len(cores)}")
     share = len(cores) // parts
     return "|".join(",".join(map(str, cores[i * share:(i + 1) * share])) for i in range(parts))
+
+
+def _reload_in_shard(worker, address: str, buckets: list[list[weight_transfer.TensorSpec]], sync_id: int) -> None:
+    """Runs in each tensor-parallel shard's process (vLLM's `collective_rpc`): the sync's buckets,
+    read in place as the engine's actor shares them, loaded into this shard's part of the model."""
+    store = weight_transfer.connect_store(address)
+    worker.reload_weights(weights_iterator=weight_transfer.receive_shared_buckets(store, buckets, sync_id, worker.rank),
+                          is_checkpoint_format=True)

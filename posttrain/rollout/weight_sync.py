@@ -16,6 +16,7 @@ import time
 import ray
 
 from posttrain.cluster import WorkerGroup
+from posttrain.train import weight_transfer
 from posttrain.train.policy_group import PolicyGroup
 from posttrain.train.weight_transfer import bucket_nbytes, plan_buckets
 
@@ -60,6 +61,28 @@ class WeightSync:
         slot = self.colocated_ranks[:rank].count(policy_rank)
         self.generators.call_rank(rank, "join_shared_weights", self.addresses[policy_rank], slot, self.buckets)
 
+    def _share(self, sync_id: int) -> None:
+        """One colocated sync. A generator that dies while reading gives up its unread buckets (so
+        that its policy rank does not wait for it), and once the others are done it is restarted
+        and synced afresh (`_restore`), or named if it has no restart left."""
+        sending = self.policy.share_weights_async(sync_id)
+        receiving = self.generators.call_all_async("receive_shared_weights", sync_id)
+        died = []
+        for rank, ref in enumerate(receiving):
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as err:
+                if err.actor_init_failed:
+                    raise
+                died.append((rank, ref))
+                policy_rank = self.colocated_ranks[rank]
+                store = weight_transfer.connect_store(self.addresses[policy_rank], timeout_s=60)
+                slot = self.colocated_ranks[:rank].count(policy_rank)
+                weight_transfer.give_up_buckets(store, sync_id, len(self.buckets), slot)
+        self.policy.workers.results(sending)
+        for rank, ref in died:
+            self.generators.recover(rank, ref)
+
     def _restore(self, rank: int) -> None:
         if self.transport == "collective":
             self._form_group()  # a new group, the restarted worker in it
@@ -80,8 +103,7 @@ class WeightSync:
         if self.transport == "collective":
             ray.get(self.policy.send_weights_async() + self.generators.call_all_async("receive_weights"))
         elif self.transport == "ipc":
-            ray.get(self.policy.share_weights_async(self.syncs)
-                    + self.generators.call_all_async("receive_shared_weights", self.syncs))
+            self._share(self.syncs)
         else:
             self.generators.call_all("update_weights", self.policy.generator_weights())
         return {"time/weight_sync_s": time.perf_counter() - start, "weight_sync/bytes": float(self.bytes)}

@@ -147,6 +147,7 @@ def share_buckets(store: dist.Store, tensors: Iterator[tuple[str, torch.Tensor]]
     valid after that: a file's mapping outlives its name, and CUDA keeps memory that another
     process has opened until it lets go."""
     out: list[tuple[int, _SharedBuffer]] = []  # buckets not yet taken by every receiver
+    announced = 0
     try:
         for index, bucket in enumerate(buckets):
             if len(out) == 2:
@@ -157,9 +158,16 @@ def share_buckets(store: dist.Store, tensors: Iterator[tuple[str, torch.Tensor]]
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the copies are done before anyone reads
             store.set(f"{sync_id}/{index}", pickle.dumps(buffer.handle))
+            announced += 1
         _check_exhausted(tensors)
         while out:
             _release(store, sync_id, receivers, *out.pop(0))
+    except BaseException as err:
+        # The receivers waiting for the buckets that will not come learn why, instead of waiting
+        # for the store's timeout.
+        for index in range(announced, len(buckets)):
+            store.set(f"{sync_id}/{index}", pickle.dumps(("failed", f"{type(err).__name__}: {err}")))
+        raise
     finally:
         for _, buffer in out:
             buffer.close()
@@ -173,6 +181,13 @@ def receive_shared_buckets(store: dist.Store, buckets: list[list[TensorSpec]], s
     for index, bucket in enumerate(buckets):
         flat = _open_shared(pickle.loads(store.get(f"{sync_id}/{index}")))
         yield from _unpack(flat, bucket)
+        store.set(f"{sync_id}/{index}/taken/{slot}", b"1")
+
+
+def give_up_buckets(store: dist.Store, sync_id: int, count: int, slot: int) -> None:
+    """Marks every bucket of a sync as taken by receiver `slot`, which will not read them (it
+    failed or died), so that the sender's `share_buckets` can end."""
+    for index in range(count):
         store.set(f"{sync_id}/{index}/taken/{slot}", b"1")
 
 
@@ -208,6 +223,8 @@ class _SharedBuffer:
 
 
 def _open_shared(handle: tuple) -> torch.Tensor:
+    if handle[0] == "failed":
+        raise RuntimeError(f"weight transfer: the sender failed before this bucket ({handle[1]})")
     if handle[0] == "cuda":
         rebuild, args = handle[1]
         return rebuild(*args)

@@ -75,11 +75,9 @@ def vllm_backend(model_dir, stop_token, ray_session):
     ray.kill(actor)
 
 
-def _weight_folders() -> set[Path]:
-    """The folders tensor-parallel weight updates travel through, wherever they were made."""
-    from posttrain.rollout.vllm import WEIGHTS_FOLDER_PREFIX
-
-    return {p for parent in (Path("/dev/shm"), Path(tempfile.gettempdir())) for p in parent.glob(f"{WEIGHTS_FOLDER_PREFIX}*")}
+def _shared_buckets() -> set[Path]:
+    """The shared-memory files weight buckets travel through to a tensor-parallel engine's shards."""
+    return set(Path("/dev/shm").glob("posttrain-weights-*")) | set(Path(tempfile.gettempdir()).glob("posttrain-weights-*"))
 
 
 def _generate(actor, prompts, params):
@@ -168,31 +166,40 @@ def test_update_weights_reaches_the_engine_and_clears_the_prefix_cache(vllm_back
 def test_a_tensor_parallel_engine_generates_and_takes_weight_updates_like_one(model_dir, stop_token, hf, prompts,
                                                                               ray_session):
     """Two shards (worker processes of the engine's own, each on one core): the HF backend's greedy
-    tokens and log-probs, before and after a weight update that travels through a shared-memory
-    file, which is gone once the shards have read it."""
+    tokens and log-probs, before and after weight updates that the engine's actor hands on to the
+    shards bucket by bucket through shared memory (a whole state dict, then a stream of many small
+    buckets, more than the two it keeps out at once), none left behind."""
     from posttrain.rollout.vllm import VLLMGenerationBackend
+    from posttrain.train.weight_transfer import TensorSpec, plan_buckets
 
     cfg = _cfg(model_dir, stop_token)
     cfg.generation.vllm.tensor_parallel_size = 2
-    folders_before = _weight_folders()
+    files_before = _shared_buckets()
     actor = ray.remote(VLLMGenerationBackend).remote(cfg)
     try:
         reference = HFGenerationBackend(_cfg(model_dir, stop_token))
-        for round_ in range(2):
+        for round_ in range(3):
             ours, theirs = _generate(actor, prompts, GREEDY), reference.generate(prompts, GREEDY)
             assert [c.token_ids for c in ours] == [c.token_ids for c in theirs]
             for completion, expected in zip(ours, theirs, strict=True):
                 # the shards' partial sums are added in another order than one matmul's
                 assert completion.logprobs == pytest.approx(expected.logprobs, abs=5e-4)
+            if round_ == 2:
+                break
+            other = AutoModelForCausalLM.from_pretrained(model_dir)
+            torch.manual_seed(round_)
+            with torch.no_grad():
+                for p in other.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+            weights = other.state_dict()
             if round_ == 0:
-                other = AutoModelForCausalLM.from_pretrained(model_dir)
-                torch.manual_seed(0)
-                with torch.no_grad():
-                    for p in other.parameters():
-                        p.add_(torch.randn_like(p) * 0.5)
-                ray.get(actor.update_weights.remote(other.state_dict()))
-                reference.update_weights(other.state_dict())
-                assert [c.token_ids for c in reference.generate(prompts, GREEDY)] != [c.token_ids for c in theirs]
-        assert _weight_folders() == folders_before  # removed once the shards had read it
+                ray.get(actor.update_weights.remote(weights))
+            else:
+                buckets = plan_buckets([TensorSpec(n, tuple(t.shape), t.dtype) for n, t in weights.items()], 2**15)
+                assert len(buckets) > 2
+                ray.get(actor.load_weights.remote(list(weights.items()), buckets))
+            reference.update_weights(weights)
+            assert [c.token_ids for c in reference.generate(prompts, GREEDY)] != [c.token_ids for c in theirs]
+        assert _shared_buckets() == files_before  # each removed once both shards had read it
     finally:
         ray.kill(actor)

@@ -9,6 +9,7 @@ import socket
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from posttrain.train import weight_transfer as wt
@@ -92,6 +93,16 @@ def test_the_sender_refuses_tensors_that_differ_from_the_plan():
     wrong = [("embed", torch.zeros(11, 8, dtype=torch.float32))]
     with pytest.raises(RuntimeError, match=r"embed \(11, 8\) torch.float32 where the plan has"):
         wt.send_buckets(NoGroup(), iter(wrong), wt.plan_buckets(SPECS, 256), torch.device("cpu"))
+
+
+def test_receivers_of_a_sender_that_failed_are_told_why_instead_of_waiting():
+    store = dist.HashStore()
+    buckets = wt.plan_buckets(SPECS, 256)
+    wrong = [("embed", torch.zeros(11, 8, dtype=torch.float32))]
+    with pytest.raises(RuntimeError, match="where the plan has"):
+        wt.share_buckets(store, iter(wrong), buckets, torch.device("cpu"), sync_id=1, receivers=1)
+    with pytest.raises(RuntimeError, match=r"the sender failed before this bucket \(RuntimeError: .*embed \(11, 8\)"):
+        dict(wt.receive_shared_buckets(store, buckets, sync_id=1, slot=0))
 
 
 def test_a_tensor_on_the_wrong_device_for_the_backend_is_named():
