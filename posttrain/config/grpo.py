@@ -197,6 +197,18 @@ def _check_placement(cfg: GRPORunConfig) -> None:
                 f"{resources.num_nodes or 1} node(s) = {own}) must equal policy.generation.num_workers "
                 f"({gen.num_workers}) x the engines' tensor_parallel_size ({tp}); set "
                 f"policy.generation.num_workers={max(1, own // tp)}")
+        if cluster.num_nodes > 1:  # whole nodes for generation, the others for the policy (NeMo RL's split)
+            nodes = resources.num_nodes or 1
+            require(resources.gpus_per_node == cluster.gpus_per_node and nodes < cluster.num_nodes,
+                    f"on {cluster.num_nodes} nodes the generators take whole nodes: set "
+                    f"policy.generation.colocated.resources.gpus_per_node={cluster.gpus_per_node} (cluster.gpus_per_node) "
+                    f"and resources.num_nodes below cluster.num_nodes ({cluster.num_nodes})")
+            policy_gpus = (cluster.num_nodes - nodes) * cluster.gpus_per_node
+        else:  # a share of the one node's GPUs for generation, the rest for the policy
+            policy_gpus = cluster.gpus_per_node - resources.gpus_per_node
+        require(p.num_workers <= policy_gpus,
+                f"policy.num_workers ({p.num_workers}) needs a GPU each, but the GPUs that "
+                f"policy.generation.colocated.resources leaves the policy are {policy_gpus}")
     engines = f" x policy.generation.vllm.tensor_parallel_size ({tp})" if tp > 1 else ""
     require(gpus == 0 or p.num_workers + gen.num_workers * tp <= gpus,
             f"policy.num_workers ({p.num_workers}) + policy.generation.num_workers ({gen.num_workers}){engines} "

@@ -215,8 +215,9 @@ def _prompts(cfg: GRPORunConfig, tokenizer, tools: list | None) -> tuple[PromptD
 def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
     """What each role asks Ray for, and where. Colocated: generation worker j shares policy rank
     j % policy.num_workers's bundle (its node, and its GPU half and half: the two take turns).
-    Dedicated: a GPU per policy rank, `tensor_parallel_size` per engine. vLLM engines sharing a GPU
-    are checked to fit it."""
+    Dedicated: a GPU per policy rank, `tensor_parallel_size` per engine; with
+    `colocated.resources` set, each role packed onto nodes of its own (the config check made sure
+    the counts split). vLLM engines sharing a GPU are checked to fit it."""
     gen, cluster = cfg.policy.generation, cfg.cluster
     ranks, engines, on_gpus = cfg.policy.num_workers, gen.num_workers, cluster.gpus_per_node > 0
     # Over several nodes, each role's workers go across them (the policy's ranks gather per layer
@@ -233,6 +234,8 @@ def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
             check_engine_memory(1, gen.vllm.gpu_memory_utilization, beside_trainer=False)
         policy_gpus, generation_gpus = (1.0, float(gen.gpus_per_engine)) if on_gpus else (0.0, 0.0)
         policy_bundles = generation_bundles = None
+        if gen.colocated.resources.gpus_per_node is not None:
+            spread = "PACK"  # each role on as few nodes as it fills: the generators' nodes apart from the policy's
     return ResourcePlan([
         RolePlan("policy", ranks, 1.0, policy_gpus, "policy.num_workers", spread, policy_bundles),
         RolePlan("generation", engines, 1.0, generation_gpus, "policy.generation.num_workers", spread,

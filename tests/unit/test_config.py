@@ -488,6 +488,21 @@ def test_dedicated_generators_need_gpus_of_their_own_beside_the_policy_ranks():
         grpo("policy.num_workers=4", "cluster.gpus_per_node=2")
 
 
+def test_dedicated_generation_resources_split_the_gpus_with_the_policy():
+    two_nodes = ["cluster.num_nodes=2", "cluster.gpus_per_node=8", "policy.train_global_batch_size=64", DEDICATED]
+    cfg = grpo(*two_nodes, "policy.num_workers=8", "policy.generation.num_workers=8",
+               "policy.generation.colocated.resources.gpus_per_node=8", "policy.generation.colocated.resources.num_nodes=1")
+    assert cfg.policy.generation.colocated.resources.num_nodes == 1
+    with pytest.raises(ConfigError, match=r"on 2 nodes the generators take whole nodes: set "
+                                          r"policy\.generation\.colocated\.resources\.gpus_per_node=8"):
+        grpo(*two_nodes, "policy.num_workers=8", "policy.generation.num_workers=4",
+             "policy.generation.colocated.resources.gpus_per_node=4")
+    with pytest.raises(ConfigError, match=r"policy\.num_workers \(8\) needs a GPU each, but the GPUs that "
+                                          r"policy\.generation\.colocated\.resources leaves the policy are 6"):
+        grpo("cluster.gpus_per_node=8", "policy.num_workers=8", "policy.generation.num_workers=2", DEDICATED,
+             "policy.train_global_batch_size=64", "policy.generation.colocated.resources.gpus_per_node=2")
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     (["policy.generation.colocated.resources.gpus_per_node=4", "cluster.gpus_per_node=8"],
      r"colocated\.resources sets the generators' own GPUs, which colocated generators do not have"),

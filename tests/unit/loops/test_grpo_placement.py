@@ -69,3 +69,12 @@ def test_vllm_engines_sharing_the_policy_gpu_must_leave_the_trainer_room():
     cfg.policy.generation.colocated.enabled = False  # alone on its GPU, an engine may take more
     cfg.policy.generation.vllm.gpu_memory_utilization = 0.9
     assert _resource_plan(cfg).gpus == 3.0
+
+
+def test_dedicated_generation_nodes_pack_each_role_onto_nodes_of_its_own():
+    cfg = _cfg(gpus_per_node=8, policy_workers=8, generators=8, colocated=False)
+    cfg.cluster.num_nodes = 2
+    assert {r.strategy for r in _resource_plan(cfg).roles} == {"SPREAD"}  # no split asked for: across both
+    cfg.policy.generation.colocated.resources.gpus_per_node = 8
+    cfg.policy.generation.colocated.resources.num_nodes = 1
+    assert {r.strategy for r in _resource_plan(cfg).roles} == {"PACK"}
