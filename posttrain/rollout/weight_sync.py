@@ -55,11 +55,13 @@ class WeightSync:
                 + self.generators.call_each_async("join_weight_transfer", [
                     (address, 1 + rank, world_size, self.buckets) for rank in range(self.generators.num_workers)]))
 
-    def _join_shared(self, rank: int) -> None:
-        """Generation worker `rank` finds its policy rank's store; its slot: its place among that rank's receivers."""
+    def _beside(self, rank: int) -> tuple[str, int]:
+        """Generation worker `rank`'s policy rank's store address, and its slot: its place among that rank's receivers."""
         policy_rank = self.colocated_ranks[rank]
-        slot = self.colocated_ranks[:rank].count(policy_rank)
-        self.generators.call_rank(rank, "join_shared_weights", self.addresses[policy_rank], slot, self.buckets)
+        return self.addresses[policy_rank], self.colocated_ranks[:rank].count(policy_rank)
+
+    def _join_shared(self, rank: int) -> None:
+        self.generators.call_rank(rank, "join_shared_weights", *self._beside(rank), self.buckets)
 
     def _share(self, sync_id: int) -> None:
         """One colocated sync. A generator that dies while reading gives up its unread buckets (so
@@ -75,10 +77,9 @@ class WeightSync:
                 if err.actor_init_failed:
                     raise
                 died.append((rank, ref))
-                policy_rank = self.colocated_ranks[rank]
-                store = weight_transfer.connect_store(self.addresses[policy_rank], timeout_s=60)
-                slot = self.colocated_ranks[:rank].count(policy_rank)
-                weight_transfer.give_up_buckets(store, sync_id, len(self.buckets), slot)
+                address, slot = self._beside(rank)
+                weight_transfer.give_up_buckets(weight_transfer.connect_store(address, timeout_s=60), sync_id,
+                                                len(self.buckets), slot)
         self.policy.workers.results(sending)
         for rank, ref in died:
             self.generators.recover(rank, ref)

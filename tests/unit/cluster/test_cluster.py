@@ -8,7 +8,7 @@ import pytest
 import ray
 import torch
 
-from posttrain.cluster import WorkerGroup, init_ray, shard
+from posttrain.cluster import SharedBundles, WorkerGroup, init_ray, shard
 from posttrain.config import ClusterConfig, ConfigError
 
 
@@ -198,3 +198,18 @@ def test_a_worker_that_dies_without_restarts_is_named_by_rank_and_node(local_ray
         with pytest.raises(WorkerDiedError, match=r"worker group 'mortal': rank 0 \(on node [\d.]+\) died: .*"
                                                   r"running the same command again resumes"):
             g.call_rank(0, "double_or_die", [1], str(marker))
+
+
+def test_workers_of_two_groups_share_bundles_which_outlive_them_until_removed(local_ray):
+    shared = SharedBundles([{"CPU": 1.0}], name="shared")
+    try:
+        with WorkerGroup(Doubler, 1, name="a", num_cpus_per_worker=0.5, bundles=(shared, [0])) as a, \
+                WorkerGroup(Doubler, 1, name="b", num_cpus_per_worker=0.5, bundles=(shared, [0])) as b:
+            assert a.call_all("double", [1]) == b.call_all("double", [1]) == [[(0, 2)]]  # both fit the one bundle
+        assert ray.util.placement_group_table(shared.placement_group)["state"] == "CREATED"
+    finally:
+        group = shared.placement_group
+        shared.remove()
+    assert ray.util.placement_group_table(group)["state"] == "REMOVED"
+    with pytest.raises(ValueError, match=r"worker group 'c': 2 workers, 1 bundle indices"):
+        WorkerGroup(Doubler, 2, name="c", bundles=(shared, [0]))

@@ -91,3 +91,8 @@ def test_a_generator_that_dies_mid_sync_without_restarts_is_named(actors):
     marker.touch()
     with pytest.raises(WorkerDiedError, match=r"worker group 'generation': rank [01] \(on node [\d.]+\) died"):
         sync.sync()
+
+
+def test_ipc_needs_the_policy_rank_of_each_generator():
+    with pytest.raises(ValueError, match="weight sync over ipc needs each generator's colocated policy rank"):
+        WeightSync(None, None, "ipc", bucket_mb=1)
