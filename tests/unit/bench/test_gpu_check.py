@@ -4,6 +4,8 @@ the GPU-only ones say they were skipped."""
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -22,3 +24,10 @@ def test_the_gpu_check_runs_dry_on_the_cpu(monkeypatch, tmp_path, capsys):
     assert results["logprob_memory"]["skipped"]
     # the colocated sync through shared memory, each tensor checked by the receiving process
     assert results["colocation"]["weight_sync_bytes"] > 0 and results["colocation"]["weight_sync_s"] > 0
+
+
+def test_the_gpu_check_imports_nothing_that_needs_ray():
+    """The GPU machine has no Ray: with `import ray` made to fail, the check and what it imports still load."""
+    code = "import sys; sys.modules['ray'] = None; import bench.gpu_check"
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
