@@ -40,8 +40,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: SchedulerConfig, tota
 
 
 def move_optimizer_state(optimizer: torch.optim.Optimizer, device: torch.device | str) -> None:
-    """Every state tensor of `optimizer` (AdamW's moments and step counts) moved to `device`."""
+    """Every state tensor of `optimizer` (AdamW's moments) moved to `device`. Scalars (step counts)
+    stay where the optimizer keeps them: they are tiny, and AdamW reads a step it keeps on the CPU
+    with a device sync per parameter if it finds it on the GPU."""
     for state in optimizer.state.values():
         for key, value in state.items():
-            if isinstance(value, torch.Tensor):
+            if isinstance(value, torch.Tensor) and value.dim() > 0:
                 state[key] = value.to(device, non_blocking=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from posttrain.config import OptimizerConfig, SchedulerConfig
-from posttrain.train.optim import build_optimizer, build_scheduler, lr_multiplier
+from posttrain.train.optim import build_optimizer, build_scheduler, lr_multiplier, move_optimizer_state
 
 
 def test_warmup_is_linear_and_reaches_peak():
@@ -93,3 +93,14 @@ def test_frozen_params_are_left_out():
 
 def test_cpu_parameters_get_the_fused_adamw():
     assert build_optimizer(tiny_model(), OptimizerConfig()).defaults["fused"]
+
+
+def test_moving_optimizer_state_moves_the_moments_and_leaves_the_step_counts():
+    model = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(model.parameters(), foreach=True)  # keeps its step counts on the CPU
+    model(torch.ones(1, 4)).sum().backward()
+    optimizer.step()
+    move_optimizer_state(optimizer, "meta")  # a device other than the CPU, on any machine
+    for state in optimizer.state.values():
+        assert state["exp_avg"].is_meta and state["exp_avg_sq"].is_meta
+        assert state["step"].device.type == "cpu"
