@@ -201,11 +201,11 @@ def check_generation(model_dir: Path, device: torch.device, length: int) -> dict
             "logprob_mismatch_mean": float(difference.mean()), "logprob_mismatch_max": float(difference.max())}
 
 
-def _colocated_generator(address: str, buckets: list, queue) -> None:
+def _colocated_generator(address: str, key: bytes, buckets: list, queue) -> None:
     """A colocated generator's side of one weight sync: each tensor read in place, its checksum sent back."""
     store = weight_transfer.connect_store(address, timeout_s=120)
     queue.put({name: float(view.double().sum())
-               for name, view in weight_transfer.receive_shared_buckets(store, buckets, 1, slot=0)})
+               for name, view in weight_transfer.receive_shared_buckets(store, key, buckets, 1, slot=0)})
 
 
 def check_colocation(model_dir: Path, device: torch.device) -> dict:
@@ -231,15 +231,15 @@ def check_colocation(model_dir: Path, device: torch.device) -> dict:
 
     specs = [weight_transfer.TensorSpec(n, tuple(t.shape), t.dtype) for n, t in policy.generator_tensors()]
     buckets = weight_transfer.plan_buckets(specs, 512 * 2**20)
-    address = _free_address()
+    address, key = _free_address(), weight_transfer.new_key()
     store = weight_transfer.serve_store(address, timeout_s=120)
     context = mp.get_context("spawn")
     queue = context.Queue()
-    child = context.Process(target=_colocated_generator, args=(address, buckets, queue))
+    child = context.Process(target=_colocated_generator, args=(address, key, buckets, queue))
     child.start()
     try:
         start = time.perf_counter()
-        weight_transfer.share_buckets(store, policy.generator_tensors(), buckets, device, 1, receivers=1)
+        weight_transfer.share_buckets(store, key, policy.generator_tensors(), buckets, device, 1, receivers=1)
         out["weight_sync_s"] = time.perf_counter() - start
         received = queue.get(timeout=120)
     finally:

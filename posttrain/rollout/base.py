@@ -78,15 +78,16 @@ class GenerationBackend(ABC):
         group, buckets = self.transfer
         self.load_weights(weight_transfer.receive_buckets(group, buckets, self.transfer_device), buckets)
 
-    def join_shared_weights(self, address: str, slot: int, buckets: list[list[weight_transfer.TensorSpec]]) -> None:
+    def join_shared_weights(self, address: str, key: bytes, slot: int,
+                            buckets: list[list[weight_transfer.TensorSpec]]) -> None:
         """Colocated: finds the buckets of the policy rank beside it through that rank's store at
-        `address`, as its `slot`-th receiver."""
-        self.shared = weight_transfer.connect_store(address), slot, buckets
+        `address` (announcements signed with `key`), as its `slot`-th receiver."""
+        self.shared = weight_transfer.connect_store(address), key, slot, buckets
 
     def receive_shared_weights(self, sync_id: int) -> None:
         """One colocated weight sync, each bucket read in place (CUDA IPC, or shared memory on a CPU)."""
-        store, slot, buckets = self.shared
-        self.load_weights(weight_transfer.receive_shared_buckets(store, buckets, sync_id, slot), buckets)
+        store, key, slot, buckets = self.shared
+        self.load_weights(weight_transfer.receive_shared_buckets(store, key, buckets, sync_id, slot), buckets)
 
     @abstractmethod
     def sleep(self, level: int) -> None:

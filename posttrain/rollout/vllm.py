@@ -127,22 +127,23 @@ class VLLMGenerationBackend(GenerationBackend):
             specs = [weight_transfer.TensorSpec(name, tuple(t.shape), t.dtype) for name, t in weights]
             buckets = weight_transfer.plan_buckets(specs, self.cfg.generation.refit_bucket_mb * 2**20)
         if getattr(self, "shard_store", None) is None:
-            self.shard_address = free_tcp_address()
+            self.shard_address, self.shard_key = free_tcp_address(), weight_transfer.new_key()
             self.shard_store, self.shard_syncs = weight_transfer.serve_store(self.shard_address), 0
         self.shard_syncs += 1
         failure: list[BaseException] = []
 
         def share() -> None:
             try:
-                weight_transfer.share_buckets(self.shard_store, iter(weights), buckets, self.transfer_device,
-                                              self.shard_syncs, self.tensor_parallel_size)
+                weight_transfer.share_buckets(self.shard_store, self.shard_key, iter(weights), buckets,
+                                              self.transfer_device, self.shard_syncs, self.tensor_parallel_size)
             except BaseException as err:  # noqa: BLE001 - raised again in the calling thread
                 failure.append(err)
 
         sharer = threading.Thread(target=share, name="posttrain-shard-weights")
         sharer.start()
         try:
-            self.llm.collective_rpc(_reload_in_shard, args=(self.shard_address, buckets, self.shard_syncs))
+            self.llm.collective_rpc(_reload_in_shard, args=(self.shard_address, self.shard_key, buckets,
+                                                            self.shard_syncs))
         except BaseException:
             # The shards stopped reading: their unread buckets are given up, so that the sharer ends.
             for slot in range(self.tensor_parallel_size):
@@ -196,9 +197,10 @@ def _split_cores(parts: int) -> str:
     return "|".join(",".join(map(str, cores[i * share:(i + 1) * share])) for i in range(parts))
 
 
-def _reload_in_shard(worker, address: str, buckets: list[list[weight_transfer.TensorSpec]], sync_id: int) -> None:
+def _reload_in_shard(worker, address: str, key: bytes, buckets: list[list[weight_transfer.TensorSpec]],
+                     sync_id: int) -> None:
     """Runs in each tensor-parallel shard's process (vLLM's `collective_rpc`): the sync's buckets,
     read in place as the engine's actor shares them, loaded into this shard's part of the model."""
-    store = weight_transfer.connect_store(address)
-    worker.reload_weights(weights_iterator=weight_transfer.receive_shared_buckets(store, buckets, sync_id, worker.rank),
-                          is_checkpoint_format=True)
+    weights = weight_transfer.receive_shared_buckets(weight_transfer.connect_store(address), key, buckets, sync_id,
+                                                     worker.rank)
+    worker.reload_weights(weights_iterator=weights, is_checkpoint_format=True)

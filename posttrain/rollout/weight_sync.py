@@ -42,8 +42,8 @@ class WeightSync:
             self._form_group()
         elif transport == "ipc":
             counts = collections.Counter(colocated_ranks)
-            self.addresses = policy.serve_shared_weights([counts[r] for r in range(policy.workers.num_workers)],
-                                                         self.buckets)
+            self.stores = policy.serve_shared_weights([counts[r] for r in range(policy.workers.num_workers)],
+                                                      self.buckets)
             for rank in range(generators.num_workers):
                 self._join_shared(rank)
         generators.on_restart = self._restore
@@ -55,10 +55,11 @@ class WeightSync:
                 + self.generators.call_each_async("join_weight_transfer", [
                     (address, 1 + rank, world_size, self.buckets) for rank in range(self.generators.num_workers)]))
 
-    def _beside(self, rank: int) -> tuple[str, int]:
-        """Generation worker `rank`'s policy rank's store address, and its slot: its place among that rank's receivers."""
+    def _beside(self, rank: int) -> tuple[str, bytes, int]:
+        """Generation worker `rank`'s policy rank's store address and key, and its slot: its place
+        among that rank's receivers."""
         policy_rank = self.colocated_ranks[rank]
-        return self.addresses[policy_rank], self.colocated_ranks[:rank].count(policy_rank)
+        return *self.stores[policy_rank], self.colocated_ranks[:rank].count(policy_rank)
 
     def _join_shared(self, rank: int) -> None:
         self.generators.call_rank(rank, "join_shared_weights", *self._beside(rank), self.buckets)
@@ -77,7 +78,7 @@ class WeightSync:
                 if err.actor_init_failed:
                     raise
                 died.append((rank, ref))
-                address, slot = self._beside(rank)
+                address, _, slot = self._beside(rank)
                 weight_transfer.give_up_buckets(weight_transfer.connect_store(address, timeout_s=60), sync_id,
                                                 len(self.buckets), slot)
         self.policy.workers.results(sending)

@@ -87,15 +87,16 @@ class PolicyWorker:
             return
         weight_transfer.send_buckets(self.transfer_group, tensors, self.transfer_buckets, self.policy.device)
 
-    def serve_shared_weights(self, receivers: int, buckets: list[list[TensorSpec]]) -> str | None:
+    def serve_shared_weights(self, receivers: int, buckets: list[list[TensorSpec]]) -> tuple[str, bytes] | None:
         """Colocated: a rank with `receivers` generators beside it serves the store they find its
-        buckets through, and returns its address (None for a rank with none)."""
+        buckets through, and returns its address and the key its announcements are signed with
+        (None for a rank with none)."""
         self.transfer_buckets, self.receivers, self.shared_store = buckets, receivers, None
         if receivers == 0:
             return None
-        address = free_tcp_address()
+        address, self.shared_key = free_tcp_address(), weight_transfer.new_key()
         self.shared_store = weight_transfer.serve_store(address)
-        return address
+        return address, self.shared_key
 
     def share_weights(self, sync_id: int) -> None:
         """One colocated sync: this rank's buckets handed to the generators beside it, if any."""
@@ -103,8 +104,8 @@ class PolicyWorker:
         if self.shared_store is None:
             _drain(tensors)
             return
-        weight_transfer.share_buckets(self.shared_store, tensors, self.transfer_buckets, self.policy.device,
-                                      sync_id, self.receivers)
+        weight_transfer.share_buckets(self.shared_store, self.shared_key, tensors, self.transfer_buckets,
+                                      self.policy.device, sync_id, self.receivers)
 
     def offload_optimizer(self) -> None:
         self.policy.offload_optimizer()
@@ -187,8 +188,9 @@ class PolicyGroup:
         """Every rank's part of a weight transfer (await them with the generators' `receive_weights`)."""
         return self.workers.call_all_async("send_weights")
 
-    def serve_shared_weights(self, receivers_per_rank: list[int], buckets: list[list[TensorSpec]]) -> list[str | None]:
-        """Colocated weight sync: each rank's store address, for the generators beside it."""
+    def serve_shared_weights(self, receivers_per_rank: list[int],
+                             buckets: list[list[TensorSpec]]) -> list[tuple[str, bytes] | None]:
+        """Colocated weight sync: each rank's store address and key, for the generators beside it."""
         return self.workers.call_each("serve_shared_weights", [(n, buckets) for n in receivers_per_rank])
 
     def share_weights_async(self, sync_id: int) -> list[ray.ObjectRef]:

@@ -18,8 +18,11 @@ tensors, and given to every member at set-up. Two ways to hand a bucket over:
 from __future__ import annotations
 
 import datetime
+import hashlib
+import hmac
 import os
 import pickle
+import secrets
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -140,8 +143,27 @@ def connect_store(address: str, timeout_s: float = 600.0) -> dist.TCPStore:
     return dist.TCPStore(host, int(port), None, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
 
 
-def share_buckets(store: dist.Store, tensors: Iterator[tuple[str, torch.Tensor]], buckets: list[list[TensorSpec]],
-                  device: torch.device, sync_id: int, receivers: int) -> None:
+def new_key() -> bytes:
+    """A secret that signs one sender's announcements (give it to the receivers through Ray)."""
+    return secrets.token_bytes(32)
+
+
+def _announce(store: dist.Store, key: bytes, name: str, value: object) -> None:
+    payload = pickle.dumps(value)
+    store.set(name, hmac.new(key, payload, hashlib.sha256).digest() + payload)
+
+
+def _announced(store: dist.Store, key: bytes, name: str) -> object:
+    signed = store.get(name)
+    signature, payload = signed[:32], signed[32:]
+    if not hmac.compare_digest(signature, hmac.new(key, payload, hashlib.sha256).digest()):
+        raise RuntimeError(f"weight transfer: the announcement {name!r} in the store is not signed with this "
+                           "transfer's key (another process wrote it); it is not read")
+    return pickle.loads(payload)
+
+
+def share_buckets(store: dist.Store, key: bytes, tensors: Iterator[tuple[str, torch.Tensor]],
+                  buckets: list[list[TensorSpec]], device: torch.device, sync_id: int, receivers: int) -> None:
     """A policy rank's side of a colocated sync: each bucket packed into a fresh shared buffer and
     announced; returns once all `receivers` have taken every bucket. The receivers' views stay
     valid after that: a file's mapping outlives its name, and CUDA keeps memory that another
@@ -157,7 +179,7 @@ def share_buckets(store: dist.Store, tensors: Iterator[tuple[str, torch.Tensor]]
             _pack(buffer.tensor, tensors, bucket)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)  # the copies are done before anyone reads
-            store.set(f"{sync_id}/{index}", pickle.dumps(buffer.handle))
+            _announce(store, key, f"{sync_id}/{index}", buffer.handle)
             announced += 1
         _check_exhausted(tensors)
         while out:
@@ -166,20 +188,20 @@ def share_buckets(store: dist.Store, tensors: Iterator[tuple[str, torch.Tensor]]
         # The receivers waiting for the buckets that will not come learn why, instead of waiting
         # for the store's timeout.
         for index in range(announced, len(buckets)):
-            store.set(f"{sync_id}/{index}", pickle.dumps(("failed", f"{type(err).__name__}: {err}")))
+            _announce(store, key, f"{sync_id}/{index}", ("failed", f"{type(err).__name__}: {err}"))
         raise
     finally:
         for _, buffer in out:
             buffer.close()
 
 
-def receive_shared_buckets(store: dist.Store, buckets: list[list[TensorSpec]], sync_id: int,
+def receive_shared_buckets(store: dist.Store, key: bytes, buckets: list[list[TensorSpec]], sync_id: int,
                            slot: int) -> Iterator[tuple[str, torch.Tensor]]:
     """A colocated generator's side (`slot`: its number among its policy rank's receivers): views
     into each bucket as it is announced. A bucket counts as taken once the consumer asks for the
     next tensor after it."""
     for index, bucket in enumerate(buckets):
-        flat = _open_shared(pickle.loads(store.get(f"{sync_id}/{index}")))
+        flat = _open_shared(_announced(store, key, f"{sync_id}/{index}"))
         yield from _unpack(flat, bucket)
         store.set(f"{sync_id}/{index}/taken/{slot}", b"1")
 

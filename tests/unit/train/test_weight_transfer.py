@@ -47,16 +47,17 @@ def _member(rank: int, address: str, buckets, folder: str) -> None:
     torch.save(result, f"{folder}/{rank}.pt")
 
 
-def _shared_member(rank: int, address: str, buckets, folder: str) -> None:
+def _shared_member(rank: int, address: str, key: bytes, buckets, folder: str) -> None:
     if rank == 0:
         store = wt.serve_store(address, timeout_s=60)
         for sync_id in (1, 2):  # the second sync sends other values under fresh keys
-            wt.share_buckets(store, iter(_tensors(seed=sync_id)), buckets, torch.device("cpu"), sync_id, receivers=2)
+            wt.share_buckets(store, key, iter(_tensors(seed=sync_id)), buckets, torch.device("cpu"), sync_id,
+                             receivers=2)
         return
     store = wt.connect_store(address, timeout_s=60)
     for sync_id in (1, 2):
         # Views kept, not copied, past the sender's release of their buckets: the mappings stay valid.
-        views = dict(wt.receive_shared_buckets(store, buckets, sync_id, slot=rank - 1))
+        views = dict(wt.receive_shared_buckets(store, key, buckets, sync_id, slot=rank - 1))
         torch.save({name: view.clone() for name, view in views.items()}, f"{folder}/{rank}-{sync_id}.pt")
 
 
@@ -78,7 +79,7 @@ def test_buckets_shared_in_place_reach_every_receiver_and_leave_nothing_behind(t
     before = set(glob.glob("/dev/shm/posttrain-weights-*"))
     buckets = wt.plan_buckets(SPECS, 256)
     assert len(buckets) == 3  # more than the two the sender keeps out at once
-    mp.spawn(_shared_member, args=(_free_address(), buckets, str(tmp_path)), nprocs=3)
+    mp.spawn(_shared_member, args=(_free_address(), wt.new_key(), buckets, str(tmp_path)), nprocs=3)
     for rank in (1, 2):
         for sync_id in (1, 2):
             _check_received(torch.load(tmp_path / f"{rank}-{sync_id}.pt"), seed=sync_id)
@@ -96,13 +97,28 @@ def test_the_sender_refuses_tensors_that_differ_from_the_plan():
 
 
 def test_receivers_of_a_sender_that_failed_are_told_why_instead_of_waiting():
-    store = dist.HashStore()
+    store, key = dist.HashStore(), wt.new_key()
     buckets = wt.plan_buckets(SPECS, 256)
     wrong = [("embed", torch.zeros(11, 8, dtype=torch.float32))]
     with pytest.raises(RuntimeError, match="where the plan has"):
-        wt.share_buckets(store, iter(wrong), buckets, torch.device("cpu"), sync_id=1, receivers=1)
+        wt.share_buckets(store, key, iter(wrong), buckets, torch.device("cpu"), sync_id=1, receivers=1)
     with pytest.raises(RuntimeError, match=r"the sender failed before this bucket \(RuntimeError: .*embed \(11, 8\)"):
-        dict(wt.receive_shared_buckets(store, buckets, sync_id=1, slot=0))
+        dict(wt.receive_shared_buckets(store, key, buckets, sync_id=1, slot=0))
+
+
+class _Planted:
+    def __reduce__(self):
+        return (exec, ("raise SystemExit('a planted pickle ran')",))
+
+
+def test_an_announcement_not_signed_with_the_key_is_never_unpickled():
+    """Any process on the node can reach the store: what it plants there is refused, not run."""
+    import pickle
+
+    store = dist.HashStore()
+    store.set("1/0", bytes(32) + pickle.dumps(_Planted()))
+    with pytest.raises(RuntimeError, match=r"announcement '1/0' in the store is not signed with this transfer's key"):
+        next(wt.receive_shared_buckets(store, wt.new_key(), wt.plan_buckets(SPECS, 256), sync_id=1, slot=0))
 
 
 def test_a_tensor_on_the_wrong_device_for_the_backend_is_named():
