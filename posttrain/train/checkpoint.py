@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import random
 import shutil
 import uuid
@@ -33,6 +34,23 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def load_rng_state(file: Path) -> dict[str, Any]:
+    """`rng.pt` through torch's restricted unpickler, with numpy's array types (the numpy state's
+    key array) its only additions: a file planted in a checkpoint folder cannot run code when a
+    run resumes from it."""
+    # what a pickled numpy array names: numpy's array constructor (wherever this numpy keeps it),
+    # the array and dtype types, and the uint32 dtype of the state's keys
+    numpy_array = [np.zeros(0).__reduce__()[0], np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+    try:
+        with torch.serialization.safe_globals(numpy_array):
+            return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ConfigError(f"{file} holds more than tensors, numbers and numpy arrays, so it was not written by "
+                          f"posttrain, and it is not loaded (unpickling it could run code); delete "
+                          f"{file.parent} to resume from an earlier checkpoint, or set checkpointing.resume=never "
+                          f"({str(err).splitlines()[0]})") from err
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -153,7 +171,7 @@ def resume_training(resume_dir: Path | None, policy, sampler, total_steps: int, 
     state = read_state(resume_dir)
     policy.load_training_state(resume_dir)
     sampler.load_state_dict(state["sampler"])
-    set_rng_state(torch.load(resume_dir / "rng.pt", weights_only=False))
+    set_rng_state(load_rng_state(resume_dir / "rng.pt"))
     console.print(resumed_message(resume_dir, state["step"], total_steps))
     return state["step"]
 

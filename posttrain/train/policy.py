@@ -328,16 +328,17 @@ class Policy:
             torch.save(self.grad_scaler.state_dict(), directory / "grad_scaler.pt")
 
     def load_training_state(self, directory: Path) -> None:
-        """Optimizer and schedule state; the weights were loaded at construction (`weights_path`)."""
+        """Optimizer and schedule state; the weights were loaded at construction (`weights_path`).
+        Every file goes through torch's restricted unpickler: one planted there cannot run code."""
         optimizer_state = torch.load(directory / "optimizer.pt", map_location="cpu" if is_sharded(self.model)
-                                     else self.device)
+                                     else self.device, weights_only=True)
         if is_sharded(self.model):
             load_full_optimizer_state(self.model, self.optimizer, optimizer_state)
         else:
             self.optimizer.load_state_dict(optimizer_state)
-        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt"))
+        self.scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=True))
         if self.grad_scaler and (directory / "grad_scaler.pt").is_file():
-            self.grad_scaler.load_state_dict(torch.load(directory / "grad_scaler.pt"))
+            self.grad_scaler.load_state_dict(torch.load(directory / "grad_scaler.pt", weights_only=True))
 
     def _own_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict, whole (gathered to CPU on rank 0, empty elsewhere, when sharded)."""

@@ -16,6 +16,7 @@ from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
     find_resume_checkpoint,
+    load_rng_state,
     read_state,
     resumed_message,
     rng_state,
@@ -152,11 +153,12 @@ def test_check_identity_missing_key_in_checkpoint(tmp_path):
         check_identity({"model": "m"}, {"model": "m", "config_hash": "abc"}, tmp_path)
 
 
-def test_rng_state_round_trip():
+def test_rng_state_round_trip(tmp_path):
     random.seed(1)
     np.random.seed(1)
     torch.manual_seed(1)
-    state = rng_state()
+    torch.save(rng_state(), tmp_path / "rng.pt")
+    state = load_rng_state(tmp_path / "rng.pt")  # through the restricted unpickler, as at resume
     first = (torch.rand(5), random.random(), np.random.rand(3))
     set_rng_state(state)
     second = (torch.rand(5), random.random(), np.random.rand(3))
@@ -165,6 +167,20 @@ def test_rng_state_round_trip():
     assert np.array_equal(first[2], second[2])
     # And the draws really moved the generators on.
     assert not torch.equal(torch.rand(5), first[0])
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("touch planted-ran",))
+
+
+def test_an_rng_file_planted_in_a_checkpoint_is_refused_not_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"python": _Planted()}, tmp_path / "rng.pt")
+    with pytest.raises(ConfigError, match=r"rng\.pt holds more than tensors, numbers and numpy arrays, so it was not "
+                                          r"written by posttrain, and it is not loaded.*checkpointing\.resume=never"):
+        load_rng_state(tmp_path / "rng.pt")
+    assert not (tmp_path / "planted-ran").exists()
 
 
 def test_nan_metric_is_ranked_last_not_kept_as_best(tmp_path):
