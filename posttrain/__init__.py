@@ -34,6 +34,7 @@ _API = {
     "load_config": "posttrain.config",
     "Environment": "posttrain.envs.base",
     "EnvStepResult": "posttrain.envs.base",
+    "Invalid": "posttrain.envs.base",
 }
 
 __all__ = ["__version__", *_API]

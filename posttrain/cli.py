@@ -26,6 +26,7 @@ from posttrain.config import (
     load_config,
 )
 from posttrain.data.sources import DataError
+from posttrain.envs.base import InvalidRolloutsError
 
 T = TypeVar("T")
 
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         message = ray_error_message(err)
         cluster = sys.modules.get("posttrain.cluster.ray_cluster")  # loaded if a worker group ran
         died = cluster is not None and isinstance(err, cluster.WorkerDiedError)
-        if message is None and not died and not isinstance(err, ConfigError | DataError | OSError | FloatingPointError):
+        if message is None and not died and not isinstance(
+                err, ConfigError | DataError | InvalidRolloutsError | OSError | FloatingPointError):
             raise
         if args.debug:
             traceback.print_exception(err)

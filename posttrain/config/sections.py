@@ -232,7 +232,15 @@ class EnvConfig:
     # tests), "number_guess", "reward_model", or your own Environment subclass as "package.module:Class"
     name: str = "math"
     reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
-    error_reward: float = 0.0  # reward given when the reward function raises
+    error_reward: float = 0.0  # reward of an invalid sample under invalid_policy=error_reward
+    # A sample whose scoring failed (its reward function raised, the row had no reference, a tool
+    # or sandbox crashed) is invalid, with a reason: "mask" leaves it out of its group's baseline and
+    # of the loss; "error_reward" trains it with `error_reward` like any other sample.
+    invalid_policy: Literal["mask", "error_reward"] = "mask"
+    # A run stops when more than this fraction of a step's samples is invalid for
+    # `max_invalid_steps` steps in a row (a broken reward function, not a hard prompt).
+    max_invalid_fraction: float = 0.5
+    max_invalid_steps: int = 3
     num_workers: int = 1  # environment actors
     reward_model_path: str | None = None  # env.name=reward_model: a folder exported by `posttrain rm`
     reward_model_batch_size: int = 32  # sequences per reward-model forward pass
@@ -376,6 +384,9 @@ def check_env(env: EnvConfig) -> None:
     require(env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {env.sandbox_timeout_s}")
     for key in ("sandbox_memory_mb", "sandbox_max_output_chars", "sandbox_parallel", "reward_model_batch_size"):
         require(getattr(env, key) > 0, f"env.{key} must be > 0, got {getattr(env, key)}")
+    require(0 < env.max_invalid_fraction <= 1,
+            f"env.max_invalid_fraction must be in (0, 1] (1: never stop), got {env.max_invalid_fraction}")
+    require(env.max_invalid_steps >= 1, f"env.max_invalid_steps must be >= 1, got {env.max_invalid_steps}")
     require(env.name != "reward_model" or bool(env.reward_model_path),
             "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
 

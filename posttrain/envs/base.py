@@ -27,6 +27,22 @@ class EnvStepResult:
     observations: list[list[Message]]  # messages to append before the next turn; [] when done
     done: list[bool]
     metadata: list[dict[str, Any]]  # per sample, for logs: e.g. "extracted_answer", "reward_error"
+    # Per sample, why it could not be scored (its reward is then no measure of the response: see
+    # env.invalid_policy), or None; None for the whole batch: every sample was scored. An invalid
+    # sample's episode ends.
+    invalid: list[str | None] | None = None
+
+
+@dataclass(frozen=True)
+class Invalid:
+    """What a reward function returns for a sample it cannot score, with the reason (a short
+    name, counted as rollout/invalid/<reason>)."""
+
+    reason: str
+
+
+class InvalidRolloutsError(RuntimeError):
+    """Too many samples could not be scored for too long (env.max_invalid_fraction)."""
 
 
 @dataclass
@@ -46,6 +62,7 @@ class EnvOutcome:
     observation: list[Message]
     done: bool
     metadata: dict[str, Any]
+    invalid: str | None = None  # why it could not be scored, if it could not
 
 
 class Environment(ABC):

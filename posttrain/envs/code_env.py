@@ -21,11 +21,12 @@ class CodeEnvironment(Environment):
         n = len(responses)
         rewards, observations, done = [0.0] * n, [[] for _ in range(n)], [False] * n
         infos: list[dict[str, Any]] = [{} for _ in range(n)]
+        invalid: list[str | None] = [None] * n
         to_run: dict[int, str] = {}
         for i, (response, meta) in enumerate(zip(responses, metadata, strict=True)):
             tests = meta.get("answer")
             if not isinstance(tests, str) or not tests.strip():
-                rewards[i], done[i] = self.cfg.error_reward, True
+                rewards[i], done[i], invalid[i] = self.cfg.error_reward, True, "bad_row"
                 infos[i]["reward_error"] = "the row has no test code (metadata 'answer'; see data.answer_key)"
                 continue
             cut_off = ends_in_open_code_block(response)
@@ -43,4 +44,4 @@ class CodeEnvironment(Environment):
                 rewards[i], done[i] = 1.0, True
             else:
                 observations[i] = [{"role": "user", "content": f"The tests failed:\n```\n{result.output.strip()}\n```"}]
-        return EnvStepResult(rewards, observations, done, infos)
+        return EnvStepResult(rewards, observations, done, infos, invalid)

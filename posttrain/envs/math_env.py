@@ -18,7 +18,7 @@ from typing import Any
 from math_verify import parse, verify
 
 from posttrain.config import EnvConfig
-from posttrain.envs.base import Environment, EnvStepResult, Message, as_reward
+from posttrain.envs.base import Environment, EnvStepResult, Invalid, Message, as_reward
 from posttrain.envs.registry import load_reward_fn
 
 _TIMEOUT_S = 5  # math_verify's own default, per parse and per comparison
@@ -120,8 +120,9 @@ def _gold_answer(gold: str) -> str:
 class MathEnvironment(Environment):
     """Reward 1 when the final answer equals metadata["answer"], else 0; `env.reward_fn` replaces the check.
 
-    A sample whose scoring raises gets `env.error_reward` and a "reward_error" in its metadata,
-    so one malformed row or buggy user function cannot stop a run.
+    A sample whose scoring raises is invalid ("reward_error", the exception in its metadata's
+    "reward_error"), as is one the reward function returns `Invalid(reason)` for; its reward is
+    `env.error_reward`. One malformed row or buggy user function cannot stop a run.
     """
 
     def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
@@ -136,23 +137,25 @@ class MathEnvironment(Environment):
     def _score_all(self, conversations: list[list[Message]], responses: list[str],
                    metadata: list[dict[str, Any]]) -> EnvStepResult:
         """Every response scored as a final answer (each episode ends)."""
-        rewards, infos = [], []
+        rewards, infos, invalid = [], [], []
         for conversation, response, meta in zip(conversations, responses, metadata, strict=True):
             info: dict[str, Any] = {}
             try:
                 reward = self._score(conversation, response, meta, info)
             except Exception as exc:
-                reward = self.cfg.error_reward
+                reward = Invalid("reward_error")
                 info["reward_error"] = repr(exc)
-            rewards.append(reward)
+            rewards.append(self.cfg.error_reward if isinstance(reward, Invalid) else reward)
+            invalid.append(reward.reason if isinstance(reward, Invalid) else None)
             infos.append(info)
         n = len(responses)
-        return EnvStepResult(rewards, [[] for _ in range(n)], [True] * n, infos)
+        return EnvStepResult(rewards, [[] for _ in range(n)], [True] * n, infos, invalid)
 
     def _score(self, conversation: list[Message], response: str, meta: dict[str, Any],
-               info: dict[str, Any]) -> float:
+               info: dict[str, Any]) -> float | Invalid:
         if self.reward_fn is not None:
-            return as_reward(self.reward_fn(conversation, response, meta))
+            reward = self.reward_fn(conversation, response, meta)
+            return reward if isinstance(reward, Invalid) else as_reward(reward)
         extracted = extract_final_answer(response)
         info["extracted_answer"] = extracted
         if "answer" not in meta:
@@ -183,8 +186,9 @@ class MathToolEnvironment(MathEnvironment):
         n = len(responses)
         rewards, observations, done = [0.0] * n, [[] for _ in range(n)], [False] * n
         infos: list[dict[str, Any]] = [{} for _ in range(n)]
+        invalid: list[str | None] = [None] * n
         for k, i in enumerate(answered):
-            rewards[i], done[i], infos[i] = scored.rewards[k], True, scored.metadata[k]
+            rewards[i], done[i], infos[i], invalid[i] = scored.rewards[k], True, scored.metadata[k], scored.invalid[k]
         for i, (observation, info) in self.act(actions).items():
             observations[i], infos[i] = observation, info
-        return EnvStepResult(rewards, observations, done, infos)
+        return EnvStepResult(rewards, observations, done, infos, invalid)

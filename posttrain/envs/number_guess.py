@@ -21,7 +21,7 @@ class NumberGuessEnvironment(Environment):
     def step(self, conversations: list[list[Message]], responses: list[str],
              metadata: list[dict[str, Any]]) -> EnvStepResult:
         self._check_batch(conversations, responses, metadata)
-        rewards, observations, done, infos = [], [], [], []
+        rewards, observations, done, infos, invalid = [], [], [], [], []
         for response, meta in zip(responses, metadata, strict=True):
             info: dict[str, Any] = {}
             try:
@@ -31,7 +31,9 @@ class NumberGuessEnvironment(Environment):
                 observations.append([])
                 done.append(True)
                 infos.append({"reward_error": f"the secret number (metadata 'answer') is not a whole number: {exc!r}"})
+                invalid.append("bad_row")
                 continue
+            invalid.append(None)
             numbers = _INTEGER.findall(response)
             guess = int(numbers[-1]) if numbers else None
             info["guess"] = guess
@@ -45,4 +47,4 @@ class NumberGuessEnvironment(Environment):
             observations.append([] if hint is None else [{"role": "user", "content": hint}])
             done.append(hint is None)
             infos.append(info)
-        return EnvStepResult(rewards, observations, done, infos)
+        return EnvStepResult(rewards, observations, done, infos, invalid)

@@ -53,15 +53,16 @@ class RewardModelEnvironment(Environment):
         n = len(responses)
         rewards = [self.cfg.error_reward] * n
         infos: list[dict[str, Any]] = [{} for _ in range(n)]
+        invalid: list[str | None] = [None] * n
         samples: dict[int, Sample] = {}
         for i, (conversation, response) in enumerate(zip(conversations, responses, strict=True)):
             try:
                 samples[i] = self.tokenize(conversation, response)
             except Exception as exc:
-                infos[i]["reward_error"] = repr(exc)
+                infos[i]["reward_error"], invalid[i] = repr(exc), "reward_error"
         for i, score in zip(samples, self.score(list(samples.values())), strict=True):
             rewards[i] = score
-        return EnvStepResult(rewards, [[] for _ in range(n)], [True] * n, infos)
+        return EnvStepResult(rewards, [[] for _ in range(n)], [True] * n, infos, invalid)
 
     def tokenize(self, conversation: list[Message], response: str) -> Sample:
         """The same token sequence as `PreferenceDataset` builds for a chosen or rejected reply."""

@@ -29,6 +29,11 @@ def _outcomes(result: Any, n: int, where: str) -> list[EnvOutcome]:
         if not isinstance(values, list | tuple) or len(values) != n:
             length = len(values) if isinstance(values, list | tuple) else type(values).__name__
             raise ValueError(f"{where} returned {field} of length {length} for {n} samples")
+    invalid = [None] * n if result.invalid is None else result.invalid
+    if not isinstance(invalid, list | tuple) or len(invalid) != n or not all(
+            reason is None or (isinstance(reason, str) and reason) for reason in invalid):
+        raise ValueError(f"{where} returned invalid={result.invalid!r}; it must be None or one entry per sample "
+                         f"({n}), each None (scored) or a non-empty reason")
     outcomes = []
     for i, (reward, observation, done, metadata) in enumerate(zip(result.rewards, result.observations, result.done,
                                                                   result.metadata, strict=True)):
@@ -43,5 +48,7 @@ def _outcomes(result: Any, n: int, where: str) -> list[EnvOutcome]:
                              'messages {"role": str, "content": str} ([] when done)')
         if not isinstance(metadata, dict):
             raise ValueError(f"{where}: sample {i} has metadata {metadata!r}; it must be a dict")
-        outcomes.append(EnvOutcome(value, observation, bool(done), metadata))
+        # an invalid sample's episode ends: nothing after it could be scored either
+        outcomes.append(EnvOutcome(value, [] if invalid[i] else observation, bool(done) or bool(invalid[i]), metadata,
+                                   invalid[i]))
     return outcomes

@@ -32,11 +32,12 @@ from posttrain.algos.advantages import group_advantages
 from posttrain.algos.grpo import GRPOObjective
 from posttrain.cluster import SharedBundles, WorkerGroup, alive_nodes, cluster_name, init_ray
 from posttrain.cluster.plan import ResourcePlan, RolePlan, check_engine_memory
-from posttrain.config import GRPORunConfig, PolicyConfig, save_config, to_dict
+from posttrain.config import EnvConfig, GRPORunConfig, PolicyConfig, save_config, to_dict
 from posttrain.data.prompts import Prompt, PromptDataset
 from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.data.trajectories import Trajectory, collate_trajectories, packing_cost_ratio
+from posttrain.envs.base import InvalidRolloutsError
 from posttrain.envs.registry import check_env_config, load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
@@ -139,6 +140,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         return step < total_steps and (stop_at_step is None or step < stop_at_step)
 
     result = GRPOResult(steps=step)
+    invalid_steps = 0  # steps in a row with more than env.max_invalid_fraction of the samples invalid
     try:
         with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
                            resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
@@ -155,9 +157,10 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 timings = rollout.timings
                 metrics = _rollout_step_metrics(rollout, cfg, generators, envs)
                 result.train_rewards[step] = metrics["rollout/reward_mean"]
-                if rollout.groups:
-                    # 2. advantages
-                    trajectories = _trajectories(rollout.groups, cfg)
+                invalid_steps = _count_invalid_steps(invalid_steps, rollout, metrics, cfg.env)
+                # 2. advantages
+                trajectories = _trajectories(rollout.groups, cfg) if rollout.groups else []
+                if trajectories:
                     timings.update(turns.prepare_for_training())
                     # 3. log-probs of the weights before this rollout's updates
                     steps = _optimizer_steps(trajectories, policy, cfg.policy, tokenizer.pad_token_id, objective)
@@ -165,10 +168,10 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                     # 4. train
                     metrics.update(_train(policy, steps, timings))
                 else:
-                    console.print(f"step {step}: no group had differing rewards; skipped the update")
+                    console.print(f"step {step}: no group had differing rewards among valid samples; skipped the update")
                 rollouts.settle(timings)  # async: the rollout in flight ends with the weights it began with
                 # 5. weight sync, validation, logs, checkpoint
-                if rollout.groups:
+                if trajectories:
                     timings.update(turns.prepare_for_generation())
                     timings.update(weight_sync.sync())
                 if val_prompts and ((cfg.grpo.val_period and step % cfg.grpo.val_period == 0) or step == total_steps):
@@ -180,7 +183,9 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                 if cfg.checkpointing.enabled and (step % cfg.checkpointing.save_period == 0 or step == total_steps):
                     # The sampler's position after this step's rollout: a collected-ahead one is redrawn on resume.
                     save_run_checkpoint(ckpt, step, policy.save, rollout.sampler_state, identity, metrics)
-                progress.update(task, advance=1, info=f"reward {metrics['rollout/reward_mean']:.3f}")
+                invalid = metrics["rollout/invalid_fraction"]
+                progress.update(task, advance=1, info=f"reward {metrics['rollout/reward_mean']:.3f}"
+                                + (f", {invalid:.0%} invalid" if invalid else ""))
                 if on_step is not None:
                     on_step(step, metrics)
 
@@ -256,12 +261,32 @@ def _rollout_step_metrics(rollout: Rollout, cfg: GRPORunConfig, generators: Work
 
 
 def _trajectories(groups: list[Group], cfg: GRPORunConfig) -> list[Trajectory]:
-    """Every response with its advantage over its own group's rewards."""
+    """Every valid response with its advantage over its own group's valid rewards (an invalid one
+    enters neither the baseline nor the loss)."""
+    valid = torch.stack([g.valid for g in groups])
     advantages = group_advantages(torch.stack([g.rewards for g in groups]),
                                   "leave_one_out" if cfg.grpo.use_leave_one_out_baseline else "mean",
-                                  normalize_std=cfg.grpo.normalize_rewards)
+                                  normalize_std=cfg.grpo.normalize_rewards, valid=valid)
     return [Trajectory(g.prompt.token_ids, c.token_ids, c.logprobs, float(advantages[i, j]), c.mask)
-            for i, g in enumerate(groups) for j, c in enumerate(g.completions)]
+            for i, g in enumerate(groups) for j, c in enumerate(g.completions) if valid[i, j]]
+
+
+def _count_invalid_steps(steps_so_far: int, rollout: Rollout, metrics: dict[str, float], env: EnvConfig) -> int:
+    """Steps in a row with more than `env.max_invalid_fraction` of the samples invalid, this one
+    included; the run stops when they reach `env.max_invalid_steps`."""
+    fraction = metrics["rollout/invalid_fraction"]
+    if fraction <= env.max_invalid_fraction:
+        return 0
+    if steps_so_far + 1 < env.max_invalid_steps:
+        return steps_so_far + 1
+    reasons = ", ".join(f"{key.removeprefix('rollout/invalid/')}: {int(count)}" for key, count in metrics.items()
+                        if key.startswith("rollout/invalid/"))
+    errors = [o.metadata["reward_error"] for g in rollout.sampled for o in g.outcomes if "reward_error" in o.metadata]
+    raise InvalidRolloutsError(
+        f"{fraction:.0%} of this step's samples could not be scored ({reasons}), more than "
+        f"env.max_invalid_fraction ({env.max_invalid_fraction:g}) for {env.max_invalid_steps} steps in a row: the "
+        "reward function or environment is failing, not the model"
+        + (f" (first error: {errors[0]})" if errors else "") + "; fix it, or raise env.max_invalid_fraction")
 
 
 def _optimizer_steps(trajectories: list[Trajectory], policy: PolicyGroup, cfg: PolicyConfig, pad_token_id: int,

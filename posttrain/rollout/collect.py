@@ -4,7 +4,9 @@ sampling applied."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -31,6 +33,7 @@ class Group:
     completions: list[Completion]
     outcomes: list[EnvOutcome]
     rewards: torch.Tensor  # [G], after reward shaping
+    valid: torch.Tensor  # [G] bool: what enters the baseline and the loss (env.invalid_policy)
 
 
 @dataclass
@@ -71,7 +74,7 @@ class RolloutCollector:
             if not grpo.use_dynamic_sampling:
                 groups = new
                 break
-            keep = informative_groups(torch.stack([g.rewards for g in new]))
+            keep = informative_groups(torch.stack([g.rewards for g in new]), torch.stack([g.valid for g in new]))
             groups += [g for g, k in zip(new, keep.tolist(), strict=True) if k]
             if len(groups) >= grpo.num_prompts_per_step:
                 groups = groups[: grpo.num_prompts_per_step]
@@ -101,7 +104,10 @@ class RolloutCollector:
             rewards = rewards + overlong_penalty(
                 lengths, shaping.max_response_length or self.cfg.policy.generation.max_new_tokens,
                 shaping.overlong_buffer_length, shaping.overlong_buffer_penalty)
-        return Group(prompt, completions, outcomes, rewards)
+        # env.invalid_policy=error_reward trains invalid samples with the reward the environment gave them
+        masked = self.cfg.env.invalid_policy == "mask"
+        valid = torch.tensor([not (masked and o.invalid) for o in outcomes])
+        return Group(prompt, completions, outcomes, rewards, valid)
 
 
 def _timed(timings: dict[str, float], key: str, call: Callable) -> Callable:
@@ -121,14 +127,20 @@ def sampling_seed(seed: int, step: int, batch: int) -> int:
 
 
 def rollout_metrics(groups: list[Group]) -> dict[str, float]:
-    rewards = [float(r) for g in groups for r in g.rewards]
-    raw = [o.reward for g in groups for o in g.outcomes]
+    """Rewards and accuracy over the samples that enter the loss (NaN when none does); invalid
+    samples counted by reason."""
+    rewards = [float(r) for g in groups for r, ok in zip(g.rewards, g.valid, strict=True) if ok]
+    raw = [o.reward for g in groups for o, ok in zip(g.outcomes, g.valid, strict=True) if ok]
+    outcomes = [o for g in groups for o in g.outcomes]
     lengths = [c.num_sampled for g in groups for c in g.completions]
+    reasons = collections.Counter(o.invalid for o in outcomes if o.invalid)
     return {
-        "reward_mean": statistics.fmean(rewards),
-        "reward_std": statistics.pstdev(rewards),
+        "reward_mean": statistics.fmean(rewards) if rewards else math.nan,
+        "reward_std": statistics.pstdev(rewards) if rewards else math.nan,
         # the verifier's reward is 1 for a correct answer; shaping penalties do not change correctness
-        "accuracy": sum(r >= 1.0 for r in raw) / len(raw),
+        "accuracy": sum(r >= 1.0 for r in raw) / len(raw) if raw else math.nan,
+        "invalid_fraction": sum(reasons.values()) / len(outcomes),
+        **{f"invalid/{reason}": float(count) for reason, count in sorted(reasons.items())},
         "response_length_mean": statistics.fmean(lengths),
         "response_length_max": max(lengths),
         "truncated_fraction": sum(c.finish_reason == "length" for g in groups for c in g.completions) / len(lengths),

@@ -151,4 +151,4 @@ def _as_outcome(episode: _Episode) -> EnvOutcome:
     metadata = {**last.metadata, "turns": len(episode.texts)}
     if episode.first_error is not None:
         metadata["reward_error"] = episode.first_error
-    return EnvOutcome(episode.reward, last.observation, last.done, metadata)
+    return EnvOutcome(episode.reward, last.observation, last.done, metadata, last.invalid)  # invalid: its last turn

@@ -59,3 +59,7 @@ def starts_with_space_but_dies_once(conversation, response, metadata):
     except FileNotFoundError:
         return starts_with_space(conversation, response, metadata)
     os._exit(1)
+
+
+def always_raises(conversation, response, metadata):
+    raise ZeroDivisionError("a broken reward function")

@@ -155,6 +155,19 @@ def test_dead_generation_and_environment_workers_are_restarted_and_the_run_is_un
         (0, 0), (1, 0), (1, 1)]
 
 
+def test_a_run_whose_reward_function_always_raises_stops_saying_so(tiny_model_dir, tmp_path):
+    from posttrain.envs.base import InvalidRolloutsError
+
+    extra = ["env.reward_fn=grpo_reward_fns:always_raises", "env.max_invalid_steps=2", "grpo.max_num_steps=5",
+             "checkpointing.enabled=false", "data.val_split=null"]
+    with pytest.raises(InvalidRolloutsError, match=r"100% of this step's samples could not be scored \(reward_error: "
+                                                   r"\d+\).* for 2 steps in a row.*ZeroDivisionError"):
+        _run(_cfg(tiny_model_dir, tmp_path, *extra))
+    rows = [r for r in _logged(tmp_path / "logs") if "rollout/invalid_fraction" in r]
+    assert [r["step"] for r in rows] == [1]  # the second step raised before it was logged
+    assert rows[0]["rollout/invalid_fraction"] == 1.0 and "train/loss" not in rows[0]  # nothing was trained
+
+
 def test_a_dead_policy_rank_ends_the_run_naming_it_and_the_run_resumes(tiny_model_dir, tmp_path):
     from posttrain.cluster import WorkerDiedError
 

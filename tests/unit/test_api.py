@@ -10,7 +10,8 @@ import pytest
 import posttrain
 
 PUBLIC = ["run_sft", "run_dpo", "run_rm", "run_grpo", "run_eval", "SFTRunConfig", "DPORunConfig", "RMRunConfig",
-          "GRPORunConfig", "EvalRunConfig", "load_config", "ConfigError", "Environment", "EnvStepResult"]
+          "GRPORunConfig", "EvalRunConfig", "load_config", "ConfigError", "Environment", "EnvStepResult",
+          "Invalid"]
 
 
 def test_every_public_name_resolves_to_its_definition():

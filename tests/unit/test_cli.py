@@ -105,6 +105,17 @@ def test_a_dead_worker_ends_the_run_with_one_line(capsys, monkeypatch, tmp_path)
     assert err == "error: worker group 'policy': rank 1 (on node 10.0.0.2) died: gone"
 
 
+def test_a_run_that_cannot_score_its_samples_ends_with_one_line(capsys, monkeypatch, tmp_path):
+    from posttrain.envs.base import InvalidRolloutsError
+
+    def run_sft(cfg):
+        raise InvalidRolloutsError("100% of this step's samples could not be scored")
+
+    monkeypatch.setattr("posttrain.loops.sft.run_sft", run_sft)
+    assert main(["sft", "policy.model_name=x", f"logger.log_dir={tmp_path}"]) == 2
+    assert " ".join(capsys.readouterr().err.split()) == "error: 100% of this step's samples could not be scored"
+
+
 def test_an_unexpected_error_keeps_its_traceback(monkeypatch):
     def run_sft(cfg):
         raise RuntimeError("a bug")

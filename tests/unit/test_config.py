@@ -270,8 +270,11 @@ def test_grpo_sampling_temperature_must_be_positive():
     ("cluster.max_worker_restarts=-1", r"cluster\.max_worker_restarts must be >= 0, got -1"),
     ("policy.generation.refit_bucket_mb=0", r"policy\.generation\.refit_bucket_mb must be > 0, got 0"),
     ("policy.generation.refit_transport=nccl", r"policy\.generation\.refit_transport"),
+    ("env.max_invalid_fraction=0", r"env\.max_invalid_fraction must be in \(0, 1\] \(1: never stop\), got 0"),
+    ("env.max_invalid_steps=0", r"env\.max_invalid_steps must be >= 1, got 0"),
+    ("env.invalid_policy=skip", r"env\.invalid_policy"),
 ])
-def test_grpo_cluster_settings_are_checked(override, message):
+def test_grpo_cluster_and_env_settings_are_checked(override, message):
     with pytest.raises(ConfigError, match=message):
         grpo(override)
     assert grpo("cluster.max_worker_restarts=0").cluster.max_worker_restarts == 0

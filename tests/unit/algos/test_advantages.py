@@ -56,3 +56,28 @@ def test_all_equal_non_integer_rewards_give_exact_zeros(baseline):
     for group, value in [(11, -2.95), (3, -2.98), (16, 0.1), (7, 0.3)]:
         rewards = torch.full((2, group), value)
         assert torch.equal(group_advantages(rewards, baseline), torch.zeros(2, group))
+
+
+@pytest.mark.parametrize("baseline", ["mean", "leave_one_out"])
+@pytest.mark.parametrize("normalize_std", [False, True])
+def test_invalid_samples_are_left_out_of_their_groups_baseline(baseline, normalize_std):
+    # Group 0 with its third sample invalid gets exactly the advantages of [1, 0, 1] alone, whatever
+    # the invalid one's reward; group 1 keeps one valid sample: nothing to compare it with.
+    rewards = torch.tensor([[1.0, 0.0, -7.0, 1.0], [5.0, 0.0, 0.0, 0.0]])
+    valid = torch.tensor([[True, True, False, True], [False, True, False, False]])
+    adv = group_advantages(rewards, baseline, normalize_std, valid=valid)
+    alone = group_advantages(torch.tensor([[1.0, 0.0, 1.0]]), baseline, normalize_std)
+    torch.testing.assert_close(adv[0, [0, 1, 3]], alone[0])
+    assert adv[0, 2].item() == 0.0 and torch.equal(adv[1], torch.zeros(4))
+    # hand-computed, leave-one-out without std: 1 - mean(0, 1) = 0.5, 0 - mean(1, 1) = -1
+    if baseline == "leave_one_out" and not normalize_std:
+        torch.testing.assert_close(adv[0], torch.tensor([0.5, -1.0, 0.0, 0.5]))
+    # all valid: the same as without a mask
+    torch.testing.assert_close(group_advantages(REWARDS, baseline, normalize_std, valid=torch.ones(3, 4, dtype=torch.bool)),
+                               group_advantages(REWARDS, baseline, normalize_std))
+
+
+def test_a_group_is_informative_by_its_valid_rewards_only():
+    rewards = torch.tensor([[1.0, 0.0, 1.0], [1.0, 1.0, 0.0]])
+    valid = torch.tensor([[True, False, True], [True, True, True]])
+    assert informative_groups(rewards, valid).tolist() == [False, True]

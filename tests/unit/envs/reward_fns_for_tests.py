@@ -1,6 +1,6 @@
 """User reward functions and environments loaded by name (env.reward_fn, env.name) in the env tests."""
 
-from posttrain.envs import Environment, EnvStepResult
+from posttrain.envs import Environment, EnvStepResult, Invalid
 
 NOT_CALLABLE = 3
 
@@ -17,6 +17,12 @@ def raise_on_bad(conversation, response, metadata):
     if response == "bad":
         raise RuntimeError("cannot score this one")
     return 1.0
+
+
+def invalid_without_reference(conversation, response, metadata):
+    if not metadata["answer"]:
+        return Invalid("no_reference")
+    return float(response.strip() == metadata["answer"])
 
 
 def return_nan(conversation, response, metadata):

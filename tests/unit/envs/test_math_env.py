@@ -157,8 +157,15 @@ def test_raising_user_fn_fails_only_that_sample(reward_fns):
     env = MathEnvironment(EnvConfig(reward_fn=f"{reward_fns}:raise_on_bad", error_reward=-0.5))
     result = score(env, ["good", "bad", "good"], ["1"] * 3)
     assert result.rewards == [1.0, -0.5, 1.0]
+    assert result.invalid == [None, "reward_error", None]
     assert result.metadata[1] == {"reward_error": "RuntimeError('cannot score this one')"}
     assert "reward_error" not in result.metadata[0] and "reward_error" not in result.metadata[2]
+
+
+def test_a_user_fn_marks_what_it_cannot_score_invalid_with_a_reason(reward_fns):
+    env = MathEnvironment(EnvConfig(reward_fn=f"{reward_fns}:invalid_without_reference", error_reward=-0.5))
+    result = score(env, ["7", "7"], ["7", ""])
+    assert result.rewards == [1.0, -0.5] and result.invalid == [None, "no_reference"]
 
 
 @pytest.mark.parametrize(("fn", "error"), [("return_nan", "ValueError"), ("return_string", "TypeError")])

@@ -171,6 +171,32 @@ def test_an_error_in_any_turn_is_reported(tokenizer):
     assert outcomes[0].reward == 1.0 and outcomes[0].metadata["reward_error"] == "ValueError('first turn')"
 
 
+def test_an_invalid_turn_ends_its_episode_with_its_reason(tokenizer):
+    class InvalidFirst(NumberGuessEnvironment):
+        def step(self, conversations, responses, metadata):
+            result = super().step(conversations, responses, metadata)
+            result.invalid = ["judge_down"] + [None] * (len(responses) - 1)
+            return result
+
+    env = InvalidFirst(EnvConfig())
+    prompt = guess_prompt(tokenizer, 7)
+    step = lambda items: EnvironmentWorker.step(type("W", (), {"env": env})(), items)  # noqa: E731
+    generate = ScriptedGenerator(tokenizer, [prompt], [["3", "7"]])  # a wrong guess: the game would go on
+    _, outcomes = run_episodes([prompt], generate, step, tokenizer, SamplingParams(max_new_tokens=8), max_turns=3,
+                               max_total_length=200)
+    assert outcomes[0].invalid == "judge_down" and outcomes[0].metadata["turns"] == 1 and len(generate.calls) == 1
+
+
+def test_an_environments_invalid_list_is_checked():
+    from posttrain.envs.base import EnvStepResult
+    from posttrain.envs.worker import _outcomes
+
+    result = EnvStepResult([0.0, 1.0], [[], []], [True, True], [{}, {}], invalid=["x"])
+    with pytest.raises(ValueError, match=r"Env\.step returned invalid=\['x'\]; it must be None or one entry per sample "
+                                         r"\(2\), each None \(scored\) or a non-empty reason"):
+        _outcomes(result, 2, "Env.step")
+
+
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_multi_turn_generator_logprobs_match_the_trainer_forward(tiny_model_dir, temperature):
     """Episodes from the real backend: the trainer's forward over prompt, responses and hints gives
