@@ -242,6 +242,10 @@ class EnvConfig:
     max_invalid_fraction: float = 0.5
     max_invalid_steps: int = 3
     num_workers: int = 1  # environment actors
+    # Wall-clock limit of each call of env.reward_fn and of each tool (env.tools), which then run in
+    # a child process that is killed when a call overruns (the sample is invalid: "reward_timeout",
+    # "tool_timeout"); null: no limit, called in the environment actor itself
+    reward_timeout_s: float | None = 30.0
     reward_model_path: str | None = None  # env.name=reward_model: a folder exported by `posttrain rm`
     reward_model_batch_size: int = 32  # sequences per reward-model forward pass
     # env.name=code and python_tool run the model's Python programs (posttrain/envs/sandbox.py)
@@ -384,6 +388,8 @@ def check_env(env: EnvConfig) -> None:
     require(env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {env.sandbox_timeout_s}")
     for key in ("sandbox_memory_mb", "sandbox_max_output_chars", "sandbox_parallel", "reward_model_batch_size"):
         require(getattr(env, key) > 0, f"env.{key} must be > 0, got {getattr(env, key)}")
+    require(env.reward_timeout_s is None or env.reward_timeout_s > 0,
+            f"env.reward_timeout_s must be > 0 or null (no limit), got {env.reward_timeout_s}")
     require(0 < env.max_invalid_fraction <= 1,
             f"env.max_invalid_fraction must be in (0, 1] (1: never stop), got {env.max_invalid_fraction}")
     require(env.max_invalid_steps >= 1, f"env.max_invalid_steps must be >= 1, got {env.max_invalid_steps}")

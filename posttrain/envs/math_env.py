@@ -20,6 +20,7 @@ from math_verify import parse, verify
 from posttrain.config import EnvConfig
 from posttrain.envs.base import Environment, EnvStepResult, Invalid, Message, as_reward
 from posttrain.envs.registry import load_reward_fn
+from posttrain.envs.time_limit import CallTimeout, TimeLimitedFunction
 
 _TIMEOUT_S = 5  # math_verify's own default, per parse and per comparison
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -121,13 +122,16 @@ class MathEnvironment(Environment):
     """Reward 1 when the final answer equals metadata["answer"], else 0; `env.reward_fn` replaces the check.
 
     A sample whose scoring raises is invalid ("reward_error", the exception in its metadata's
-    "reward_error"), as is one the reward function returns `Invalid(reason)` for; its reward is
-    `env.error_reward`. One malformed row or buggy user function cannot stop a run.
+    "reward_error"; "reward_timeout" past `env.reward_timeout_s`), as is one the reward function
+    returns `Invalid(reason)` for; its reward is `env.error_reward`. One malformed row or buggy or
+    hanging user function cannot stop a run.
     """
 
     def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
         super().__init__(cfg, rank=rank, world_size=world_size)
         self.reward_fn = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+        if self.reward_fn is not None and cfg.reward_timeout_s is not None:  # checked here, called in a child
+            self.reward_fn = TimeLimitedFunction(cfg.reward_fn, cfg.reward_timeout_s)
 
     def step(self, conversations: list[list[Message]], responses: list[str],
              metadata: list[dict[str, Any]]) -> EnvStepResult:
@@ -143,7 +147,7 @@ class MathEnvironment(Environment):
             try:
                 reward = self._score(conversation, response, meta, info)
             except Exception as exc:
-                reward = Invalid("reward_error")
+                reward = Invalid("reward_timeout" if isinstance(exc, CallTimeout) else "reward_error")
                 info["reward_error"] = repr(exc)
             rewards.append(self.cfg.error_reward if isinstance(reward, Invalid) else reward)
             invalid.append(reward.reason if isinstance(reward, Invalid) else None)
@@ -172,7 +176,8 @@ class MathToolEnvironment(MathEnvironment):
         raise NotImplementedError
 
     def act(self, actions: dict[int, Any]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
-        """The observation and metadata of each sample's action, by sample index."""
+        """The observation and metadata of each sample's action, by sample index; metadata
+        "invalid": a reason when the action could not be carried out (the sample is then invalid)."""
         raise NotImplementedError
 
     def step(self, conversations: list[list[Message]], responses: list[str],
@@ -190,5 +195,5 @@ class MathToolEnvironment(MathEnvironment):
         for k, i in enumerate(answered):
             rewards[i], done[i], infos[i], invalid[i] = scored.rewards[k], True, scored.metadata[k], scored.invalid[k]
         for i, (observation, info) in self.act(actions).items():
-            observations[i], infos[i] = observation, info
+            observations[i], infos[i], invalid[i] = observation, info, info.pop("invalid", None)
         return EnvStepResult(rewards, observations, done, infos, invalid)

@@ -10,9 +10,11 @@ response holding calls in the Hermes format that Qwen2.5, Qwen3 and Hermes model
 call is the final answer, scored as the math environment scores it (its verifier or
 `env.reward_fn`).
 
-The functions run in the environment actor's process: a call that raises returns the error to the
-model as its result, but one that never returns stalls the actor. For arbitrary code, use
-`env.name=python_tool`, which runs it in a limited subprocess.
+A call that raises returns the error to the model as its result. Each function runs in a child
+process of its own, and a call that takes longer than `env.reward_timeout_s` is stopped: the model
+is told, and the sample is invalid ("tool_timeout"); with `env.reward_timeout_s: null` the
+functions run in the environment actor itself, where one that never returns stalls it. For
+arbitrary code, use `env.name=python_tool`, which runs it in a limited subprocess.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from posttrain.config import ConfigError, EnvConfig
 from posttrain.envs.base import Message
 from posttrain.envs.math_env import MathToolEnvironment
 from posttrain.envs.registry import NO_TOOLS, load_tools
+from posttrain.envs.time_limit import CallTimeout, TimeLimitedFunction
 
+_TIMED_OUT = "Error: the tool did not finish in time"
 _TOOL_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)
 
 
@@ -34,7 +38,9 @@ class ToolCallingEnvironment(MathToolEnvironment):
         super().__init__(cfg, rank=rank, world_size=world_size)
         if not cfg.tools:
             raise ConfigError(NO_TOOLS)
-        self.tools = {fn.__name__: fn for fn in load_tools(cfg.tools)}
+        functions = load_tools(cfg.tools)  # checked here; with a time limit, each is called in a child process
+        self.tools = {fn.__name__: fn if cfg.reward_timeout_s is None else TimeLimitedFunction(spec, cfg.reward_timeout_s)
+                      for spec, fn in zip(cfg.tools, functions, strict=True)}
 
     def find_action(self, response: str) -> list[str | None] | None:
         calls: list[str | None] = list(_TOOL_CALL.findall(response))
@@ -46,8 +52,10 @@ class ToolCallingEnvironment(MathToolEnvironment):
         out = {}
         for i, bodies in actions.items():
             results = [self._call(body) for body in bodies]
-            out[i] = ([{"role": "tool", "content": text} for text, _ in results],
-                      {"tool_calls": len(results), "tool_errors": sum(not ok for _, ok in results)})
+            info = {"tool_calls": len(results), "tool_errors": sum(not ok for _, ok in results)}
+            if any(text.startswith(_TIMED_OUT) for text, _ in results):
+                info["invalid"] = "tool_timeout"  # the tool hung: the episode says nothing about the model
+            out[i] = ([{"role": "tool", "content": text} for text, _ in results], info)
         return out
 
     def _call(self, body: str | None) -> tuple[str, bool]:
@@ -72,6 +80,8 @@ class ToolCallingEnvironment(MathToolEnvironment):
             return "Error: the arguments must be a JSON object", False
         try:
             result = self.tools[call["name"]](**arguments)
+        except CallTimeout:
+            return f"{_TIMED_OUT} ({self.cfg.reward_timeout_s:g} s)", False
         except Exception as exc:
             return f"Error: {exc!r}", False
         return (result if isinstance(result, str) else json.dumps(result, default=str)), True

@@ -145,7 +145,8 @@ def test_dead_generation_and_environment_workers_are_restarted_and_the_run_is_un
         if step == 2:
             DIE_ONCE.touch()
 
-    disturbed = _run(_cfg(tiny_model_dir, tmp_path / "disturbed", *extra,
+    # The reward function runs in the actor itself (no time limit), so that its exit kills the actor.
+    disturbed = _run(_cfg(tiny_model_dir, tmp_path / "disturbed", *extra, "env.reward_timeout_s=null",
                           "env.reward_fn=grpo_reward_fns:starts_with_space_but_dies_once"), on_step=faults)
     assert killed == [1] and not DIE_ONCE.exists()
     # The restarted generator got the latest weights and the retried batches the same seeds.

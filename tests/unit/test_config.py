@@ -272,6 +272,7 @@ def test_grpo_sampling_temperature_must_be_positive():
     ("policy.generation.refit_transport=nccl", r"policy\.generation\.refit_transport"),
     ("env.max_invalid_fraction=0", r"env\.max_invalid_fraction must be in \(0, 1\] \(1: never stop\), got 0"),
     ("env.max_invalid_steps=0", r"env\.max_invalid_steps must be >= 1, got 0"),
+    ("env.reward_timeout_s=0", r"env\.reward_timeout_s must be > 0 or null \(no limit\), got 0"),
     ("env.invalid_policy=skip", r"env\.invalid_policy"),
 ])
 def test_grpo_cluster_and_env_settings_are_checked(override, message):

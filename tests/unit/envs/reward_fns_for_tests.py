@@ -68,3 +68,23 @@ def lookup(key: str) -> dict:
 
 def undocumented(a: int) -> int:
     return a
+
+
+def hang_on_slow(conversation, response, metadata):
+    if response == "slow":
+        import time
+
+        time.sleep(600)
+    return 1.0
+
+
+def wait(seconds: float) -> str:
+    """Wait, then say so.
+
+    Args:
+        seconds: how long to wait
+    """
+    import time
+
+    time.sleep(seconds)
+    return "waited"
