@@ -49,3 +49,9 @@ def test_a_hanging_tool_is_stopped_the_model_told_and_the_sample_invalid(reward_
     assert result.observations[0] == [{"role": "tool", "content": "waited"}] and result.invalid[0] is None
     assert result.observations[1] == [{"role": "tool", "content": "Error: the tool did not finish in time (1 s)"}]
     assert result.invalid[1] == "tool_timeout"  # (the environment worker ends its episode)
+
+
+def test_a_function_the_child_cannot_import_is_named():
+    with pytest.raises(RuntimeError, match=r"no_such_module_for_posttrain:fn cannot be imported in its child process: "
+                                           r"ModuleNotFoundError"):
+        TimeLimitedFunction("no_such_module_for_posttrain:fn", 5.0)()

@@ -2,6 +2,7 @@
 run that keeps failing to score its samples stops with a message."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from posttrain.data.prompts import Prompt
 from posttrain.envs.base import EnvOutcome, InvalidRolloutsError
 from posttrain.loops.grpo import _count_invalid_steps, _trajectories
 from posttrain.rollout.base import Completion
-from posttrain.rollout.collect import Group, Rollout, rollout_metrics
+from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
 
 
 def _group(rewards: list[float], invalid: list[str | None]) -> Group:
@@ -47,3 +48,13 @@ def test_a_run_stops_after_too_many_steps_with_too_many_invalid_samples():
                                                    r"more than env\.max_invalid_fraction \(0\.5\) for 2 steps in a row.*"
                                                    r"first error: ValueError\('x'\)"):
         _count_invalid_steps(1, rollout, metrics, env)
+
+
+@pytest.mark.parametrize(("policy", "valid"), [("mask", [True, False, True]), ("error_reward", [True, True, True])])
+def test_the_invalid_policy_decides_what_trains(policy, valid):
+    cfg = GRPORunConfig()
+    cfg.env.invalid_policy = policy
+    made = _group([1.0, 0.0, 0.0], [None, "reward_error", None])
+    group = RolloutCollector._group(SimpleNamespace(cfg=cfg), made.prompt, made.completions, made.outcomes)
+    assert group.valid.tolist() == valid
+    assert len(_trajectories([group], cfg)) == sum(valid)
