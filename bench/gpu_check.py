@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import socket
 import sys
 import tempfile
 import time
@@ -48,12 +47,6 @@ from posttrain.train.fsdp import full_model_state, shard_model
 from posttrain.train.logprobs import response_logprobs, sequence_logprobs
 from posttrain.train.model import load_model
 from posttrain.train.policy import Policy
-
-
-def _free_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def _samples(count: int, length: int, vocab: int) -> list[Sample]:
@@ -93,9 +86,9 @@ def _timed(fn, repeats: int, device: torch.device) -> float:
 
 def check_collectives(small_model: Path, device: torch.device) -> dict:
     if device.type == "cuda":
-        dist.init_process_group("nccl", init_method=_free_address(), rank=0, world_size=1, device_id=device)
+        dist.init_process_group("nccl", init_method=weight_transfer.local_address(), rank=0, world_size=1, device_id=device)
     else:
-        dist.init_process_group("gloo", init_method=_free_address(), rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=weight_transfer.local_address(), rank=0, world_size=1)
     try:
         cfg = PolicyConfig(model_name=str(small_model), precision="bfloat16")
         policy = Policy(cfg, 4, device=device, process_group=dist.group.WORLD)
@@ -111,7 +104,7 @@ def check_collectives(small_model: Path, device: torch.device) -> dict:
             full_model_state(sharded)
             tensors = dict(policy.generator_tensors())
             specs = [weight_transfer.TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
-            group = weight_transfer.open_group(_free_address(), 0, 1, device)
+            group = weight_transfer.open_group(weight_transfer.local_address(), 0, 1, device)
             buckets = weight_transfer.plan_buckets(specs, 2**20)
             weight_transfer.send_buckets(group, iter(tensors.items()), buckets, device)
         return {"calls": sorted(set(log.calls)), "transfer_bytes": sum(map(weight_transfer.bucket_nbytes, buckets))}
@@ -231,7 +224,7 @@ def check_colocation(model_dir: Path, device: torch.device) -> dict:
 
     specs = [weight_transfer.TensorSpec(n, tuple(t.shape), t.dtype) for n, t in policy.generator_tensors()]
     buckets = weight_transfer.plan_buckets(specs, 512 * 2**20)
-    address, key = _free_address(), weight_transfer.new_key()
+    address, key = weight_transfer.local_address(), weight_transfer.new_key()
     store = weight_transfer.serve_store(address, timeout_s=120)
     context = mp.get_context("spawn")
     queue = context.Queue()

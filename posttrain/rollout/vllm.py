@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from transformers import AutoConfig, GenerationConfig
 
-from posttrain.cluster import free_tcp_address
 from posttrain.config import VLLM_INSTALL_HINT, PolicyConfig
 from posttrain.rollout.base import Completion, GenerationBackend, SamplingParams, stop_token_ids
 from posttrain.train import weight_transfer
@@ -53,6 +52,9 @@ class VLLMGenerationBackend(GenerationBackend):
         self.stop_token_ids = stop_token_ids(self.tokenizer, checkpoint_generation, cfg.generation.stop_token_ids)
         options = cfg.generation.vllm
         self.tensor_parallel_size = options.tensor_parallel_size
+        if self.tensor_parallel_size > 1:  # the shards' weights come through this actor's store (_load_into_shards)
+            self.shard_address, self.shard_key = weight_transfer.local_address(), weight_transfer.new_key()
+            self.shard_store, self.shard_syncs = weight_transfer.serve_store(self.shard_address), 0
         # Colocated with the trainer on a GPU: vLLM's sleep mode, so that it can give its memory back
         # while the policy trains (not on a CPU, where there is nothing to give back).
         self.sleep_mode = cfg.generation.colocated.enabled and not current_platform.is_cpu()
@@ -126,9 +128,6 @@ class VLLMGenerationBackend(GenerationBackend):
             weights = list(weights)
             specs = [weight_transfer.TensorSpec(name, tuple(t.shape), t.dtype) for name, t in weights]
             buckets = weight_transfer.plan_buckets(specs, self.cfg.generation.refit_bucket_mb * 2**20)
-        if getattr(self, "shard_store", None) is None:
-            self.shard_address, self.shard_key = free_tcp_address(), weight_transfer.new_key()
-            self.shard_store, self.shard_syncs = weight_transfer.serve_store(self.shard_address), 0
         self.shard_syncs += 1
         failure: list[BaseException] = []
 

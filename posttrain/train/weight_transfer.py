@@ -12,7 +12,9 @@ tensors, and given to every member at set-up. Two ways to hand a bucket over:
 - in place (colocated generators, on their policy rank's GPU or node): each policy rank packs a
   bucket into a buffer the generators beside it map without a copy (a CUDA IPC handle on a GPU,
   a file in shared memory on a CPU), announced through a small key-value store (torch's TCPStore)
-  that the rank serves; at most two buckets are out at once.
+  that the rank serves; at most two buckets are out at once. Any process on the node can reach
+  the store's port, so each announcement is signed with a secret key that travels through Ray,
+  never through the store, and a receiver unpickles only what carries a valid signature.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import hmac
 import os
 import pickle
 import secrets
+import socket
 import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
@@ -129,6 +132,13 @@ def _unpack(flat: torch.Tensor, bucket: list[TensorSpec]) -> Iterator[tuple[str,
 
 
 # ---------------------------------------------------------------- colocated: buckets handed over in place
+
+
+def local_address() -> str:
+    """A free TCP port on the loopback interface, for a store or group whose members all run on this machine."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def serve_store(address: str, timeout_s: float = 600.0) -> dist.TCPStore:

@@ -5,7 +5,6 @@ nothing is left in shared memory, and a device mismatch is named."""
 from __future__ import annotations
 
 import glob
-import socket
 
 import pytest
 import torch
@@ -30,12 +29,6 @@ def test_buckets_hold_consecutive_tensors_up_to_their_size():
     assert wt.bucket_nbytes(buckets[0]) == 11 * 8 * 2 + 32  # the float32 vector starts 16-byte aligned
     assert [s for b in buckets for s in b] == SPECS
     assert len(wt.plan_buckets(SPECS, 2**30)) == 1
-
-
-def _free_address() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def _member(rank: int, address: str, buckets, folder: str) -> None:
@@ -70,7 +63,7 @@ def _check_received(received: dict[str, torch.Tensor], seed: int) -> None:
 
 def test_two_receivers_get_every_tensor_bit_exact(tmp_path):
     buckets = wt.plan_buckets(SPECS, 256)
-    mp.spawn(_member, args=(_free_address(), buckets, str(tmp_path)), nprocs=3)
+    mp.spawn(_member, args=(wt.local_address(), buckets, str(tmp_path)), nprocs=3)
     for rank in (1, 2):
         _check_received(torch.load(tmp_path / f"{rank}.pt"), seed=0)
 
@@ -79,7 +72,7 @@ def test_buckets_shared_in_place_reach_every_receiver_and_leave_nothing_behind(t
     before = set(glob.glob("/dev/shm/posttrain-weights-*"))
     buckets = wt.plan_buckets(SPECS, 256)
     assert len(buckets) == 3  # more than the two the sender keeps out at once
-    mp.spawn(_shared_member, args=(_free_address(), wt.new_key(), buckets, str(tmp_path)), nprocs=3)
+    mp.spawn(_shared_member, args=(wt.local_address(), wt.new_key(), buckets, str(tmp_path)), nprocs=3)
     for rank in (1, 2):
         for sync_id in (1, 2):
             _check_received(torch.load(tmp_path / f"{rank}-{sync_id}.pt"), seed=sync_id)
