@@ -14,6 +14,7 @@ policy trains on this one's, so each step trains on responses sampled one update
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -103,45 +104,52 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
     plan = _resource_plan(cfg)
     init_ray(cfg.cluster, num_cpus=math.ceil(plan.cpus))
     plan.check_fits(alive_nodes(), cluster_name(cfg.cluster))
-    # Colocated: one bundle per policy rank, holding it and the generation workers beside it.
-    shared = (SharedBundles(plan.shared_bundles, name="colocated", strategy=plan.role("policy").strategy)
-              if gen.colocated.enabled else None)
-    weights = str(resume_dir / "model") if resume_dir else None
-    policy = PolicyGroup(cfg.policy, cfg.cluster, total_steps * optimizer_steps_per_rollout, seed=cfg.grpo.seed,
-                         weights_path=weights, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
-                         placement=plan.placement("policy", shared))
-    restarts = cfg.cluster.max_worker_restarts
-    generators = WorkerGroup(backend_class(gen.backend), gen.num_workers, name="generation", args=(cfg.policy,),
-                             kwargs={"weights_path": weights}, max_restarts=restarts,
-                             **plan.placement("generation", shared))
-    envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                       max_restarts=restarts, **plan.placement("environment", shared))
-    plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
-                       "environment": envs.placements()}
-    weight_sync = WeightSync(policy, generators, gen.transport, gen.refit_bucket_mb,
-                             colocated_ranks=plan.role("generation").bundles)
-    turns = Colocation(policy, generators, gen.colocated.enabled)
-    collector = RolloutCollector(cfg, generators, envs, tokenizer, tools, train_prompts, sampler)
-    rollouts = make_rollout_source(collector, cfg.grpo.async_grpo.enabled)
-    # The trainer scores tokens at the sampling temperature, as the generators do.
-    objective = GRPOObjective.from_config(
-        cfg.loss_fn, functools.partial(response_logprobs, temperature=gen.temperature, entropy=True),
-        max_response_length=min(gen.max_new_tokens * cfg.grpo.max_rollout_turns, cfg.policy.max_total_sequence_length))
-    step = resume_training(resume_dir, policy, sampler, total_steps, console)
+    shared = None
+    # Whatever is started is stopped again, however the run ends (set-up failing half way included).
+    with contextlib.ExitStack() as stop:
+        # Colocated: one bundle per policy rank, holding it and the generation workers beside it.
+        if gen.colocated.enabled:
+            shared = SharedBundles(plan.shared_bundles, name="colocated", strategy=plan.role("policy").strategy)
+            stop.callback(shared.remove)
+        weights = str(resume_dir / "model") if resume_dir else None
+        policy = PolicyGroup(cfg.policy, cfg.cluster, total_steps * optimizer_steps_per_rollout, seed=cfg.grpo.seed,
+                             weights_path=weights, with_reference=cfg.loss_fn.reference_policy_kl_penalty > 0,
+                             placement=plan.placement("policy", shared))
+        stop.callback(policy.close)
+        restarts = cfg.cluster.max_worker_restarts
+        generators = WorkerGroup(backend_class(gen.backend), gen.num_workers, name="generation", args=(cfg.policy,),
+                                 kwargs={"weights_path": weights}, max_restarts=restarts,
+                                 **plan.placement("generation", shared))
+        stop.callback(generators.shutdown)
+        envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
+                           max_restarts=restarts, **plan.placement("environment", shared))
+        stop.callback(envs.shutdown)
+        plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
+                           "environment": envs.placements()}
+        weight_sync = WeightSync(policy, generators, gen.transport, gen.refit_bucket_mb,
+                                 colocated_ranks=plan.role("generation").bundles)
+        turns = Colocation(policy, generators, gen.colocated.enabled)
+        collector = RolloutCollector(cfg, generators, envs, tokenizer, tools, train_prompts, sampler)
+        rollouts = make_rollout_source(collector, cfg.grpo.async_grpo.enabled)
+        stop.callback(rollouts.close)
+        # The trainer scores tokens at the sampling temperature, as the generators do.
+        objective = GRPOObjective.from_config(
+            cfg.loss_fn, functools.partial(response_logprobs, temperature=gen.temperature, entropy=True),
+            max_response_length=min(gen.max_new_tokens * cfg.grpo.max_rollout_turns, cfg.policy.max_total_sequence_length))
+        step = resume_training(resume_dir, policy, sampler, total_steps, console)
 
-    save_config(cfg, Path(cfg.logger.log_dir) / "config.yaml")
-    (Path(cfg.logger.log_dir) / "resource_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-    console.print(f"GRPO: {cfg.policy.model_name}; {len(train_prompts)} training prompts, {len(val_prompts)} "
-                  f"validation prompts; {total_steps} steps{steps_note} of {cfg.grpo.num_prompts_per_step} prompts "
-                  f"x {group_size} generations, {optimizer_steps_per_rollout} optimizer step(s) per rollout\n"
-                  f"{plan.describe()}")
+        save_config(cfg, Path(cfg.logger.log_dir) / "config.yaml")
+        (Path(cfg.logger.log_dir) / "resource_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        console.print(f"GRPO: {cfg.policy.model_name}; {len(train_prompts)} training prompts, {len(val_prompts)} "
+                      f"validation prompts; {total_steps} steps{steps_note} of {cfg.grpo.num_prompts_per_step} prompts "
+                      f"x {group_size} generations, {optimizer_steps_per_rollout} optimizer step(s) per rollout\n"
+                      f"{plan.describe()}")
 
-    def another_step_follows(step: int) -> bool:
-        return step < total_steps and (stop_at_step is None or step < stop_at_step)
+        def another_step_follows(step: int) -> bool:
+            return step < total_steps and (stop_at_step is None or step < stop_at_step)
 
-    result = GRPOResult(steps=step)
-    invalid_steps = 0  # steps in a row with more than env.max_invalid_fraction of the samples invalid
-    try:
+        result = GRPOResult(steps=step)
+        invalid_steps = 0  # steps in a row with more than env.max_invalid_fraction of the samples invalid
         with MetricsLogger(cfg.logger, to_dict(cfg), console=console,
                            resumed_at=step if resume_dir else None) as logger, make_progress(console) as progress:
             if val_prompts and cfg.grpo.val_at_start and step == 0:
@@ -193,13 +201,6 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         if step == total_steps:
             result.final_model_dir = policy.export_hf(Path(cfg.checkpointing.checkpoint_dir) / "final_model")
             console.print(f"Exported the final model to {result.final_model_dir}")
-    finally:
-        rollouts.close()
-        policy.close()
-        generators.shutdown()
-        envs.shutdown()
-        if shared is not None:
-            shared.remove()
     return result
 
 

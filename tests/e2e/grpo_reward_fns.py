@@ -63,3 +63,13 @@ def starts_with_space_but_dies_once(conversation, response, metadata):
 
 def always_raises(conversation, response, metadata):
     raise ZeroDivisionError("a broken reward function")
+
+
+class FailsToStart(Environment):
+    """An environment whose actors cannot start: GRPO's set-up fails after the policy and generators started."""
+
+    def __init__(self, cfg, *, rank=0, world_size=1):
+        raise RuntimeError("this environment cannot start")
+
+    def step(self, conversations, responses, metadata):
+        raise AssertionError("never called")

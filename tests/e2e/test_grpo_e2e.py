@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import pytest
@@ -117,6 +118,18 @@ def test_a_plan_larger_than_the_running_ray_ends_at_once_naming_the_keys(tiny_mo
     with pytest.raises(ConfigError, match=rf"env.num_workers \({envs}\) x 0.5 = .* CPUs, but the local Ray has {cpus:g}"):
         _run(_cfg(tiny_model_dir, tmp_path, f"env.num_workers={envs}"))
     assert ray.available_resources()["CPU"] == cpus  # no actor was started
+
+
+def test_a_set_up_that_fails_half_way_leaves_nothing_reserved(tiny_model_dir, tmp_path):
+    import ray
+
+    cpus = ray.cluster_resources()["CPU"]
+    with pytest.raises(Exception, match="this environment cannot start"):
+        _run(_cfg(tiny_model_dir, tmp_path, "env.name=grpo_reward_fns:FailsToStart", "env.reward_fn=null"))
+    deadline = time.monotonic() + 30  # Ray frees killed actors' and removed groups' resources asynchronously
+    while ray.available_resources().get("CPU", 0) < cpus and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources()["CPU"] == cpus  # the colocated bundles, policy and generators all stopped
 
 
 def _kill_actors(title: str) -> int:
