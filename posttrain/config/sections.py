@@ -6,6 +6,7 @@ Key names follow NeMo RL where the concept exists there.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
 from typing import Literal
@@ -227,6 +228,22 @@ class LoopConfig:
 
 
 @dataclass
+class SandboxConfig:
+    # "namespaces": each program in fresh Linux namespaces (no network, a read-only view of the
+    # interpreter and standard library, a private /tmp); "process": a plain child process with the
+    # same limits, which is no security boundary (a warning says so at start-up)
+    backend: Literal["namespaces", "process"] = "namespaces"
+    timeout_s: float = 5.0  # wall-clock limit per program; its CPU time is limited to this too
+    memory_mb: int = 1024  # address space per process
+    max_processes: int = 16  # processes and threads the program may run at once
+    max_open_files: int = 64
+    max_file_mb: int = 16  # largest file the program may write
+    disk_mb: int = 64  # size of its private, writable /tmp (held in memory)
+    max_output_chars: int = 1000  # output kept and shown to the model; the rest is read and dropped
+    parallel: int = 4  # programs run at once per environment actor
+
+
+@dataclass
 class EnvConfig:
     # "math", "python_tool" (math with a Python tool), "tools" (function calling), "code" (unit
     # tests), "number_guess", "reward_model", or your own Environment subclass as "package.module:Class"
@@ -248,11 +265,8 @@ class EnvConfig:
     reward_timeout_s: float | None = 30.0
     reward_model_path: str | None = None  # env.name=reward_model: a folder exported by `posttrain rm`
     reward_model_batch_size: int = 32  # sequences per reward-model forward pass
-    # env.name=code and python_tool run the model's Python programs (posttrain/envs/sandbox.py)
-    sandbox_timeout_s: float = 5.0  # wall-clock limit per program
-    sandbox_memory_mb: int = 1024  # address-space limit per program
-    sandbox_max_output_chars: int = 1000  # output shown to the model beyond this is cut
-    sandbox_parallel: int = 4  # programs run at once per environment actor
+    # env.name=code and python_tool run the model's Python programs in it (posttrain/envs/sandbox.py)
+    sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     # Functions the model may call ("package.module:function"), shown to it through the chat
     # template's `tools`; env.name=tools runs them (posttrain/envs/tool_calling.py)
     tools: list[str] = field(default_factory=list)
@@ -385,9 +399,8 @@ def check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig,
 def check_env(env: EnvConfig) -> None:
     """What the env section can check alone; `posttrain.envs.registry.check_env_config` resolves its
     import paths (env.name, env.reward_fn, env.tools), which needs the environments."""
-    require(env.sandbox_timeout_s > 0, f"env.sandbox_timeout_s must be > 0, got {env.sandbox_timeout_s}")
-    for key in ("sandbox_memory_mb", "sandbox_max_output_chars", "sandbox_parallel", "reward_model_batch_size"):
-        require(getattr(env, key) > 0, f"env.{key} must be > 0, got {getattr(env, key)}")
+    positive(env, "reward_model_batch_size", *(f"sandbox.{f.name}" for f in dataclasses.fields(SandboxConfig)
+                                                 if f.name != "backend"))
     require(env.reward_timeout_s is None or env.reward_timeout_s > 0,
             f"env.reward_timeout_s must be > 0 or null (no limit), got {env.reward_timeout_s}")
     require(0 < env.max_invalid_fraction <= 1,

@@ -66,6 +66,8 @@ class EnvOutcome:
 
 
 class Environment(ABC):
+    runs_programs = False  # runs the model's code, so start-up checks that the sandbox works here
+
     def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
         self.cfg = cfg
         self.rank = rank

@@ -2,7 +2,7 @@
 
 A response with a ```python block and no \\boxed{} answer is a tool call (one cut off inside its
 block is answered with an error, not run, and the episode goes on): the program runs in a
-sandboxed interpreter (posttrain/envs/sandbox.py) and its output comes back as the next user
+sandbox (posttrain/envs/sandbox.py) and its output comes back as the next user
 message, in a ```output block; the episode goes on (set `grpo.max_rollout_turns` > 1). Any other
 response is the final answer, scored as the math environment scores it (the math verifier, or
 `env.reward_fn`), and ends the episode. Running out of turns without an answer earns 0.
@@ -14,12 +14,13 @@ from typing import Any
 
 from posttrain.envs.base import Message
 from posttrain.envs.math_env import MathToolEnvironment, _last_boxed
-from posttrain.envs.sandbox import ends_in_open_code_block, last_code_block, run_many
+from posttrain.envs.sandbox import check_sandbox, ends_in_open_code_block, last_code_block, run_many
 
 _CUT_OFF = object()  # the action of a response cut off inside its code block: nothing to run
 
 
 class PythonToolEnvironment(MathToolEnvironment):
+    runs_programs = True
     # Every chat template has the user role; a subclass may use "tool" where its template has one.
     observation_role = "user"
 
@@ -28,11 +29,21 @@ class PythonToolEnvironment(MathToolEnvironment):
             return None
         return _CUT_OFF if ends_in_open_code_block(response) else last_code_block(response)
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        check_sandbox(self.cfg.sandbox)
+
     def act(self, actions: dict[int, str | object]) -> dict[int, tuple[list[Message], dict[str, Any]]]:
         to_run = {i: code for i, code in actions.items() if code is not _CUT_OFF}
-        results = run_many(list(to_run.values()), self.cfg)
-        replies = {i: ("Error: the ```python block is not closed, so it was not run.", False) for i in actions}
-        replies |= {i: (f"```output\n{r.output.strip() or '(no output)'}\n```", r.passed)
-                    for i, r in zip(to_run, results, strict=True)}
-        return {i: ([{"role": self.observation_role, "content": text}], {"tool_passed": passed})
-                for i, (text, passed) in replies.items()}
+        results = dict(zip(to_run, run_many(list(to_run.values()), self.cfg.sandbox), strict=True))
+        replies = {}
+        for i in actions:
+            result = results.get(i)
+            if result is None:
+                replies[i] = ("Error: the ```python block is not closed, so it was not run.", {"tool_passed": False})
+            elif result.sandbox_error:  # not the model's doing: the sample is invalid
+                replies[i] = ("Error: the sandbox failed to run the program.",
+                              {"tool_passed": False, "invalid": "sandbox_error", "tool_error": result.sandbox_error})
+            else:
+                replies[i] = (f"```output\n{result.output.strip() or '(no output)'}\n```", {"tool_passed": result.passed})
+        return {i: ([{"role": self.observation_role, "content": text}], info) for i, (text, info) in replies.items()}

@@ -29,8 +29,11 @@ NO_TOOLS = "env.name=tools needs env.tools: the functions the model may call, as
 
 
 def check_env_config(cfg: EnvConfig) -> None:
-    """Import everything `cfg` names (env.name, env.reward_fn, env.tools); raises ConfigError."""
-    environment_class(cfg.name)
+    """Import everything `cfg` names (env.name, env.reward_fn, env.tools), and try the sandbox if the
+    environment runs the model's code; raises ConfigError."""
+    if environment_class(cfg.name).runs_programs:
+        from posttrain.envs.sandbox import check_sandbox
+        check_sandbox(cfg.sandbox)
     if cfg.reward_fn:
         load_reward_fn(cfg.reward_fn)
     load_tools(cfg.tools)

@@ -2,48 +2,38 @@
 
 from __future__ import annotations
 
-import time
+import dataclasses
 
 import pytest
 
-from posttrain.config import EnvConfig
+from posttrain.config import ConfigError, EnvConfig, SandboxConfig
 from posttrain.envs import make_environment
 from posttrain.envs.sandbox import ends_in_open_code_block, last_code_block, run_many, run_python
 
-LIMITS = dict(timeout_s=5.0, memory_mb=1024, max_output_chars=1000)
+CFG = SandboxConfig()
 
 
 def block(code: str) -> str:
     return f"Here is my code:\n```python\n{code}\n```\n"
 
 
-def test_a_program_runs_alone_and_reports_its_output_and_errors(tmp_path):
-    ok = run_python("import os\nprint(sorted(os.listdir('.')), 6 * 7)", **LIMITS)
+def test_a_program_runs_alone_and_reports_its_output_and_errors():
+    ok = run_python("import os\nprint(sorted(os.listdir('.')), 6 * 7)", CFG)
     assert ok.passed and ok.output == "['program.py'] 42\n"  # an empty folder of its own
-    failed = run_python("print('partial')\nraise ValueError('bad')", **LIMITS)
+    failed = run_python("print('partial')\nraise ValueError('bad')", CFG)
     assert not failed.passed and not failed.timed_out
-    assert failed.output.startswith("partial\nTraceback") and 'File "program.py", line 2' in failed.output
+    assert failed.output.startswith("partial\nTraceback") and 'File "/tmp/program.py", line 2' in failed.output
     assert failed.output.rstrip().endswith("ValueError: bad")
-
-
-def test_limits_stop_runaway_programs():
-    start = time.perf_counter()
-    looping = run_python("while True:\n    pass", timeout_s=1.0, memory_mb=1024, max_output_chars=1000)
-    assert looping.timed_out and not looping.passed and "longer than 1 s" in looping.output
-    sleeping_child = run_python("import subprocess, time\nsubprocess.Popen(['sleep', '60'])\ntime.sleep(60)",
-                                timeout_s=1.0, memory_mb=1024, max_output_chars=1000)
-    assert sleeping_child.timed_out
-    assert time.perf_counter() - start < 20
-    hungry = run_python("x = bytearray(4 * 1024 ** 3)", timeout_s=5.0, memory_mb=512, max_output_chars=1000)
-    assert not hungry.passed and "MemoryError" in hungry.output
-    chatty = run_python("print('x' * 5000)", timeout_s=5.0, memory_mb=1024, max_output_chars=100)
-    assert chatty.passed and chatty.output.startswith("x" * 100) and "(4901 more characters)" in chatty.output
+    chatty = run_python("print('x' * 5000)", dataclasses.replace(CFG, max_output_chars=100))
+    assert chatty.passed and chatty.output.startswith("x" * 100) and "(4901 more bytes)" in chatty.output
 
 
 def test_run_many_keeps_the_order():
-    cfg = EnvConfig(sandbox_parallel=3, sandbox_timeout_s=5.0, sandbox_memory_mb=1024, sandbox_max_output_chars=1000)
+    cfg = dataclasses.replace(CFG, parallel=3)
     results = run_many([f"print({i})" for i in range(6)], cfg)
     assert [r.output for r in results] == [f"{i}\n" for i in range(6)]
+    tested = run_many(["x = 1", "x = 2"], cfg, tests=["assert x == 2", "assert x == 2"])
+    assert [r.passed for r in tested] == [False, True]
     assert run_many([], cfg) == []
 
 
@@ -115,3 +105,42 @@ def test_python_tool_answers_a_program_cut_off_by_the_token_limit_without_runnin
                                                                   "so it was not run."}]
     assert result.metadata == [{"tool_passed": False}, {"tool_passed": True}]
     assert result.observations[1] == [{"role": "user", "content": "```output\n42\n```"}]
+
+
+def refuse_user_namespaces(tmp_path, monkeypatch):
+    """The launcher fails as it does where the kernel refuses unprivileged user namespaces."""
+    import posttrain.envs.sandbox as sandbox
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text("import json, os, sys\nspec = json.load(open(sys.argv[1]))\n"
+                        "os.write(spec['errors_fd'], b'unshare: [Errno 1] Operation not permitted')\nsys.exit(125)\n")
+    monkeypatch.setattr(sandbox, "_LAUNCHER", launcher)
+
+
+def test_a_code_environment_that_cannot_sandbox_fails_at_start_up_naming_the_fix(tmp_path, monkeypatch):
+    refuse_user_namespaces(tmp_path, monkeypatch)
+    from posttrain.envs.registry import check_env_config
+    for name in ("code", "python_tool"):
+        with pytest.raises(ConfigError, match=r"env.sandbox.backend=namespaces.*cannot start.*Operation not permitted.*"
+                                              r"user namespaces.*env.sandbox.backend=process"):
+            check_env_config(EnvConfig(name=name))
+    check_env_config(EnvConfig(name="math"))  # runs no programs, needs no sandbox
+    check_env_config(EnvConfig(name="code", sandbox=SandboxConfig(backend="process")))
+
+
+def test_a_sandbox_failure_makes_the_sample_invalid_not_zero(monkeypatch, tmp_path):
+    env = make_environment(EnvConfig(name="code", error_reward=-1.0))
+    tool = make_environment(EnvConfig(name="python_tool"))
+    refuse_user_namespaces(tmp_path, monkeypatch)
+    result = env.step([[{"role": "user", "content": "Write add."}]], [block("def add(a, b):\n    return a + b")],
+                      [{"answer": "assert add(2, 3) == 5"}])
+    assert result.invalid == ["sandbox_error"] and result.rewards == [-1.0] and result.done == [True]
+    assert "Operation not permitted" in result.metadata[0]["reward_error"]
+    called = tool.step([[{"role": "user", "content": "6 * 7?"}]], [block("print(6 * 7)")], [{"answer": "42"}])
+    assert called.invalid == ["sandbox_error"] and called.metadata[0]["tool_passed"] is False
+
+
+def test_a_row_whose_tests_do_not_parse_is_invalid():
+    env = make_environment(EnvConfig(name="code"))
+    result = env.step([[{"role": "user", "content": "Write add."}]], [block("def add(a, b):\n    return a + b")],
+                      [{"answer": "assert add(2, 3) ==="}])
+    assert result.invalid == ["bad_row"] and "does not parse" in result.metadata[0]["reward_error"]
