@@ -173,7 +173,8 @@ class WorkerGroup:
     def __init__(self, actor_cls: type, num_workers: int, *, name: str, args: tuple = (),
                  kwargs: dict[str, Any] | None = None, num_cpus_per_worker: float = 1.0,
                  num_gpus_per_worker: float = 0.0, strategy: str = "PACK", ready_timeout_s: float = 60.0,
-                 max_restarts: int = 0, bundles: tuple[SharedBundles, Sequence[int]] | None = None):
+                 max_restarts: int = 0, bundles: tuple[SharedBundles, Sequence[int]] | None = None,
+                 runtime_env: dict[str, Any] | None = None):
         if num_workers < 1:
             raise ValueError(f"worker group {name!r}: num_workers must be >= 1, got {num_workers}")
         self.name = name
@@ -197,10 +198,11 @@ class WorkerGroup:
         for rank in range(num_workers):
             strategy_i = PlacementGroupSchedulingStrategy(placement_group=group,
                                                           placement_group_bundle_index=indices[rank])
-            threads = str(worker_threads(num_cpus_per_worker))
+            own = dict(runtime_env or {})
+            own["env_vars"] = {"OMP_NUM_THREADS": str(worker_threads(num_cpus_per_worker)), **own.get("env_vars", {})}
             options = remote_cls.options(num_cpus=num_cpus_per_worker, num_gpus=num_gpus_per_worker,
                                          scheduling_strategy=strategy_i, name=None, max_restarts=max_restarts,
-                                         runtime_env={"env_vars": {"OMP_NUM_THREADS": threads}})
+                                         runtime_env=own)
             self._workers.append(options.remote(*args, rank=rank, world_size=num_workers, **(kwargs or {})))
 
     def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:

@@ -75,6 +75,9 @@ class EvalRunConfig:
         positive(self, "generation.max_new_tokens", "generation.batch_size", "eval.num_tests_per_prompt")
         require(g.num_workers == 1, f"generation.num_workers must be 1 (eval generates in-process), got "
                                     f"{g.num_workers}")
+        require(self.env.runtime_env is None, "env.runtime_env sets up GRPO's environment actors; eval scores "
+                                              "in its own process, so install the environment's packages here "
+                                              "and leave env.runtime_env unset")
         require(g.temperature >= 0, f"generation.temperature must be >= 0 (0 is greedy), got {g.temperature}")
         require(0 < g.top_p <= 1, f"generation.top_p must be in (0, 1], got {g.top_p}")
         require(g.top_k is None or g.top_k >= 0,

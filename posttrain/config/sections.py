@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from posttrain.config.loader import positive, require
 
@@ -259,6 +259,10 @@ class EnvConfig:
     max_invalid_fraction: float = 0.5
     max_invalid_steps: int = 3
     num_workers: int = 1  # environment actors
+    # GRPO: the environment actors' own Ray runtime environment (its keys: pip, uv, conda, env_vars,
+    # working_dir, py_modules, ...), for an environment or reward function whose dependencies the
+    # trainer lacks or must not share; env.name and env.reward_fn are then imported in the actors only
+    runtime_env: dict[str, Any] | None = None
     # Wall-clock limit of each call of env.reward_fn and of each tool (env.tools), which then run in
     # a child process that is killed when a call overruns (the sample is invalid: "reward_timeout",
     # "tool_timeout"); null: no limit, called in the environment actor itself

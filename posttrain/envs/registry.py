@@ -30,11 +30,13 @@ NO_TOOLS = "env.name=tools needs env.tools: the functions the model may call, as
 
 def check_env_config(cfg: EnvConfig) -> None:
     """Import everything `cfg` names (env.name, env.reward_fn, env.tools), and try the sandbox if the
-    environment runs the model's code; raises ConfigError."""
-    if environment_class(cfg.name).runs_programs:
-        from posttrain.envs.sandbox import check_sandbox
-        check_sandbox(cfg.sandbox)
-    if cfg.reward_fn:
+    environment runs the model's code; raises ConfigError. With `env.runtime_env`, the environment
+    and reward function may need packages only the actors have: they are imported there, at start."""
+    if cfg.runtime_env is None or cfg.name in BUILT_IN:
+        if environment_class(cfg.name).runs_programs:
+            from posttrain.envs.sandbox import check_sandbox
+            check_sandbox(cfg.sandbox)
+    if cfg.reward_fn and cfg.runtime_env is None:
         load_reward_fn(cfg.reward_fn)
     load_tools(cfg.tools)
     if cfg.name == "tools" and not cfg.tools:

@@ -122,7 +122,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                                  **plan.placement("generation", shared))
         stop.callback(generators.shutdown)
         envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                           max_restarts=restarts, **plan.placement("environment", shared))
+                           max_restarts=restarts, runtime_env=cfg.env.runtime_env,
+                           **plan.placement("environment", shared))
         stop.callback(envs.shutdown)
         plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
                            "environment": envs.placements()}
