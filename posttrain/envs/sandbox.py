@@ -95,11 +95,12 @@ class _Process:
     def finish(self) -> tuple[bool, str]:
         """Wait for the exit within the deadline (else kill); (timed out, why the sandbox could not
         start or "")."""
-        timed_out = False
-        try:
-            self.popen.wait(timeout=max(0.0, self.left_s()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
+        # Waited for without reaping, so that the launcher's process group id cannot be reused
+        # by an unrelated process before the kill below.
+        exited = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        while (ended := os.waitid(os.P_PID, self.popen.pid, exited)) is None and self.left_s() > 0:
+            time.sleep(0.005)
+        timed_out = ended is None
         self.kill()  # whatever is left in its group (with backend=process, no namespace does it)
         self.popen.wait()
         self.output.join(timeout=1.0)  # a setsid'd child of backend=process may hold the pipe open
