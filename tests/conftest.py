@@ -1,4 +1,5 @@
-"""Shared fixtures, built once per session: the tiny model (offline, loaded by path) and one local
+"""Shared fixtures, built once per session: the tiny model (offline, loaded by path), a reward model
+made from it, and one local
 Ray whose workers can import the e2e tests' reward functions and environments."""
 
 from __future__ import annotations
@@ -14,6 +15,22 @@ from posttrain.demo.tiny_model import save_tiny_model
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny") / "model", size="test")
+
+
+@pytest.fixture(scope="session")
+def reward_model_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with a fresh one-output head: a reward model as `posttrain rm` exports one."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("reward_model")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 def start_ray() -> None:

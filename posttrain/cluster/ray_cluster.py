@@ -146,6 +146,19 @@ class SharedBundles:
         self.placement_group = None
 
 
+class WorkerClient:
+    """A worker as a plain object: `client.method(*args)` calls it and waits for the result, so code
+    below the cluster layer (an environment) can use a worker without knowing Ray."""
+
+    def __init__(self, actor: ray.actor.ActorHandle):
+        self._actor = actor
+
+    def __getattr__(self, method: str) -> Any:
+        if method.startswith("_"):
+            raise AttributeError(method)
+        return lambda *args, **kwargs: ray.get(getattr(self._actor, method).remote(*args, **kwargs))
+
+
 class WorkerGroup:
     """`num_workers` Ray actors of `actor_cls`, one placement-group bundle each: bundles of their
     own, or with `bundles=(shared, indices)` worker i in bundle `indices[i]` of a `SharedBundles`.
@@ -204,6 +217,11 @@ class WorkerGroup:
                                          scheduling_strategy=strategy_i, name=None, max_restarts=max_restarts,
                                          runtime_env=own)
             self._workers.append(options.remote(*args, rank=rank, world_size=num_workers, **(kwargs or {})))
+
+    def clients(self) -> list[WorkerClient]:
+        """Plain-call clients of each worker, to hand to other actors (e.g. environments that share
+        the reward-model workers)."""
+        return [WorkerClient(worker) for worker in self._workers]
 
     def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args, **kwargs) for w in self._workers]

@@ -269,6 +269,10 @@ class EnvConfig:
     reward_timeout_s: float | None = 30.0
     reward_model_path: str | None = None  # env.name=reward_model: a folder exported by `posttrain rm`
     reward_model_batch_size: int = 32  # sequences per reward-model forward pass
+    # GRPO: the reward model runs in workers of its own, one copy each, in policy.precision, shared by
+    # the environment actors; on GPUs each takes reward_model_gpus (a fraction shares a GPU)
+    reward_model_workers: int = 1
+    reward_model_gpus: float = 1.0
     # env.name=code and python_tool run the model's Python programs in it (posttrain/envs/sandbox.py)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
     # Functions the model may call ("package.module:function"), shown to it through the chat
@@ -403,7 +407,7 @@ def check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig,
 def check_env(env: EnvConfig) -> None:
     """What the env section can check alone; `posttrain.envs.registry.check_env_config` resolves its
     import paths (env.name, env.reward_fn, env.tools), which needs the environments."""
-    positive(env, "reward_model_batch_size", *(f"sandbox.{f.name}" for f in dataclasses.fields(SandboxConfig)
+    positive(env, "reward_model_batch_size", "reward_model_workers", "reward_model_gpus", *(f"sandbox.{f.name}" for f in dataclasses.fields(SandboxConfig)
                                                  if f.name != "backend"))
     require(env.reward_timeout_s is None or env.reward_timeout_s > 0,
             f"env.reward_timeout_s must be > 0 or null (no limit), got {env.reward_timeout_s}")

@@ -43,8 +43,10 @@ def check_env_config(cfg: EnvConfig) -> None:
         raise ConfigError(NO_TOOLS)
 
 
-def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1) -> Environment:
-    return environment_class(cfg.name)(cfg, rank=rank, world_size=world_size)
+def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, reward_model: Any = None) -> Environment:
+    """`reward_model`: a shared scorer for env.name=reward_model (GRPO's reward-model workers)."""
+    shared = {"reward_model": reward_model} if reward_model is not None else {}
+    return environment_class(cfg.name)(cfg, rank=rank, world_size=world_size, **shared)
 
 
 def environment_class(name: str) -> type[Environment]:

@@ -10,8 +10,10 @@ from posttrain.envs.registry import make_environment
 
 
 class EnvironmentWorker:
-    def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
-        self.env = make_environment(cfg, rank=rank, world_size=world_size)
+    def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, reward_models: list | None = None):
+        """`reward_models`: clients of the reward-model workers, shared round robin by rank."""
+        reward_model = reward_models[rank % len(reward_models)] if reward_models else None
+        self.env = make_environment(cfg, rank=rank, world_size=world_size, reward_model=reward_model)
 
     def step(self, items: list[EnvItem]) -> list[EnvOutcome]:
         result = self.env.step([i.conversation for i in items], [i.response for i in items],

@@ -40,6 +40,7 @@ from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.data.trajectories import Trajectory, collate_trajectories, packing_cost_ratio
 from posttrain.envs.base import InvalidRolloutsError
 from posttrain.envs.registry import check_env_config, load_tools
+from posttrain.envs.reward_model_env import RewardModelScorer
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
 from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
@@ -121,12 +122,21 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                                  kwargs={"weights_path": weights}, max_restarts=restarts,
                                  **plan.placement("generation", shared))
         stop.callback(generators.shutdown)
+        services = {}
+        if cfg.env.name == "reward_model":
+            scorers = WorkerGroup(RewardModelScorer, cfg.env.reward_model_workers, name="reward_model",
+                                  args=(cfg.env.reward_model_path, cfg.policy.precision, cfg.env.reward_model_batch_size),
+                                  max_restarts=restarts, **plan.placement("reward_model"))
+            stop.callback(scorers.shutdown)
+            services = {"reward_models": scorers.clients()}
         envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                           max_restarts=restarts, runtime_env=cfg.env.runtime_env,
+                           kwargs=services, max_restarts=restarts, runtime_env=cfg.env.runtime_env,
                            **plan.placement("environment", shared))
         stop.callback(envs.shutdown)
         plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
                            "environment": envs.placements()}
+        if services:
+            plan.placements["reward_model"] = scorers.placements()
         weight_sync = WeightSync(policy, generators, gen.transport, gen.refit_bucket_mb,
                                  colocated_ranks=plan.role("generation").bundles)
         turns = Colocation(policy, generators, gen.colocated.enabled)
@@ -243,11 +253,15 @@ def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
         policy_bundles = generation_bundles = None
         if gen.colocated.resources.gpus_per_node is not None:
             spread = "PACK"  # each role on as few nodes as it fills: the generators' nodes apart from the policy's
-    return ResourcePlan([
+    roles = [
         RolePlan("policy", ranks, 1.0, policy_gpus, "policy.num_workers", spread, policy_bundles),
         RolePlan("generation", engines, 1.0, generation_gpus, "policy.generation.num_workers", spread,
                  generation_bundles),
-        RolePlan("environment", cfg.env.num_workers, 0.5, 0.0, "env.num_workers", spread)])
+        RolePlan("environment", cfg.env.num_workers, 0.5, 0.0, "env.num_workers", spread)]
+    if cfg.env.name == "reward_model":  # one copy of the reward model per worker, shared by the environments
+        roles.append(RolePlan("reward_model", cfg.env.reward_model_workers, 1.0,
+                              cfg.env.reward_model_gpus if on_gpus else 0.0, "env.reward_model_workers", spread))
+    return ResourcePlan(roles)
 
 
 def _rollout_step_metrics(rollout: Rollout, cfg: GRPORunConfig, generators: WorkerGroup,

@@ -169,6 +169,18 @@ def test_dead_generation_and_environment_workers_are_restarted_and_the_run_is_un
         (0, 0), (1, 0), (1, 1)]
 
 
+def test_a_reward_model_scores_from_workers_of_its_own(tiny_model_dir, reward_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "env.name=reward_model", "env.reward_fn=null",
+               f"env.reward_model_path={reward_model_dir}", "env.num_workers=2", "grpo.max_num_steps=1",
+               "checkpointing.enabled=false")
+    _run(cfg)
+    plan = json.loads((tmp_path / "logs" / "resource_plan.json").read_text())
+    assert [r["name"] for r in plan["roles"]] == ["policy", "generation", "environment", "reward_model"]
+    assert len(plan["placements"]["reward_model"]) == 1  # one copy, shared by both environment actors
+    [step] = _train_rows(tmp_path / "logs")
+    assert step["rollout/reward_std"] > 0  # the model's scores, not a constant
+
+
 def test_a_run_whose_reward_function_always_raises_stops_saying_so(tiny_model_dir, tmp_path):
     from posttrain.envs.base import InvalidRolloutsError
 

@@ -78,3 +78,18 @@ def test_dedicated_generation_nodes_pack_each_role_onto_nodes_of_its_own():
     cfg.policy.generation.colocated.resources.gpus_per_node = 8
     cfg.policy.generation.colocated.resources.num_nodes = 1
     assert {r.strategy for r in _resource_plan(cfg).roles} == {"PACK"}
+
+
+def test_a_reward_model_gets_workers_of_its_own_with_their_gpu_share():
+    cfg = _cfg(gpus_per_node=4, policy_workers=2, generators=2)
+    assert [r.name for r in _resource_plan(cfg).roles] == ["policy", "generation", "environment"]
+    cfg.env.name, cfg.env.reward_model_workers, cfg.env.reward_model_gpus = "reward_model", 2, 0.5
+    cfg.env.num_workers = 4
+    plan = _resource_plan(cfg)
+    assert _roles(plan)[3] == ("reward_model", 2, 1.0, 0.5, None)  # 2 copies for 4 environment actors
+    assert plan.gpus == 2 * 1.0 + 2 * 0.5  # policy + colocated generators fill 2 GPUs; the models share one
+    plan.check_fits([{"CPU": 16.0, "GPU": 4.0}], "the local Ray")
+    with pytest.raises(ConfigError, match=r"env.reward_model_workers \(2\) x 0.5"):
+        plan.check_fits([{"CPU": 16.0, "GPU": 2.0}], "the local Ray")
+    cfg.cluster.gpus_per_node = 0
+    assert _resource_plan(cfg).role("reward_model").gpus_per_worker == 0.0  # CPU: no GPU accounting
