@@ -244,9 +244,28 @@ class SandboxConfig:
 
 
 @dataclass
+class JudgeConfig:
+    # env.name=judge and math_judge: a chat model grades responses against the row's reference answer
+    model_name: str | None = None  # any Hugging Face causal LM with a chat template
+    backend: Literal["hf", "vllm"] = "hf"  # served like the policy's generators
+    workers: int = 1  # GRPO: judge workers, one copy of the model each, shared by the environment actors
+    gpus: float = 1.0  # each judge worker's GPU share on a GPU cluster
+    max_new_tokens: int = 512
+    temperature: float = 0.0  # 0: greedy, the same verdict for the same question
+    batch_size: int = 32  # conversations per generate() call (hf)
+    system_prompt: str = ("You are a strict grader. Decide whether the response's final answer agrees with the "
+                          "reference answer. Reason briefly, then end with exactly one verdict: [[CORRECT]] or "
+                          "[[INCORRECT]].")
+    prompt: str = "Question:\n{question}\n\nReference answer:\n{reference}\n\nResponse:\n{response}"
+    correct_verdict: str = "[[CORRECT]]"
+    incorrect_verdict: str = "[[INCORRECT]]"
+
+
+@dataclass
 class EnvConfig:
     # "math", "python_tool" (math with a Python tool), "tools" (function calling), "code" (unit
-    # tests), "number_guess", "reward_model", or your own Environment subclass as "package.module:Class"
+    # tests), "number_guess", "reward_model", "judge" (an LLM grades against the reference), "math_judge"
+    # (math-verify first, the judge where it says no), or your own Environment subclass as "package.module:Class"
     name: str = "math"
     reward_fn: str | None = None  # "package.module:function" replaces the built-in verifier
     error_reward: float = 0.0  # reward of an invalid sample under invalid_policy=error_reward
@@ -275,6 +294,7 @@ class EnvConfig:
     reward_model_gpus: float = 1.0
     # env.name=code and python_tool run the model's Python programs in it (posttrain/envs/sandbox.py)
     sandbox: SandboxConfig = field(default_factory=SandboxConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     # Functions the model may call ("package.module:function"), shown to it through the chat
     # template's `tools`; env.name=tools runs them (posttrain/envs/tool_calling.py)
     tools: list[str] = field(default_factory=list)
@@ -414,6 +434,19 @@ def check_env(env: EnvConfig) -> None:
     require(0 < env.max_invalid_fraction <= 1,
             f"env.max_invalid_fraction must be in (0, 1] (1: never stop), got {env.max_invalid_fraction}")
     require(env.max_invalid_steps >= 1, f"env.max_invalid_steps must be >= 1, got {env.max_invalid_steps}")
+    if env.name in ("judge", "math_judge"):
+        judge = env.judge
+        require(bool(judge.model_name), f"env.name={env.name} needs env.judge.model_name (a chat model that grades "
+                                        "the responses)")
+        positive(env, "judge.workers", "judge.gpus", "judge.max_new_tokens", "judge.batch_size")
+        require(judge.temperature >= 0, f"env.judge.temperature must be >= 0 (0 is greedy), got {judge.temperature}")
+        for field_name in ("{reference}", "{response}"):
+            require(field_name in judge.prompt, f"env.judge.prompt must contain {field_name}")
+        require(bool(judge.correct_verdict) and bool(judge.incorrect_verdict)
+                and judge.correct_verdict not in judge.incorrect_verdict
+                and judge.incorrect_verdict not in judge.correct_verdict,
+                "env.judge.correct_verdict and incorrect_verdict must be non-empty and neither inside the other "
+                f"(got {judge.correct_verdict!r} and {judge.incorrect_verdict!r})")
     require(env.name != "reward_model" or bool(env.reward_model_path),
             "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
 

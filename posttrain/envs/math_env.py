@@ -112,7 +112,7 @@ def _clean(answer: str) -> str:
     return " ".join(answer.split()).rstrip(".").strip()
 
 
-def _gold_answer(gold: str) -> str:
+def gold_answer(gold: str) -> str:
     # Gold fields often hold a whole solution: "... \boxed{5}" (MATH) or "... #### 72" (GSM8K).
     found = _first_found(gold, _last_boxed, _after_hashes)
     return gold if found is None else found
@@ -164,7 +164,7 @@ class MathEnvironment(Environment):
         info["extracted_answer"] = extracted
         if "answer" not in meta:
             raise KeyError("metadata has no 'answer' (the gold answer; see data.answer_key)")
-        return float(extracted is not None and answers_match(_gold_answer(str(meta["answer"])), extracted))
+        return float(extracted is not None and answers_match(gold_answer(str(meta["answer"])), extracted))
 
 
 class MathToolEnvironment(MathEnvironment):

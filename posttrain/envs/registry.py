@@ -24,7 +24,12 @@ BUILT_IN = {
     "code": "posttrain.envs.code_env:CodeEnvironment",
     "number_guess": "posttrain.envs.number_guess:NumberGuessEnvironment",
     "reward_model": "posttrain.envs.reward_model_env:RewardModelEnvironment",
+    "judge": "posttrain.envs.judge_env:JudgeEnvironment",
+    "math_judge": "posttrain.envs.judge_env:MathJudgeEnvironment",
 }
+# What an environment gets from the run besides its config (models served by workers of their own),
+# by the environment names that need it.
+SERVICES = {"reward_model": ("reward_model",), "judge": ("judge", "math_judge")}
 NO_TOOLS = "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'"
 
 
@@ -43,10 +48,10 @@ def check_env_config(cfg: EnvConfig) -> None:
         raise ConfigError(NO_TOOLS)
 
 
-def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, reward_model: Any = None) -> Environment:
-    """`reward_model`: a shared scorer for env.name=reward_model (GRPO's reward-model workers)."""
-    shared = {"reward_model": reward_model} if reward_model is not None else {}
-    return environment_class(cfg.name)(cfg, rank=rank, world_size=world_size, **shared)
+def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, **services: Any) -> Environment:
+    """`services`: what the environment uses that the run serves (`reward_model=` a scorer,
+    `judge=` a chat model), passed on by name."""
+    return environment_class(cfg.name)(cfg, rank=rank, world_size=world_size, **services)
 
 
 def environment_class(name: str) -> type[Environment]:

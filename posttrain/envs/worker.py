@@ -10,10 +10,11 @@ from posttrain.envs.registry import make_environment
 
 
 class EnvironmentWorker:
-    def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, reward_models: list | None = None):
-        """`reward_models`: clients of the reward-model workers, shared round robin by rank."""
-        reward_model = reward_models[rank % len(reward_models)] if reward_models else None
-        self.env = make_environment(cfg, rank=rank, world_size=world_size, reward_model=reward_model)
+    def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, services: dict[str, list] | None = None):
+        """`services`: by name, clients of the workers serving a model to the environments (the
+        reward model, the judge), shared round robin by rank."""
+        chosen = {name: clients[rank % len(clients)] for name, clients in (services or {}).items()}
+        self.env = make_environment(cfg, rank=rank, world_size=world_size, **chosen)
 
     def step(self, items: list[EnvItem]) -> list[EnvOutcome]:
         result = self.env.step([i.conversation for i in items], [i.response for i in items],

@@ -20,12 +20,13 @@ from rich.table import Table
 
 from posttrain.config import DataConfig, EvalRunConfig, to_dict
 from posttrain.data.prompts import PromptDataset
-from posttrain.envs.registry import check_env_config, load_tools
+from posttrain.envs.registry import SERVICES, check_env_config, load_tools
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.eval.benchmarks import load_eval_rows
 from posttrain.eval.metrics import mean_metrics, problem_metrics
 from posttrain.logging import make_progress
 from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.chat_model import ChatModel
 from posttrain.rollout.multi_turn import run_episodes
 from posttrain.rollout.registry import backend_class
 
@@ -57,7 +58,9 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
 
     expanded = [p for p in prompts for _ in range(n)]
     sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.stop_strings)
-    env = EnvironmentWorker(cfg.env)  # in the main thread, so math_verify's timeouts are on
+    # The judge (env.name=judge, math_judge) is served here, beside the model under test.
+    services = {"judge": [ChatModel(cfg.env.judge, policy_cfg.precision)]} if cfg.env.name in SERVICES["judge"] else {}
+    env = EnvironmentWorker(cfg.env, services=services)  # in the main thread, so math_verify's timeouts are on
     completions, rewards, infos = [], [], []
     start = time.perf_counter()
     transformers.set_seed(cfg.eval.seed)  # samples depend only on the seed, not on what loading drew
@@ -82,7 +85,8 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
             samples.append({"response": completions[j].text, "extracted_answer": info.get("extracted_answer"),
                             "correct": rewards[j] == 1.0, "finish_reason": completions[j].finish_reason,
                             "num_tokens": completions[j].num_sampled, "turns": info["turns"],
-                            **({"error": info["reward_error"]} if "reward_error" in info else {})})
+                            **({"error": info["reward_error"]} if "reward_error" in info else {}),
+                            **({"judge_reply": info["judge_reply"]} if "judge_reply" in info else {})})
         metrics = problem_metrics([s["extracted_answer"] for s in samples], [s["correct"] for s in samples],
                                   cfg.eval.k_values)
         problems.append({"index": i, "messages": prompt.messages, "answer": prompt.metadata["answer"],

@@ -39,10 +39,11 @@ from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.data.trajectories import Trajectory, collate_trajectories, packing_cost_ratio
 from posttrain.envs.base import InvalidRolloutsError
-from posttrain.envs.registry import check_env_config, load_tools
+from posttrain.envs.registry import SERVICES, check_env_config, load_tools
 from posttrain.envs.reward_model_env import RewardModelScorer
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
+from posttrain.rollout.chat_model import ChatModel
 from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
 from posttrain.rollout.colocation import Colocation
 from posttrain.rollout.registry import backend_class
@@ -122,21 +123,14 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                                  kwargs={"weights_path": weights}, max_restarts=restarts,
                                  **plan.placement("generation", shared))
         stop.callback(generators.shutdown)
-        services = {}
-        if cfg.env.name == "reward_model":
-            scorers = WorkerGroup(RewardModelScorer, cfg.env.reward_model_workers, name="reward_model",
-                                  args=(cfg.env.reward_model_path, cfg.policy.precision, cfg.env.reward_model_batch_size),
-                                  max_restarts=restarts, **plan.placement("reward_model"))
-            stop.callback(scorers.shutdown)
-            services = {"reward_models": scorers.clients()}
+        services = _start_services(cfg, plan, restarts, stop)
         envs = WorkerGroup(EnvironmentWorker, cfg.env.num_workers, name="environment", args=(cfg.env,),
-                           kwargs=services, max_restarts=restarts, runtime_env=cfg.env.runtime_env,
+                           kwargs={"services": {name: group.clients() for name, group in services.items()}},
+                           max_restarts=restarts, runtime_env=cfg.env.runtime_env,
                            **plan.placement("environment", shared))
         stop.callback(envs.shutdown)
         plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
-                           "environment": envs.placements()}
-        if services:
-            plan.placements["reward_model"] = scorers.placements()
+                           "environment": envs.placements()} | {name: g.placements() for name, g in services.items()}
         weight_sync = WeightSync(policy, generators, gen.transport, gen.refit_bucket_mb,
                                  colocated_ranks=plan.role("generation").bundles)
         turns = Colocation(policy, generators, gen.colocated.enabled)
@@ -258,10 +252,32 @@ def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
         RolePlan("generation", engines, 1.0, generation_gpus, "policy.generation.num_workers", spread,
                  generation_bundles),
         RolePlan("environment", cfg.env.num_workers, 0.5, 0.0, "env.num_workers", spread)]
-    if cfg.env.name == "reward_model":  # one copy of the reward model per worker, shared by the environments
+    # The models the environments use: one copy per worker, shared by the environment actors.
+    if cfg.env.name in SERVICES["reward_model"]:
         roles.append(RolePlan("reward_model", cfg.env.reward_model_workers, 1.0,
                               cfg.env.reward_model_gpus if on_gpus else 0.0, "env.reward_model_workers", spread))
+    if cfg.env.name in SERVICES["judge"]:
+        roles.append(RolePlan("judge", cfg.env.judge.workers, 1.0, cfg.env.judge.gpus if on_gpus else 0.0,
+                              "env.judge.workers", spread))
     return ResourcePlan(roles)
+
+
+def _start_services(cfg: GRPORunConfig, plan: ResourcePlan, restarts: int,
+                    stop: contextlib.ExitStack) -> dict[str, WorkerGroup]:
+    """The models the environments use (a reward model, a judge), each in workers of its own, by
+    service name; stopped with the run."""
+    groups = {}
+    if cfg.env.name in SERVICES["reward_model"]:
+        groups["reward_model"] = WorkerGroup(
+            RewardModelScorer, cfg.env.reward_model_workers, name="reward_model", max_restarts=restarts,
+            args=(cfg.env.reward_model_path, cfg.policy.precision, cfg.env.reward_model_batch_size),
+            **plan.placement("reward_model"))
+        stop.callback(groups["reward_model"].shutdown)
+    if cfg.env.name in SERVICES["judge"]:
+        groups["judge"] = WorkerGroup(ChatModel, cfg.env.judge.workers, name="judge", max_restarts=restarts,
+                                      args=(cfg.env.judge, cfg.policy.precision), **plan.placement("judge"))
+        stop.callback(groups["judge"].shutdown)
+    return groups
 
 
 def _rollout_step_metrics(rollout: Rollout, cfg: GRPORunConfig, generators: WorkerGroup,

@@ -116,3 +116,13 @@ def test_eval_rejects_a_prompt_longer_than_the_models_context(tiny_model_dir, tm
     assert code == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "line 1: the prompt has" in err and "more than the 511 allowed (the model's context length" in err
+
+
+def test_eval_serves_the_judge_beside_the_model_under_test(tiny_model_dir, tmp_path):
+    rows = make_problems(ArithmeticTaskConfig(max_operand=4, operations=["+"], num_val=3), "validation")
+    _write(tmp_path / "arith.jsonl", rows)
+    report = _eval(tiny_model_dir, tmp_path / "arith.jsonl", tmp_path / "report.json", "env.name=judge",
+                   f"env.judge.model_name={tiny_model_dir}", "env.judge.max_new_tokens=4")
+    samples = [s for p in report["problems"] for s in p["samples"]]
+    assert len(samples) == 4 * 3 and all(isinstance(s["judge_reply"], str) for s in samples)
+    assert not any(s["correct"] for s in samples)  # the tiny judge writes no verdict

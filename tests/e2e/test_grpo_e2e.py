@@ -181,6 +181,18 @@ def test_a_reward_model_scores_from_workers_of_its_own(tiny_model_dir, reward_mo
     assert step["rollout/reward_std"] > 0  # the model's scores, not a constant
 
 
+def test_a_judge_served_by_workers_of_its_own_grades_the_responses(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir, tmp_path, "env.name=judge", "env.reward_fn=null", f"env.judge.model_name={tiny_model_dir}",
+               "env.judge.max_new_tokens=4", "env.invalid_policy=error_reward", "grpo.max_num_steps=1",
+               "checkpointing.enabled=false")
+    _run(cfg)
+    plan = json.loads((tmp_path / "logs" / "resource_plan.json").read_text())
+    assert [r["name"] for r in plan["roles"]] == ["policy", "generation", "environment", "judge"]
+    [step] = _train_rows(tmp_path / "logs")
+    # The untrained tiny judge writes no verdict: every sample was sent to it, and none scored as 0.
+    assert step["rollout/invalid/judge_no_verdict"] == 8 * 8 and step["rollout/invalid_fraction"] == 1.0
+
+
 def test_a_run_whose_reward_function_always_raises_stops_saying_so(tiny_model_dir, tmp_path):
     from posttrain.envs.base import InvalidRolloutsError
 

@@ -120,7 +120,7 @@ def test_step_from_a_thread():
 def test_make_environment():
     env = make_environment(EnvConfig(), rank=1, world_size=2)
     assert isinstance(env, MathEnvironment) and (env.rank, env.world_size) == (1, 2)
-    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'python_tool', 'tools', 'code', 'number_guess', 'reward_model'\] or "
+    with pytest.raises(ValueError, match=r"env\.name.*'chess'.*\['math', 'python_tool', 'tools', 'code', 'number_guess', 'reward_model', 'judge', 'math_judge'\] or "
                                          r"'package\.module:Class'"):
         make_environment(EnvConfig(name="chess"))
 

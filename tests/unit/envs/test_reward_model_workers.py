@@ -25,7 +25,7 @@ def test_environment_actors_share_the_reward_model_workers_and_score_as_in_proce
     scorers = WorkerGroup(RewardModelScorer, 2, name="reward_model", args=(reward_model_dir, "float32", 4),
                           num_cpus_per_worker=0.5)
     envs = WorkerGroup(EnvironmentWorker, 2, name="environment", args=(cfg,),
-                       kwargs={"reward_models": scorers.clients()}, num_cpus_per_worker=0.25)
+                       kwargs={"services": {"reward_model": scorers.clients()}}, num_cpus_per_worker=0.25)
     try:
         items = [EnvItem(c, r, {}) for c, r in zip(conversations, RESPONSES, strict=True)]
         rewards = [o.reward for o in envs.call_sharded("step", items)]  # 3 samples per actor, one model each

@@ -1,0 +1,84 @@
+"""The judge environments against a scripted judge (their logic), and the served chat model that
+GRPO and eval use as the judge (a real tiny model, greedy)."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain.config import ConfigError, EnvConfig, JudgeConfig
+from posttrain.config.sections import check_env
+from posttrain.envs import make_environment
+from posttrain.envs.judge_env import parse_verdict
+from posttrain.rollout.chat_model import ChatModel
+
+
+class ScriptedJudge:
+    """Replies by a script keyed on the text it is shown; records what it was asked."""
+
+    def __init__(self, replies: dict[str, str]):
+        self.replies, self.asked = replies, []
+
+    def chat(self, conversations):
+        self.asked += conversations
+        return [next(reply for key, reply in self.replies.items() if key in c[-1]["content"]) for c in conversations]
+
+
+@pytest.mark.parametrize(("reply", "verdict"), [
+    ("The answer matches. [[CORRECT]]", True),
+    ("It differs. [[INCORRECT]]", False),
+    ("First [[CORRECT]]... on reflection [[INCORRECT]]", False),  # the last label decides
+    ("[[INCORRECT]] no wait, [[CORRECT]]", True),
+    ("I cannot tell.", None),
+])
+def test_parse_verdict(reply, verdict):
+    assert parse_verdict(reply, "[[CORRECT]]", "[[INCORRECT]]") is verdict
+
+
+QUESTION = [{"role": "user", "content": "How many legs has a spider?"}]
+
+
+def test_the_judge_grades_against_the_reference_and_a_reply_without_verdict_is_invalid():
+    judge = ScriptedJudge({"eight legs": "Same number. [[CORRECT]]", "six": "No. [[INCORRECT]]", "dunno": "Hmm."})
+    env = make_environment(EnvConfig(name="judge", judge=JudgeConfig(model_name="m")), judge=judge)
+    result = env.step([QUESTION] * 4, ["It has eight legs.", "six", "dunno", "eight"],
+                      [{"answer": "8"}, {"answer": "8"}, {"answer": "8"}, {}])
+    assert result.rewards == [1.0, 0.0, 0.0, 0.0] and result.done == [True] * 4
+    assert result.invalid == [None, None, "judge_no_verdict", "bad_row"]
+    assert result.metadata[0]["judge_reply"] == "Same number. [[CORRECT]]"
+    system, user = judge.asked[0]
+    assert system["role"] == "system" and "[[CORRECT]]" in system["content"]
+    assert user["content"] == ("Question:\nHow many legs has a spider?\n\nReference answer:\n8\n\n"
+                               "Response:\nIt has eight legs.")
+    assert len(judge.asked) == 3  # the row without a reference is not sent
+
+
+def test_math_judge_asks_the_judge_only_where_the_verifier_says_no():
+    judge = ScriptedJudge({"eight": "[[CORRECT]]", "7": "[[INCORRECT]]"})
+    env = make_environment(EnvConfig(name="math_judge", judge=JudgeConfig(model_name="m")), judge=judge)
+    result = env.step([QUESTION] * 4, ["So \\boxed{8}.", "I am not sure.", "\\boxed{eight}", "\\boxed{7}"],
+                      [{"answer": "8"}] * 4)
+    assert result.rewards == [1.0, 0.0, 1.0, 0.0]  # verified; no final answer; judged equal; judged different
+    assert [c[-1]["content"].rsplit("\n", 1)[-1] for c in judge.asked] == ["eight", "7"]  # the answers alone
+    assert "judge_reply" not in result.metadata[0] and result.metadata[2]["extracted_answer"] == "eight"
+
+
+def test_a_judge_environment_needs_its_judge_and_a_judge_model():
+    with pytest.raises(ConfigError, match="env.name=judge grades with a judge model"):
+        make_environment(EnvConfig(name="judge", judge=JudgeConfig(model_name="m")))
+    with pytest.raises(ConfigError, match="env.name=math_judge needs env.judge.model_name"):
+        check_env(EnvConfig(name="math_judge"))
+    with pytest.raises(ConfigError, match="env.judge.prompt must contain {reference}"):
+        check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", prompt="{response}")))
+
+
+def test_the_served_judge_answers_each_conversation_through_its_chat_template(tiny_model_dir):
+    judge = ChatModel(JudgeConfig(model_name=str(tiny_model_dir), max_new_tokens=6))
+    conversations = [[{"role": "user", "content": "Is 2 + 2 = 4?"}], [{"role": "user", "content": "Is 2 + 2 = 5?"}]]
+    replies = judge.chat(conversations)
+    assert len(replies) == 2 and all(isinstance(r, str) and r for r in replies)
+    assert judge.chat(conversations) == replies  # greedy: the same verdict for the same question
+    # The tiny model writes no verdict: each sample is invalid, not scored 0.
+    env = make_environment(EnvConfig(name="judge", judge=JudgeConfig(model_name=str(tiny_model_dir))), judge=judge)
+    result = env.step(conversations, ["yes", "no"], [{"answer": "yes"}, {"answer": "no"}])
+    assert result.invalid == ["judge_no_verdict"] * 2 and result.metadata[0]["judge_reply"] == judge.chat(
+        [env._judge_conversation(conversations[0], "yes", "yes")])[0]
