@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
 
 import ray
 
@@ -70,18 +71,31 @@ class WeightSync:
         and synced afresh (`_restore`), or named if it has no restart left."""
         sending = self.policy.share_weights_async(sync_id)
         receiving = self.generators.call_all_async("receive_shared_weights", sync_id)
-        died = []
-        for rank, ref in enumerate(receiving):
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayActorError as err:
-                if err.actor_init_failed:
-                    raise
-                died.append((rank, ref))
-                address, _, slot = self._beside(rank)
-                weight_transfer.give_up_buckets(weight_transfer.connect_store(address, timeout_s=60), sync_id,
-                                                len(self.buckets), slot)
+
+        def give_up(rank: int) -> None:
+            address, _, slot = self._beside(rank)
+            weight_transfer.give_up_buckets(weight_transfer.connect_store(address, timeout_s=60), sync_id,
+                                            len(self.buckets), slot)
+
+        died = _wait_for(receiving, on_death=give_up)
         self.policy.workers.results(sending)
+        for rank, ref in died:
+            self.generators.recover(rank, ref)
+
+    def _stream(self) -> None:
+        """One collective sync. A generator that dies mid-stream breaks the transfer group for every
+        member (gloo: at once; NCCL: once the group's 10-minute timeout passes, not yet seen on a
+        GPU); once all have returned, it is restarted, a new group formed and the sync done afresh
+        (`_restore`), or it is named if it has no restart left. Without a death, any failure is
+        raised, naming its worker."""
+        sending = self.policy.send_weights_async()
+        receiving = self.generators.call_all_async("receive_weights")
+        died = _wait_for(receiving)
+        if not died:
+            self.generators.results(receiving)  # a failure that was no death, raised naming its rank
+            self.policy.workers.results(sending)
+            return
+        ray.wait(sending, num_returns=len(sending))  # rank 0's send fails with the group; that is expected
         for rank, ref in died:
             self.generators.recover(rank, ref)
 
@@ -103,9 +117,28 @@ class WeightSync:
         self.weights_changed = True
         self.syncs += 1
         if self.transport == "collective":
-            ray.get(self.policy.send_weights_async() + self.generators.call_all_async("receive_weights"))
+            self._stream()
         elif self.transport == "ipc":
             self._share(self.syncs)
         else:
             self.generators.call_all("update_weights", self.policy.generator_weights())
         return {"time/weight_sync_s": time.perf_counter() - start, "weight_sync/bytes": float(self.bytes)}
+
+
+def _wait_for(receiving: list[ray.ObjectRef], on_death: Callable[[int], None] | None = None
+              ) -> list[tuple[int, ray.ObjectRef]]:
+    """Waits for each generator's part of a sync; the ranks whose process died, with their call
+    (`on_death(rank)` called as each is seen). Other failures are left to the caller."""
+    died = []
+    for rank, ref in enumerate(receiving):
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayActorError as err:
+            if err.actor_init_failed:
+                raise
+            died.append((rank, ref))
+            if on_death is not None:
+                on_death(rank)
+        except ray.exceptions.RayTaskError:
+            pass
+    return died

@@ -1,6 +1,6 @@
-"""The colocated weight sync (ipc) between real actors: a generator that dies while it reads its
-buckets does not leave its policy rank waiting; it is restarted and synced afresh, and every
-generator ends with the policy's new weights."""
+"""Weight syncs between real actors, colocated (ipc) and over a transfer group (collective): a
+generator that dies while it reads its buckets leaves no one waiting; it is restarted and synced
+afresh (over a new group), and every generator ends with the policy's new weights."""
 
 from __future__ import annotations
 
@@ -67,10 +67,15 @@ def actors(tiny_model_dir, tmp_path, ray_session):
         ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
 
 
-def test_a_generator_that_dies_mid_sync_is_restarted_and_gets_the_new_weights(actors):
+def _sync(policy, group, transport: str) -> WeightSync:
+    return WeightSync(policy, group, transport, bucket_mb=1, colocated_ranks=[0, 0] if transport == "ipc" else None)
+
+
+@pytest.mark.parametrize("transport", ["ipc", "collective"])
+def test_a_generator_that_dies_mid_sync_is_restarted_and_gets_the_new_weights(actors, transport):
     policy, marker, generators = actors
     group = generators(1)
-    sync = WeightSync(policy, group, "ipc", bucket_mb=1, colocated_ranks=[0, 0])
+    sync = _sync(policy, group, transport)
     files_before = set(Path("/dev/shm").glob("posttrain-weights-*"))
     policy.workers.call_all("__ray_call__", _nudge)
     marker.touch()
@@ -83,11 +88,12 @@ def test_a_generator_that_dies_mid_sync_is_restarted_and_gets_the_new_weights(ac
     assert set(Path("/dev/shm").glob("posttrain-weights-*")) == files_before
 
 
-def test_a_generator_that_dies_mid_sync_without_restarts_is_named(actors):
+@pytest.mark.parametrize("transport", ["ipc", "collective"])
+def test_a_generator_that_dies_mid_sync_without_restarts_is_named(actors, transport):
     policy, marker, generators = actors
     group = generators(0)
     group.placements()
-    sync = WeightSync(policy, group, "ipc", bucket_mb=1, colocated_ranks=[0, 0])
+    sync = _sync(policy, group, transport)
     marker.touch()
     with pytest.raises(WorkerDiedError, match=r"worker group 'generation': rank [01] \(on node [\d.]+\) died"):
         sync.sync()
