@@ -229,10 +229,11 @@ class LoopConfig:
 
 @dataclass
 class SandboxConfig:
-    # "namespaces": each program in fresh Linux namespaces (no network, a read-only view of the
-    # interpreter and standard library, a private /tmp); "process": a plain child process with the
+    # Each program in fresh Linux namespaces (no network, a read-only view of the interpreter and
+    # standard library, a private /tmp), built by "bubblewrap" or by posttrain's own launcher
+    # ("namespaces"); "auto": bubblewrap where installed. "process": a plain child process with the
     # same limits, which is no security boundary (a warning says so at start-up)
-    backend: Literal["namespaces", "process"] = "namespaces"
+    backend: Literal["auto", "bubblewrap", "namespaces", "process"] = "auto"
     timeout_s: float = 5.0  # wall-clock limit per program; its CPU time is limited to this too
     memory_mb: int = 1024  # address space per process
     max_processes: int = 16  # processes and threads the program may run at once

@@ -1,14 +1,17 @@
 """Running the model's Python code: a fresh interpreter per program, in a sandbox, with limits.
 
-With `env.sandbox.backend=namespaces` (the default) each program runs in fresh Linux namespaces
-(user, PID, mount, network, IPC, UTS; posttrain/envs/sandbox_launcher.py builds them with the
-kernel's own calls, as bubblewrap does). What it protects against:
-- The network: the program has only a loopback device that is down, so no TCP or UDP socket
-  reaches anything, 127.0.0.1 and the Ray cluster included.
+Each program runs in fresh Linux namespaces (user, PID, mount, network, IPC, UTS), built by
+bubblewrap (`env.sandbox.backend=bubblewrap`; `auto`, the default, takes it where it is installed)
+or by posttrain's own launcher with the kernel's calls (`namespaces`; see sandbox_launcher.py).
+Both give the same sandbox, and the tests attack each. What it protects against:
+- The network: the program has a network of its own with only a loopback device (down, or up
+  under bubblewrap), so no TCP or UDP socket reaches the host (127.0.0.1 and the Ray cluster
+  included) or anything beyond.
 - Files: its file system holds the interpreter and its standard library (no site-packages), the
   system's shared libraries, read-only, four harmless devices, its own /proc, and a private
   writable /tmp of `disk_mb` in memory. The home folder, the project, checkpoints, Ray's
-  files and tokens, /etc and every shell or other program are absent.
+  files and tokens, /etc and every shell or other program are absent, and no process in the
+  sandbox holds the environment (variables, tokens) of the worker that started it.
 - Privilege: it runs as an ordinary user of a nested user namespace, with no capabilities, no new
   privileges (no setuid), and, when posttrain runs as root, as the unprivileged host user 65534.
 - Resources: rlimits on CPU time, address space per process, processes, open files and file size;
@@ -31,6 +34,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -81,6 +85,7 @@ class _Process:
     deadline: float
     folder: tempfile.TemporaryDirectory
     errors_fd: int
+    backend: str
 
     def left_s(self) -> float:
         return self.deadline - time.monotonic()
@@ -106,7 +111,13 @@ class _Process:
         self.output.join(timeout=1.0)  # a setsid'd child of backend=process may hold the pipe open
         self.folder.cleanup()
         with open(self.errors_fd, "rb") as errors:  # every holder is dead: this reads to its end
-            setup_error = "; ".join(errors.read(4096).decode("utf-8", errors="replace").split("\n")).strip("; ")
+            lines = errors.read(4096).decode("utf-8", errors="replace").splitlines()
+        # Bubblewrap reports on this channel as JSON, "child-pid" once the sandbox is up; the
+        # launchers' own failures are plain text.
+        started = any(line.startswith("{") and "child-pid" in line for line in lines)
+        setup_error = "; ".join(line for line in lines if line and not line.startswith("{"))
+        if self.backend == "bubblewrap" and not started and not timed_out:
+            setup_error = setup_error or "bubblewrap exited before starting the program (its message is in the output)"
         return timed_out, setup_error
 
 
@@ -173,18 +184,26 @@ def _interpreter_view() -> tuple[str, list[str], dict[str, str]]:
     return interpreter, paths, links
 
 
+def resolve_backend(cfg: SandboxConfig) -> str:
+    """`auto`: bubblewrap where it is installed, else namespaces built by posttrain's own launcher."""
+    if cfg.backend != "auto":
+        return cfg.backend
+    return "bubblewrap" if shutil.which("bwrap") else "namespaces"
+
+
 def _start(files: dict[str, str], script: str, cfg: SandboxConfig, pass_fds: tuple[int, ...] = ()) -> _Process:
     """Start `python -I -S -B script` (a name in `files`, all written into the program's folder)
     under the sandbox of `cfg`; the program's fds 3, 4, ... are `pass_fds`."""
     interpreter, read_only, links = _interpreter_view()
-    namespaces = cfg.backend == "namespaces"
+    backend = resolve_backend(cfg)
     folder = tempfile.TemporaryDirectory(prefix="posttrain-sandbox-")
     # Holds the launcher's spec (read before it drops privileges) and the mount point of the new
     # root, which the unprivileged host user must reach but not list.
     os.chmod(folder.name, 0o711)
-    work = _WORK if namespaces else folder.name
+    work = folder.name if backend == "process" else _WORK
     spec = {
-        "namespaces": namespaces, "root": os.path.join(folder.name, "root"), "read_only": read_only,
+        "backend": backend, "bwrap": shutil.which("bwrap"), "root": os.path.join(folder.name, "root"),
+        "read_only": read_only,
         "links": links, "outside_uid": _UNPRIVILEGED_HOST_ID, "outside_gid": _UNPRIVILEGED_HOST_ID,
         "files": files, "cwd": work, "pass_fds": list(pass_fds), "env": _ENVIRONMENT | {"HOME": work},
         "argv": [interpreter, "-I", "-S", "-B", os.path.join(work, script)],
@@ -199,9 +218,11 @@ def _start(files: dict[str, str], script: str, cfg: SandboxConfig, pass_fds: tup
     try:
         with open(os.open(spec_path, os.O_WRONLY | os.O_CREAT, 0o600), "w", encoding="utf-8") as f:
             json.dump(spec, f)
+        # The launcher gets no environment: its processes stay in the sandbox (bubblewrap's PID 1),
+        # where the program could read the environment of the worker that started it.
         popen = subprocess.Popen([sys.executable, "-I", "-S", str(_LAUNCHER), spec_path], stdin=subprocess.DEVNULL,
                                  stdout=write_end, stderr=write_end, pass_fds=(*pass_fds, spec["errors_fd"]),
-                                 start_new_session=True)
+                                 start_new_session=True, env={})
     except BaseException:
         os.close(read_end)
         os.close(errors_read)
@@ -212,7 +233,7 @@ def _start(files: dict[str, str], script: str, cfg: SandboxConfig, pass_fds: tup
         os.close(spec["errors_fd"])
     reader = _OutputReader(read_end, limit=4 * cfg.max_output_chars + 4)
     reader.start()
-    return _Process(popen, reader, time.monotonic() + cfg.timeout_s, folder, errors_read)
+    return _Process(popen, reader, time.monotonic() + cfg.timeout_s, folder, errors_read, backend)
 
 
 def _result(process: _Process, cfg: SandboxConfig, passed: Callable[[int], bool], failure: str = "") -> RunResult:
@@ -269,7 +290,7 @@ def check_sandbox(cfg: SandboxConfig, key: str = "env.sandbox") -> None:
     result = run_python("print('ready')", cfg)
     if result.output.strip() != "ready":
         raise SandboxUnavailable(
-            f"{key}.backend=namespaces: the sandbox for the model's programs cannot start on this host "
+            f"{key}.backend={resolve_backend(cfg)}: the sandbox for the model's programs cannot start on this host "
             f"({result.sandbox_error or result.output.strip()[-300:]}). It needs unprivileged user namespaces: "
             "sysctl user.max_user_namespaces > 0 and, where they exist, kernel.unprivileged_userns_clone=1 "
             "and kernel.apparmor_restrict_unprivileged_userns=0 (Ubuntu 24.04); in a container, a seccomp "

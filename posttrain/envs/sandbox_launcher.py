@@ -1,7 +1,7 @@
 """Starts one program inside the sandbox: run as a script, standard library only.
 
 `python -I sandbox_launcher.py SPEC` reads SPEC (a JSON file: argv, environment, files, limits,
-read-only paths), then, with namespaces on:
+read-only paths), then, with `env.sandbox.backend=namespaces`:
 
     launcher (host)           writes the user/group maps of its child, waits, exits with its status
       `- setup               new user, mount, PID, network, IPC and UTS namespaces
@@ -12,8 +12,9 @@ read-only paths), then, with namespaces on:
 When init exits (the program ended, or anything above was killed), the kernel kills every process
 left in the PID namespace, so nothing the program started (daemons included) outlives it. Each
 level dies with its parent (PR_SET_PDEATHSIG), so killing the launcher's process group tears
-the whole tree down. With namespaces off (`env.sandbox.backend=process`) the launcher only sets the
-limits and execs the program in the host folder SPEC names.
+the whole tree down. With `env.sandbox.backend=bubblewrap`, bubblewrap builds the same sandbox
+(and runs this script again inside it to set the limits); with `backend=process` the launcher only
+sets the limits and execs the program in the host folder SPEC names.
 """
 
 import ctypes
@@ -171,6 +172,70 @@ def _init(spec: dict, sources: dict[str, int]) -> None:
             os._exit(_exit_status(status))
 
 
+def _inheritable(fd: int) -> str:
+    os.set_inheritable(fd, True)
+    return str(fd)
+
+
+def _memory_file(text: str) -> str:
+    """A file descriptor holding `text`, for bubblewrap's --file."""
+    fd = os.memfd_create("posttrain-sandbox")
+    os.write(fd, text.encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _inheritable(fd)
+
+
+def _exec_bubblewrap(spec: dict) -> None:
+    """The same sandbox built by bubblewrap; inside it this script runs again, without namespaces,
+    to set the limits and start the program."""
+    limits = spec["limits"]
+    binds = {path: path for path in spec["read_only"]}
+    if os.geteuid() == 0:
+        binds = _staged_for_unprivileged_user(spec)
+    # Bubblewrap keeps its status channel from the program; the launcher inside gets a copy to say
+    # why it failed, if it does.
+    inner = dict(spec, backend="process", files={}, errors_fd=int(_inheritable(os.dup(spec["errors_fd"]))))
+    args = [spec["bwrap"], "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
+            "--uid", str(SANDBOX_UID), "--gid", str(SANDBOX_UID), "--json-status-fd", _inheritable(spec["errors_fd"])]
+    for path, source in binds.items():
+        args += ["--ro-bind", source, path]
+    for path, target in spec["links"].items():
+        args += ["--symlink", target, path]
+    args += ["--dev", "/dev", "--proc", "/proc", "--size", str(limits["disk_mb"] << 20), "--tmpfs", spec["cwd"]]
+    for name, text in spec["files"].items():
+        args += ["--file", _memory_file(text), os.path.join(spec["cwd"], name)]
+    with open(__file__, encoding="utf-8") as f:
+        args += ["--file", _memory_file(f.read()), "/.posttrain/launcher.py",
+                 "--file", _memory_file(json.dumps(inner)), "/.posttrain/spec.json"]
+    args += ["--remount-ro", "/", "--clearenv", "--chdir", spec["cwd"], "--", spec["argv"][0], "-I", "-S",
+             "/.posttrain/launcher.py", "/.posttrain/spec.json"]
+    if os.geteuid() == 0:
+        os.setgroups([])
+        os.setresgid(spec["outside_gid"], spec["outside_gid"], spec["outside_gid"])
+        os.setresuid(spec["outside_uid"], spec["outside_uid"], spec["outside_uid"])
+    os.execv(spec["bwrap"], args)
+
+
+def _staged_for_unprivileged_user(spec: dict) -> dict[str, str]:
+    """As root, bubblewrap would run the program as host root (owner of root's files, exempt from
+    the process limit), so it runs as the unprivileged host user instead; the paths it binds may
+    lie where that user cannot search (a pyenv interpreter in root's home), so each is first bound,
+    in a mount namespace of the launcher's own, under the spec's folder, which that user can
+    reach. Returns {sandbox path: path to bind it from}."""
+    _unshare(CLONE_NEWNS)
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    staged = {}
+    for index, path in enumerate(spec["read_only"]):
+        target = os.path.join(spec["root"], str(index))
+        if os.path.isdir(path):
+            os.makedirs(target)
+        else:
+            open(target, "a").close()
+        _mount(path, target, None, MS_BIND | MS_REC)
+        staged[path] = target
+    return staged
+
+
 def _setup(spec: dict, unshared: int, mapped: int) -> None:
     """In new namespaces, once the launcher has mapped our user, start the sandbox's PID 1."""
     _die_with_parent()
@@ -207,9 +272,11 @@ def main() -> None:
     with open(sys.argv[1]) as f:
         spec = json.load(f)
     os.set_inheritable(spec["errors_fd"], False)
-    if not spec["namespaces"]:
+    if spec["backend"] == "process":
         _write_files(spec["cwd"], spec["files"])
         _guarded(spec, _exec_program)
+    if spec["backend"] == "bubblewrap":
+        _guarded(spec, _exec_bubblewrap)
     unshared_read, unshared_write = os.pipe()
     mapped_read, mapped_write = os.pipe()
     setup = os.fork()

@@ -120,7 +120,7 @@ def test_a_code_environment_that_cannot_sandbox_fails_at_start_up_naming_the_fix
     refuse_user_namespaces(tmp_path, monkeypatch)
     from posttrain.envs.registry import check_env_config
     for name in ("code", "python_tool"):
-        with pytest.raises(ConfigError, match=r"env.sandbox.backend=namespaces.*cannot start.*Operation not permitted.*"
+        with pytest.raises(ConfigError, match=r"env.sandbox.backend=\w+: .*cannot start.*Operation not permitted.*"
                                               r"user namespaces.*env.sandbox.backend=process"):
             check_env_config(EnvConfig(name=name))
     check_env_config(EnvConfig(name="math"))  # runs no programs, needs no sandbox
