@@ -14,6 +14,8 @@ that raises is recorded as failed and the others still run. The exit status is 1
 5. colocation: the policy's optimizer state off the GPU and back (memory freed, seconds), and one
    colocated weight sync of the model to a second process through CUDA IPC handles, checked
    tensor by tensor, with its time.
+6. environment models, as GRPO's own workers hold them: a reward model's copy in bf16 on the GPU
+   (its scores against an fp32 copy) and the judge's chat replies.
 """
 
 from __future__ import annotations
@@ -30,16 +32,19 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from transformers import AutoTokenizer
 
 from bench.common import peak_flops
 from posttrain.algos.grpo import GRPOObjective
 from posttrain.algos.sft import nll_loss
-from posttrain.config import GRPORunConfig, PolicyConfig
+from posttrain.config import GRPORunConfig, JudgeConfig, PolicyConfig
 from posttrain.data.collate import make_micro_batches
 from posttrain.data.conversations import Sample
 from posttrain.data.trajectories import Trajectory, collate_trajectories
-from posttrain.demo.tiny_model import save_tiny_model
+from posttrain.demo.tiny_model import save_reward_model, save_tiny_model
+from posttrain.envs.reward_model_env import RewardModelScorer
 from posttrain.rollout.base import SamplingParams
+from posttrain.rollout.chat_model import ChatModel
 from posttrain.rollout.hf import HFGenerationBackend
 from posttrain.train import weight_transfer
 from posttrain.train.collective_check import checked_collectives
@@ -246,6 +251,21 @@ def check_colocation(model_dir: Path, device: torch.device) -> dict:
     return out
 
 
+def check_environment_models(small_model: Path) -> dict:
+    """A reward model (the small model with a fresh score head) scored in bf16 and fp32 on the
+    default device, as a reward-model worker loads it, and the judge's replies to eight questions."""
+    folder = save_reward_model(small_model, small_model.parent / "reward_model")
+    samples = _samples(8, 32, AutoTokenizer.from_pretrained(folder).vocab_size)
+    half, full = RewardModelScorer(str(folder), "bfloat16", 8), RewardModelScorer(str(folder), "float32", 8)
+    difference = max(abs(a - b) for a, b in zip(half.score(samples), full.score(samples), strict=True))
+    judge = ChatModel(JudgeConfig(model_name=str(small_model), max_new_tokens=16), "bfloat16")
+    start = time.perf_counter()
+    replies = judge.chat([[{"role": "user", "content": f"Is {i} + {i} = {2 * i}?"}] for i in range(8)])
+    return {"reward_model_device": str(half.device), "reward_bf16_vs_fp32_max_diff": difference,
+            "judge_device": str(judge.backend.device), "judge_replies": len(replies),
+            "judge_s": time.perf_counter() - start}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", default="0.5b")
@@ -266,7 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     checks = {"collectives": lambda: check_collectives(small, device),
               "training": lambda: check_training(model, args.repeats, device, args.length),
               "logprob_memory": lambda: check_logprob_memory(model, device),
-              "generation": lambda: check_generation(model, device, args.length), "colocation": lambda: check_colocation(model, device)}
+              "generation": lambda: check_generation(model, device, args.length), "colocation": lambda: check_colocation(model, device),
+              "environment_models": lambda: check_environment_models(small)}
     failed = []
     for name, check in checks.items():
         start = time.perf_counter()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from posttrain.demo.tiny_model import save_tiny_model
+from posttrain.demo.tiny_model import save_reward_model, save_tiny_model
 
 
 @pytest.fixture(scope="session")
@@ -20,17 +20,7 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def reward_model_dir(tiny_model_dir, tmp_path_factory):
     """The tiny model with a fresh one-output head: a reward model as `posttrain rm` exports one."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-    folder = tmp_path_factory.mktemp("reward_model")
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
+    return str(save_reward_model(tiny_model_dir, tmp_path_factory.mktemp("reward_model")))
 
 
 def start_ray() -> None:

@@ -14,7 +14,15 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -136,6 +144,19 @@ def save_tiny_model(out_dir: str | Path, size: str = "test", arch: str = "qwen2"
     )
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def save_reward_model(model_dir: str | Path, out_dir: str | Path, seed: int = 0) -> Path:
+    """The causal LM at `model_dir` with a fresh one-output score head, saved as `posttrain rm`
+    exports a reward model (for the tests and the GPU check of reward-model workers)."""
+    out = Path(out_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1)
+    model.config.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out

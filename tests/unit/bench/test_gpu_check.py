@@ -24,6 +24,8 @@ def test_the_gpu_check_runs_dry_on_the_cpu(monkeypatch, tmp_path, capsys):
     assert results["logprob_memory"]["skipped"]
     # the colocated sync through shared memory, each tensor checked by the receiving process
     assert results["colocation"]["weight_sync_bytes"] > 0 and results["colocation"]["weight_sync_s"] > 0
+    models = results["environment_models"]
+    assert models["ok"] and models["judge_replies"] == 8 and 0 < models["reward_bf16_vs_fp32_max_diff"] < 0.1
 
 
 def test_the_gpu_check_imports_nothing_that_needs_ray():
