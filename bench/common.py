@@ -49,14 +49,6 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float) -> argparse.A
     return parser
 
 
-# Dense bf16 tensor-core peaks, FLOP/s (no sparsity), for MFU.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12}
-
-
-def peak_flops(device_name: str) -> float | None:
-    return next((flops for key, flops in PEAK_BF16.items() if key in device_name), None)
-
-
 def machine_info() -> dict[str, str]:
     """What a reader needs to compare these numbers with their own."""
 

@@ -34,7 +34,6 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoTokenizer
 
-from bench.common import peak_flops
 from posttrain.algos.grpo import GRPOObjective
 from posttrain.algos.sft import nll_loss
 from posttrain.config import GRPORunConfig, JudgeConfig, PolicyConfig
@@ -43,6 +42,7 @@ from posttrain.data.conversations import Sample
 from posttrain.data.trajectories import Trajectory, collate_trajectories
 from posttrain.demo.tiny_model import save_reward_model, save_tiny_model
 from posttrain.envs.reward_model_env import RewardModelScorer
+from posttrain.logging.throughput import gpu_peak_flops
 from posttrain.rollout.base import SamplingParams
 from posttrain.rollout.chat_model import ChatModel
 from posttrain.rollout.hf import HFGenerationBackend
@@ -122,7 +122,7 @@ def check_training(model_dir: Path, repeats: int, device: torch.device, length: 
     cfg = PolicyConfig(model_name=str(model_dir), precision="bfloat16")
     policy = Policy(cfg, 100, device=device)
     params, vocab = policy.num_parameters, policy.model.config.vocab_size
-    peak = peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
+    peak = gpu_peak_flops(torch.cuda.get_device_name()) if device.type == "cuda" else None
     out = {"parameters": params}
     samples = _samples(16, length, vocab)
     batches = make_micro_batches(samples, 4, policy.tokenizer.pad_token_id)

@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from bench.common import machine_info, peak_flops, print_machine_info
+from bench.common import machine_info, print_machine_info
 from posttrain.config import GRPORunConfig, load_config
 from posttrain.demo.tiny_model import save_tiny_model
+from posttrain.logging.throughput import gpu_peak_flops
 from posttrain.loops.grpo import run_grpo
 
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
         "step_s": statistics.median(step_times),
         "response_length_mean": statistics.fmean(s["rollout/response_length_mean"] for s in timed),
     }
-    peak = peak_flops(device_name) if args.device == "cuda" else None
+    peak = gpu_peak_flops(device_name) if args.device == "cuda" else None
     # MFU from the tokens the GPU actually processed: each group's prompt once (it is packed).
     result["mfu"] = 6 * num_params * statistics.median(processed_rates) / peak if peak else None
     print("Result (medians over the timed steps):")

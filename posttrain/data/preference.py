@@ -162,11 +162,15 @@ def load_validation_pairs(data: DataConfig, tokenizer, max_length: int, seed: in
     return [dataset[i] for i in range(len(dataset))]
 
 
+def pair_lengths(pairs: list[PreferencePair]) -> list[int]:
+    """The lengths of the sequences a step over `pairs` trains on: each chosen and each rejected reply."""
+    return [len(s.input_ids) for p in pairs for s in (p.chosen, p.rejected)]
+
+
 def pair_step_metrics(pairs: list[PreferencePair], num_micro_batches: int, elapsed: float) -> dict[str, float]:
-    """Throughput and truncation of one training step over `pairs` (DPO and RM log the same)."""
+    """Size and truncation of one training step over `pairs` (DPO and RM log the same)."""
     return {
         "train/num_micro_batches": num_micro_batches,
-        "train/tokens_per_sec": sum(len(p.chosen.input_ids) + len(p.rejected.input_ids) for p in pairs) / elapsed,
         "train/step_time_s": elapsed,
         "train/truncated_fraction": sum(p.chosen.truncated or p.rejected.truncated for p in pairs) / len(pairs),
     }

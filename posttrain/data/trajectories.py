@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from posttrain.data.collate import PADDING, SHARED_PREFIX, shared_prefix_attention_mask
+from posttrain.data.model_shape import attention_width, linear_params_per_layer
 
 
 @dataclass
@@ -101,13 +102,7 @@ def collate_trajectories(trajectories: list[Trajectory], pad_token_id: int, shar
 def packing_cost_ratio(model_config) -> float:
     """FLOPs of one token through a layer's linear maps over those of one (query, key) pair of its
     attention: how much attention one prompt token's linear work is worth."""
-    config = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    d = config.hidden_size
-    kv = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or d // config.num_attention_heads
-    linear = 2 * d * (config.num_attention_heads * head_dim) + 2 * d * kv * head_dim  # q, o; k, v
-    linear += 3 * d * getattr(config, "intermediate_size", 4 * d)  # gated MLP
-    return linear / (2 * config.num_attention_heads * head_dim)  # scores and weighted sum, per pair
+    return linear_params_per_layer(model_config) / (2 * attention_width(model_config))  # scores and weighted sum
 
 
 def _cheaper_in_the_row(prompt: int, responses: int, new: int, ratio: float | None) -> bool:

@@ -25,11 +25,13 @@ from posttrain.data.preference import (
     load_validation_pairs,
     make_pair_micro_batches,
     make_shared_prefix_micro_batches,
+    pair_lengths,
     pair_step_metrics,
 )
 from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows
 from posttrain.logging import MetricsLogger, make_progress
+from posttrain.logging.throughput import Throughput
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
@@ -88,6 +90,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
     with_reference = cfg.dpo.loss_type not in REFERENCE_FREE_DPO_LOSSES
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.dpo.seed, tokenizer=tokenizer,
                          weights_path=resume_dir / "model" if resume_dir else None, with_reference=with_reference)
+    throughput = Throughput(policy.model_config, policy.device_name, cfg.policy.num_workers)
     step = resume_training(resume_dir, policy, sampler, total_steps, console)
 
     log_dir = Path(cfg.logger.log_dir)
@@ -158,6 +161,7 @@ def run_dpo(cfg: DPORunConfig, console: Console | None = None, stop_at_step: int
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
                 **pair_step_metrics(pairs, len(batches), elapsed),
+                **throughput(pair_lengths(pairs), elapsed),
                 "train/epoch": sampler.epoch,
             }
             result.train_metrics[step] = {k: v for k, v in metrics.items() if k.removeprefix("train/") in METRICS}

@@ -43,6 +43,7 @@ from posttrain.envs.registry import SERVICES, check_env_config, load_tools
 from posttrain.envs.reward_model_env import RewardModelScorer
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
+from posttrain.logging.throughput import Throughput
 from posttrain.rollout.chat_model import ChatModel
 from posttrain.rollout.collect import Group, Rollout, RolloutCollector, rollout_metrics
 from posttrain.rollout.colocation import Colocation
@@ -131,6 +132,7 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
         stop.callback(envs.shutdown)
         plan.placements = {"policy": policy.workers.placements(), "generation": generators.placements(),
                            "environment": envs.placements()} | {name: g.placements() for name, g in services.items()}
+        throughput = Throughput(policy.model_config, policy.device_name, cfg.policy.num_workers)
         weight_sync = WeightSync(policy, generators, gen.transport, gen.refit_bucket_mb,
                                  colocated_ranks=plan.role("generation").bundles)
         turns = Colocation(policy, generators, gen.colocated.enabled)
@@ -180,6 +182,8 @@ def run_grpo(cfg: GRPORunConfig, console: Console | None = None, stop_at_step: i
                     _score_before_update(policy, steps, gen.temperature, timings)
                     # 4. train
                     metrics.update(_train(policy, steps, timings))
+                    metrics.update(throughput([len(t.prompt_ids) + len(t.response_ids) for t in trajectories],
+                                              timings["time/training_s"]))
                 else:
                     console.print(f"step {step}: no group had differing rewards among valid samples; skipped the update")
                 rollouts.settle(timings)  # async: the rollout in flight ends with the weights it began with

@@ -26,11 +26,13 @@ from posttrain.data.preference import (
     PreferencePair,
     load_validation_pairs,
     make_pair_micro_batches,
+    pair_lengths,
     pair_step_metrics,
 )
 from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows
 from posttrain.logging import MetricsLogger, make_progress
+from posttrain.logging.throughput import Throughput
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
@@ -83,6 +85,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
     # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls.
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.rm.seed, tokenizer=tokenizer,
                          model_loader=loader, weights_path=resume_dir / "model" if resume_dir else None)
+    throughput = Throughput(policy.model_config, policy.device_name, cfg.policy.num_workers)
     step = resume_training(resume_dir, policy, sampler, total_steps, console)
     if resume_dir is None and not has_reward_head(cfg.policy.model_name, cfg.policy.trust_remote_code):
         console.print(f"Reward head: {cfg.policy.model_name} is not a sequence-classification model; "
@@ -133,6 +136,7 @@ def run_rm(cfg: RMRunConfig, console: Console | None = None, stop_at_step: int |
                 "train/grad_norm": out["grad_norm"],
                 "train/lr": out["lr"],
                 **pair_step_metrics(pairs, len(batches), elapsed),
+                **throughput(pair_lengths(pairs), elapsed),
                 "train/epoch": sampler.epoch,
             }
             result.train_metrics[step] = {k: v for k, v in metrics.items() if k.removeprefix("train/") in METRICS}

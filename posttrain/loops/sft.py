@@ -22,6 +22,7 @@ from posttrain.data.conversations import Sample, SFTDataset
 from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.logging import MetricsLogger, make_progress
+from posttrain.logging.throughput import Throughput
 from posttrain.train.checkpoint import (
     CheckpointManager,
     check_identity,
@@ -80,6 +81,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
     # One local Policy, or policy.num_workers FSDP2 ranks on Ray behind the same calls.
     policy = make_policy(cfg.policy, cfg.cluster, total_steps, seed=cfg.sft.seed, tokenizer=tokenizer,
                          weights_path=resume_dir / "model" if resume_dir else None)
+    throughput = Throughput(policy.model_config, policy.device_name, cfg.policy.num_workers)
     step = resume_training(resume_dir, policy, sampler, total_steps, console)
 
     log_dir = Path(cfg.logger.log_dir)
@@ -122,7 +124,7 @@ def run_sft(cfg: SFTRunConfig, console: Console | None = None, stop_at_step: int
                 "train/lr": out["lr"],
                 "train/num_target_tokens": num_targets,
                 "train/num_micro_batches": len(micro_batches),
-                "train/tokens_per_sec": sum(len(s.input_ids) for s in samples) / elapsed,
+                **throughput([len(s.input_ids) for s in samples], elapsed),
                 "train/step_time_s": elapsed,
                 "train/truncated_fraction": sum(s.truncated for s in samples) / len(samples),
                 "train/epoch": sampler.epoch,

@@ -144,6 +144,11 @@ class Policy:
         return supports_shared_prefix(self.model)
 
     @property
+    def device_name(self) -> str:
+        """"cpu", or the GPU's name (what the throughput metrics look its peak up by)."""
+        return torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+
+    @property
     def model_config(self):
         """The model's transformers config (architecture sizes, attention implementation)."""
         return self.model.config

@@ -51,6 +51,7 @@ class PolicyWorker:
         self.policy = Policy(self.cfg, self.total_steps, weights_path=self.weights_path, process_group=group,
                              model_loader=self.model_loader, with_reference=self.with_reference)
         return {"num_parameters": self.policy.num_parameters, "device": str(self.policy.device),
+                "device_name": self.policy.device_name,
                 "num_trained_parameters": self.policy.num_trained_parameters,
                 "supports_shared_prefix": self.policy.supports_shared_prefix,
                 "model_config": self.policy.model_config}
@@ -138,7 +139,7 @@ class PolicyGroup:
                                            "model_loader": model_loader, "with_reference": with_reference},
                                    **placement)
         info = self.workers.call_all("setup", self.workers.call_rank(0, "rendezvous_address"))[0]
-        self.num_parameters, self.device = info["num_parameters"], info["device"]
+        self.num_parameters, self.device, self.device_name = info["num_parameters"], info["device"], info["device_name"]
         self.num_trained_parameters = info["num_trained_parameters"]
         self.supports_shared_prefix = info["supports_shared_prefix"]
         self.model_config = info["model_config"]

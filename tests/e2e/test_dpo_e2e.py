@@ -62,7 +62,7 @@ def test_dpo_learns_to_prefer_the_chosen_replies(tiny_model_dir, tmp_path):
     keys = set().union(*logged)
     for name in ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "margin"):
         assert f"train/{name}" in keys and f"val/{name}" in keys
-    assert {"train/grad_norm", "train/lr"} <= keys
+    assert {"train/grad_norm", "train/lr", "throughput/tokens_per_s", "throughput/mfu"} <= keys
     assert (result.final_model_dir / "config.json").is_file()
 
 

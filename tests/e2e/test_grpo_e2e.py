@@ -31,7 +31,8 @@ REQUIRED_METRICS = [
     "rollout/reward_mean", "rollout/reward_std", "rollout/accuracy", "rollout/response_length_mean",
     "rollout/response_length_max", "rollout/truncated_fraction", "train/clip_fraction", "train/kl",
     "train/entropy", "train/grad_norm", "train/lr", "train/gen_logprob_mismatch", "time/generation_s",
-    "time/logprobs_s", "time/training_s", "time/weight_sync_s", "weight_sync/bytes",
+    "time/logprobs_s", "time/training_s", "time/weight_sync_s", "weight_sync/bytes", "throughput/tokens_per_s",
+    "throughput/mfu",
 ]
 
 

@@ -79,6 +79,7 @@ def test_rm_generalises_to_held_out_pairs_exports_and_scores_grpo_responses(tiny
     keys = set().union(*_logged(tmp_path / "logs"))
     for name in ("loss", "accuracy", "margin", "rewards_chosen", "rewards_rejected"):
         assert f"train/{name}" in keys and f"val/{name}" in keys
+    assert {"throughput/tokens_per_s", "throughput/mfu"} <= keys
 
     # The export reloads as a plain HF sequence-classification model with the same scores.
     final = result.final_model_dir

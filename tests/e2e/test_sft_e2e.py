@@ -51,6 +51,8 @@ def test_sft_loss_falls_and_run_artifacts_exist(tiny_model_dir, tmp_path):
     assert result.val_losses[30] < 0.6 * result.val_losses[0]
     logged = _logged(tmp_path / "logs")
     assert [r["step"] for r in logged if "train/loss" in r] == list(range(1, 31))
+    steps = [r for r in logged if "train/loss" in r]
+    assert all(r["throughput/tokens_per_s"] > 0 and 0 < r["throughput/mfu"] < 1 for r in steps)
     assert (tmp_path / "logs" / "config.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "ckpt").glob("step_*")) == ["step_20", "step_30"]
     assert (result.final_model_dir / "config.json").is_file()
