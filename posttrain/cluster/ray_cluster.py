@@ -146,17 +146,43 @@ class SharedBundles:
         self.placement_group = None
 
 
+def wait_until_restarted(actor: ray.actor.ActorHandle, timeout_s: float = 300.0) -> None:
+    """Returns once a restarting actor answers again."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            ray.get(actor.__ray_call__.remote(_placement))
+            return
+        except ray.exceptions.ActorUnavailableError:  # still restarting
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
 class WorkerClient:
     """A worker as a plain object: `client.method(*args)` calls it and waits for the result, so code
-    below the cluster layer (an environment) can use a worker without knowing Ray."""
+    below the cluster layer (an environment) can use a worker without knowing Ray. A call whose
+    worker dies is made again on the worker Ray restarts, up to `retries` times (the workers it
+    serves are stateless: a reward model, a judge)."""
 
-    def __init__(self, actor: ray.actor.ActorHandle):
-        self._actor = actor
+    def __init__(self, actor: ray.actor.ActorHandle, retries: int = 0):
+        self._actor, self._retries = actor, retries
 
     def __getattr__(self, method: str) -> Any:
         if method.startswith("_"):
             raise AttributeError(method)
-        return lambda *args, **kwargs: ray.get(getattr(self._actor, method).remote(*args, **kwargs))
+        return functools.partial(self._call, method)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        attempts = 0
+        while True:
+            try:
+                return ray.get(getattr(self._actor, method).remote(*args, **kwargs))
+            except ray.exceptions.RayActorError as err:
+                if err.actor_init_failed or attempts == self._retries:
+                    raise
+                attempts += 1
+                wait_until_restarted(self._actor)
 
 
 class WorkerGroup:
@@ -221,7 +247,7 @@ class WorkerGroup:
     def clients(self) -> list[WorkerClient]:
         """Plain-call clients of each worker, to hand to other actors (e.g. environments that share
         the reward-model workers)."""
-        return [WorkerClient(worker) for worker in self._workers]
+        return [WorkerClient(worker, retries=self.max_restarts) for worker in self._workers]
 
     def call_all_async(self, method: str, *args: Any, **kwargs: Any) -> list[ray.ObjectRef]:
         return [getattr(w, method).remote(*args, **kwargs) for w in self._workers]
@@ -259,7 +285,7 @@ class WorkerGroup:
                         "command again resumes from the last checkpoint in checkpointing.checkpoint_dir") from err
                 attempts += 1
                 self.restarts += 1
-                self._wait_until_restarted(rank)
+                wait_until_restarted(self._workers[rank])
                 if self.on_restart is not None:
                     self.on_restart(rank)
                 ref = resubmit()
@@ -307,17 +333,6 @@ class WorkerGroup:
                                  f"results for {len(s)} items")
             results.extend(out)
         return results
-
-    def _wait_until_restarted(self, rank: int, timeout_s: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                ray.get(self._workers[rank].__ray_call__.remote(_placement))
-                return
-            except ray.exceptions.ActorUnavailableError:  # still restarting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
 
     def shutdown(self) -> None:
         """Kill the actors and free their bundles; safe to call twice, or after `ray.shutdown()`."""
