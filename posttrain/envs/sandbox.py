@@ -184,11 +184,22 @@ def _interpreter_view() -> tuple[str, list[str], dict[str, str]]:
     return interpreter, paths, links
 
 
+@functools.cache
+def _bubblewrap() -> str | None:
+    """bubblewrap's executable, if installed; looked up once, not for every program."""
+    return shutil.which("bwrap")
+
+
+@functools.cache
+def _server_source() -> str:
+    return _SERVER.read_text(encoding="utf-8")
+
+
 def resolve_backend(cfg: SandboxConfig) -> str:
     """`auto`: bubblewrap where it is installed, else namespaces built by posttrain's own launcher."""
     if cfg.backend != "auto":
         return cfg.backend
-    return "bubblewrap" if shutil.which("bwrap") else "namespaces"
+    return "bubblewrap" if _bubblewrap() else "namespaces"
 
 
 def _start(files: dict[str, str], script: str, cfg: SandboxConfig, pass_fds: tuple[int, ...] = ()) -> _Process:
@@ -202,7 +213,7 @@ def _start(files: dict[str, str], script: str, cfg: SandboxConfig, pass_fds: tup
     os.chmod(folder.name, 0o711)
     work = folder.name if backend == "process" else _WORK
     spec = {
-        "backend": backend, "bwrap": shutil.which("bwrap"), "root": os.path.join(folder.name, "root"),
+        "backend": backend, "bwrap": _bubblewrap(), "root": os.path.join(folder.name, "root"),
         "read_only": read_only,
         "links": links, "outside_uid": _UNPRIVILEGED_HOST_ID, "outside_gid": _UNPRIVILEGED_HOST_ID,
         "files": files, "cwd": work, "pass_fds": list(pass_fds), "env": _ENVIRONMENT | {"HOME": work},
@@ -261,7 +272,7 @@ def run_tests(code: str, tests: str, cfg: SandboxConfig) -> RunResult:
     requests_read, requests_write = os.pipe()
     replies_read, replies_write = os.pipe()
     try:
-        process = _start({"program.py": code, "serve.py": _SERVER.read_text(encoding="utf-8")}, "serve.py", cfg,
+        process = _start({"program.py": code, "serve.py": _server_source()}, "serve.py", cfg,
                          pass_fds=(requests_read, replies_write))
     finally:
         os.close(requests_read)

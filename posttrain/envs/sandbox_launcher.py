@@ -90,13 +90,16 @@ def _drop_to_nested_user() -> None:
     _write("/proc/self/gid_map", f"{SANDBOX_UID} 0 1\n")
 
 
+def _mount_point(target: str, folder: bool) -> None:
+    """An empty folder or file at `target` (and the folders above it) to mount something on."""
+    os.makedirs(target if folder else os.path.dirname(target), exist_ok=True)
+    if not folder:
+        open(target, "a").close()
+
+
 def _bind_read_only(source_fd: int, source: str, target: str) -> None:
     """Bind `source`, opened beforehand as `source_fd`, read-only on `target`."""
-    if stat.S_ISDIR(os.fstat(source_fd).st_mode):
-        os.makedirs(target, exist_ok=True)
-    else:
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        open(target, "a").close()
+    _mount_point(target, stat.S_ISDIR(os.fstat(source_fd).st_mode))
     _mount(f"/proc/self/fd/{source_fd}", target, None, MS_BIND | MS_REC)
     # A remount must keep the flags the kernel locked on the source's mount (nosuid, nodev, noexec).
     locked = os.fstatvfs(source_fd).f_flag & (MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -113,7 +116,7 @@ def _build_root(spec: dict, sources: dict[str, int], root: str) -> None:
     os.makedirs(root + "/dev")
     for name in DEVICES:
         device = f"{root}/dev/{name}"
-        open(device, "a").close()
+        _mount_point(device, folder=False)
         _mount(f"/dev/{name}", device, None, MS_BIND)
     os.makedirs(root + "/proc")
     _mount("proc", root + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
@@ -172,6 +175,13 @@ def _init(spec: dict, sources: dict[str, int]) -> None:
             os._exit(_exit_status(status))
 
 
+def _become(uid: int, gid: int) -> None:
+    """Take on `uid` and `gid` for good, without the supplementary groups (root's) held before."""
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
 def _inheritable(fd: int) -> str:
     os.set_inheritable(fd, True)
     return str(fd)
@@ -188,10 +198,8 @@ def _memory_file(text: str) -> str:
 def _exec_bubblewrap(spec: dict) -> None:
     """The same sandbox built by bubblewrap; inside it this script runs again, without namespaces,
     to set the limits and start the program."""
-    limits = spec["limits"]
-    binds = {path: path for path in spec["read_only"]}
-    if os.geteuid() == 0:
-        binds = _staged_for_unprivileged_user(spec)
+    limits, as_root = spec["limits"], os.geteuid() == 0
+    binds = _staged_for_unprivileged_user(spec) if as_root else {path: path for path in spec["read_only"]}
     # Bubblewrap keeps its status channel from the program; the launcher inside gets a copy to say
     # why it failed, if it does.
     inner = dict(spec, backend="process", files={}, errors_fd=int(_inheritable(os.dup(spec["errors_fd"]))))
@@ -209,10 +217,8 @@ def _exec_bubblewrap(spec: dict) -> None:
                  "--file", _memory_file(json.dumps(inner)), "/.posttrain/spec.json"]
     args += ["--remount-ro", "/", "--clearenv", "--chdir", spec["cwd"], "--", spec["argv"][0], "-I", "-S",
              "/.posttrain/launcher.py", "/.posttrain/spec.json"]
-    if os.geteuid() == 0:
-        os.setgroups([])
-        os.setresgid(spec["outside_gid"], spec["outside_gid"], spec["outside_gid"])
-        os.setresuid(spec["outside_uid"], spec["outside_uid"], spec["outside_uid"])
+    if as_root:
+        _become(spec["outside_uid"], spec["outside_gid"])
     os.execv(spec["bwrap"], args)
 
 
@@ -227,10 +233,7 @@ def _staged_for_unprivileged_user(spec: dict) -> dict[str, str]:
     staged = {}
     for index, path in enumerate(spec["read_only"]):
         target = os.path.join(spec["root"], str(index))
-        if os.path.isdir(path):
-            os.makedirs(target)
-        else:
-            open(target, "a").close()
+        _mount_point(target, os.path.isdir(path))
         _mount(path, target, None, MS_BIND | MS_REC)
         staged[path] = target
     return staged
@@ -247,9 +250,7 @@ def _setup(spec: dict, unshared: int, mapped: int) -> None:
     if os.read(mapped, 1) != b"m":
         raise OSError("the launcher could not write the user namespace's maps")
     if os.getuid() != 0:  # host root, unmapped here: become the mapped unprivileged user, without root's groups
-        os.setgroups([])
-        os.setresgid(0, 0, 0)
-        os.setresuid(0, 0, 0)
+        _become(0, 0)
         _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")  # or /proc/self is root's
     init = os.fork()
     if init == 0:
