@@ -67,6 +67,9 @@ class EnvOutcome:
 
 class Environment(ABC):
     runs_programs = False  # runs the model's code, so start-up checks that the sandbox works here
+    # Models the run serves this environment in workers of their own, each passed to its
+    # constructor by name: "reward_model" (a scorer), "judge" (a chat model)
+    services: tuple[str, ...] = ()
 
     def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1):
         self.cfg = cfg

@@ -34,6 +34,8 @@ def parse_verdict(reply: str, correct: str, incorrect: str) -> bool | None:
 
 
 class JudgeEnvironment(Environment):
+    services = ("judge",)
+
     def __init__(self, cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, judge: ChatJudge | None = None):
         super().__init__(cfg, rank=rank, world_size=world_size)
         if judge is None:

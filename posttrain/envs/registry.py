@@ -27,9 +27,7 @@ BUILT_IN = {
     "judge": "posttrain.envs.judge_env:JudgeEnvironment",
     "math_judge": "posttrain.envs.judge_env:MathJudgeEnvironment",
 }
-# What an environment gets from the run besides its config (models served by workers of their own),
-# by the environment names that need it.
-SERVICES = {"reward_model": ("reward_model",), "judge": ("judge", "math_judge")}
+
 NO_TOOLS = "env.name=tools needs env.tools: the functions the model may call, as 'package.module:function'"
 
 
@@ -46,6 +44,14 @@ def check_env_config(cfg: EnvConfig) -> None:
     load_tools(cfg.tools)
     if cfg.name == "tools" and not cfg.tools:
         raise ConfigError(NO_TOOLS)
+
+
+def services_of(cfg: EnvConfig) -> tuple[str, ...]:
+    """The models the run must serve the environment `cfg` names (its class's `services`); none for
+    one of your own left to its actors by env.runtime_env, which the driver cannot import."""
+    if cfg.runtime_env is not None and cfg.name not in BUILT_IN:
+        return ()
+    return environment_class(cfg.name).services
 
 
 def make_environment(cfg: EnvConfig, *, rank: int = 0, world_size: int = 1, **services: Any) -> Environment:

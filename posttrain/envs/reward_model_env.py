@@ -56,6 +56,7 @@ class RewardModelScorer:
 
 
 class RewardModelEnvironment(Environment):
+    services = ("reward_model",)
     """Reward = the reward model's score of the response; a sample that cannot be tokenized is
     invalid ("reward_error"). `reward_model`: a scorer shared with other environment actors (a
     client of GRPO's reward-model workers); None loads one here."""

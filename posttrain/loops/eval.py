@@ -20,7 +20,7 @@ from rich.table import Table
 
 from posttrain.config import DataConfig, EvalRunConfig, to_dict
 from posttrain.data.prompts import PromptDataset
-from posttrain.envs.registry import SERVICES, check_env_config, load_tools
+from posttrain.envs.registry import check_env_config, load_tools, services_of
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.eval.benchmarks import load_eval_rows
 from posttrain.eval.metrics import mean_metrics, problem_metrics
@@ -59,7 +59,7 @@ def run_eval(cfg: EvalRunConfig, console: Console | None = None) -> EvalResult:
     expanded = [p for p in prompts for _ in range(n)]
     sampling = SamplingParams(g.max_new_tokens, g.temperature, g.top_p, g.top_k, g.stop_strings)
     # The judge (env.name=judge, math_judge) is served here, beside the model under test.
-    services = {"judge": [ChatModel(cfg.env.judge, policy_cfg.precision)]} if cfg.env.name in SERVICES["judge"] else {}
+    services = {"judge": [ChatModel(cfg.env.judge, policy_cfg.precision)]} if "judge" in services_of(cfg.env) else {}
     env = EnvironmentWorker(cfg.env, services=services)  # in the main thread, so math_verify's timeouts are on
     completions, rewards, infos = [], [], []
     start = time.perf_counter()

@@ -39,7 +39,7 @@ from posttrain.data.sampler import EpochSampler, plan_steps
 from posttrain.data.sources import load_rows, load_validation_rows
 from posttrain.data.trajectories import Trajectory, collate_trajectories, packing_cost_ratio
 from posttrain.envs.base import InvalidRolloutsError
-from posttrain.envs.registry import SERVICES, check_env_config, load_tools
+from posttrain.envs.registry import check_env_config, load_tools, services_of
 from posttrain.envs.reward_model_env import RewardModelScorer
 from posttrain.envs.worker import EnvironmentWorker
 from posttrain.logging import MetricsLogger, make_progress
@@ -257,10 +257,11 @@ def _resource_plan(cfg: GRPORunConfig) -> ResourcePlan:
                  generation_bundles),
         RolePlan("environment", cfg.env.num_workers, 0.5, 0.0, "env.num_workers", spread)]
     # The models the environments use: one copy per worker, shared by the environment actors.
-    if cfg.env.name in SERVICES["reward_model"]:
+    needed = services_of(cfg.env)
+    if "reward_model" in needed:
         roles.append(RolePlan("reward_model", cfg.env.reward_model_workers, 1.0,
                               cfg.env.reward_model_gpus if on_gpus else 0.0, "env.reward_model_workers", spread))
-    if cfg.env.name in SERVICES["judge"]:
+    if "judge" in needed:
         roles.append(RolePlan("judge", cfg.env.judge.workers, 1.0, cfg.env.judge.gpus if on_gpus else 0.0,
                               "env.judge.workers", spread))
     return ResourcePlan(roles)
@@ -270,14 +271,14 @@ def _start_services(cfg: GRPORunConfig, plan: ResourcePlan, restarts: int,
                     stop: contextlib.ExitStack) -> dict[str, WorkerGroup]:
     """The models the environments use (a reward model, a judge), each in workers of its own, by
     service name; stopped with the run."""
-    groups = {}
-    if cfg.env.name in SERVICES["reward_model"]:
+    groups, needed = {}, services_of(cfg.env)
+    if "reward_model" in needed:
         groups["reward_model"] = WorkerGroup(
             RewardModelScorer, cfg.env.reward_model_workers, name="reward_model", max_restarts=restarts,
             args=(cfg.env.reward_model_path, cfg.policy.precision, cfg.env.reward_model_batch_size),
             **plan.placement("reward_model"))
         stop.callback(groups["reward_model"].shutdown)
-    if cfg.env.name in SERVICES["judge"]:
+    if "judge" in needed:
         groups["judge"] = WorkerGroup(ChatModel, cfg.env.judge.workers, name="judge", max_restarts=restarts,
                                       args=(cfg.env.judge, cfg.policy.precision), **plan.placement("judge"))
         stop.callback(groups["judge"].shutdown)

@@ -1,6 +1,7 @@
 """User reward functions and environments loaded by name (env.reward_fn, env.name) in the env tests."""
 
 from posttrain.envs import Environment, EnvStepResult, Invalid
+from posttrain.envs.judge_env import JudgeEnvironment
 
 NOT_CALLABLE = 3
 
@@ -88,3 +89,7 @@ def wait(seconds: float) -> str:
 
     time.sleep(seconds)
     return "waited"
+
+
+class StrictJudge(JudgeEnvironment):
+    """A user's judge environment: served a judge because its base class asks for one."""

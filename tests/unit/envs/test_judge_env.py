@@ -3,12 +3,15 @@ GRPO and eval use as the judge (a real tiny model, greedy)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from posttrain.config import ConfigError, EnvConfig, JudgeConfig
 from posttrain.config.sections import check_env
 from posttrain.envs import make_environment
 from posttrain.envs.judge_env import parse_verdict
+from posttrain.envs.registry import services_of
 from posttrain.rollout.chat_model import ChatModel
 
 
@@ -82,3 +85,10 @@ def test_the_served_judge_answers_each_conversation_through_its_chat_template(ti
     result = env.step(conversations, ["yes", "no"], [{"answer": "yes"}, {"answer": "no"}])
     assert result.invalid == ["judge_no_verdict"] * 2 and result.metadata[0]["judge_reply"] == judge.chat(
         [env._judge_conversation(conversations[0], "yes", "yes")])[0]
+
+
+def test_an_environment_of_your_own_built_on_the_judge_is_served_one(reward_fns):
+    own = EnvConfig(name=f"{reward_fns}:StrictJudge", judge=JudgeConfig(model_name="m"))
+    assert services_of(own) == ("judge",) and services_of(EnvConfig(name="math_judge")) == ("judge",)
+    assert services_of(EnvConfig(name="reward_model")) == ("reward_model",) and services_of(EnvConfig()) == ()
+    assert services_of(dataclasses.replace(own, runtime_env={"pip": []})) == ()  # left to its actors

@@ -93,3 +93,11 @@ def test_a_reward_model_gets_workers_of_its_own_with_their_gpu_share():
         plan.check_fits([{"CPU": 16.0, "GPU": 2.0}], "the local Ray")
     cfg.cluster.gpus_per_node = 0
     assert _resource_plan(cfg).role("reward_model").gpus_per_worker == 0.0  # CPU: no GPU accounting
+
+
+def test_a_judge_gets_workers_of_its_own_with_their_gpu_share():
+    cfg = _cfg(gpus_per_node=4, policy_workers=2, generators=2)
+    cfg.env.name, cfg.env.judge.model_name, cfg.env.judge.workers, cfg.env.judge.gpus = "math_judge", "m", 2, 1.0
+    assert _roles(_resource_plan(cfg))[3] == ("judge", 2, 1.0, 1.0, None)
+    with pytest.raises(ConfigError, match=r"env.judge.workers \(2\) x 1"):
+        _resource_plan(cfg).check_fits([{"CPU": 16.0, "GPU": 3.0}], "the local Ray")
