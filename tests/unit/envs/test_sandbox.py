@@ -134,6 +134,17 @@ def test_a_fork_bomb_is_stopped_by_the_process_limit(cfg):
     assert "BlockingIOError" in result.output or result.timed_out
 
 
+def test_processes_and_open_files_are_limited(cfg):
+    forks = sandboxed(cfg, "import os, time\nforked = 0\ntry:\n    while forked < 50:\n        if os.fork() == 0:\n"
+                           "            time.sleep(30)\n        forked += 1\nexcept BlockingIOError:\n    pass\nprint(forked)",
+                      max_processes=8)
+    assert int(forks) < 8  # the program and its init count too
+    files = sandboxed(cfg, "opened = []\ntry:\n    while len(opened) < 100:\n        opened.append(open('/dev/null'))\n"
+                           "except OSError as err:\n    print(err.strerror, len(opened))", max_open_files=16)
+    reason, count = files.strip().rsplit(" ", 1)
+    assert reason == "Too many open files" and int(count) < 16
+
+
 def test_memory_is_limited(cfg):
     assert sandboxed(cfg, attempt("len(bytearray(10 * 1024 ** 3))")).startswith("STOPPED MemoryError")
 
