@@ -11,7 +11,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from posttrain.config.loader import positive, require
+from posttrain.config.loader import ConfigError, positive, require
 
 
 @dataclass
@@ -254,9 +254,10 @@ class JudgeConfig:
     max_new_tokens: int = 512
     temperature: float = 0.0  # 0: greedy, the same verdict for the same question
     batch_size: int = 32  # conversations per generate() call (hf)
+    # {correct_verdict} and {incorrect_verdict} are filled in with the labels below
     system_prompt: str = ("You are a strict grader. Decide whether the response's final answer agrees with the "
-                          "reference answer. Reason briefly, then end with exactly one verdict: [[CORRECT]] or "
-                          "[[INCORRECT]].")
+                          "reference answer. Reason briefly, then end with exactly one verdict: {correct_verdict} "
+                          "or {incorrect_verdict}.")
     prompt: str = "Question:\n{question}\n\nReference answer:\n{reference}\n\nResponse:\n{response}"
     correct_verdict: str = "[[CORRECT]]"
     incorrect_verdict: str = "[[INCORRECT]]"
@@ -443,6 +444,15 @@ def check_env(env: EnvConfig) -> None:
         require(judge.temperature >= 0, f"env.judge.temperature must be >= 0 (0 is greedy), got {judge.temperature}")
         for field_name in ("{reference}", "{response}"):
             require(field_name in judge.prompt, f"env.judge.prompt must contain {field_name}")
+        for key, text, fields in (("prompt", judge.prompt, ("question", "reference", "response")),
+                                  ("system_prompt", judge.system_prompt, ("correct_verdict", "incorrect_verdict"))):
+            try:
+                text.format(**dict.fromkeys(fields, ""))
+            except (KeyError, IndexError, ValueError) as err:
+                names = ", ".join("{" + f + "}" for f in fields)
+                raise ConfigError(f"env.judge.{key} is filled in with {names}; "
+                                  f"it cannot be ({type(err).__name__}: {err}): write any other brace doubled, "
+                                  "{{ or }}") from None
         require(bool(judge.correct_verdict) and bool(judge.incorrect_verdict)
                 and judge.correct_verdict not in judge.incorrect_verdict
                 and judge.incorrect_verdict not in judge.correct_verdict,

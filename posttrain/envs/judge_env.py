@@ -3,9 +3,9 @@
 `env.name=judge` asks the judge about every response. `env.name=math_judge` is NeMo Gym's "math
 with judge": the math verifier decides first; a response whose final answer it accepts earns 1, one
 without a final answer earns 0, and only an answer it rejects (a form it may not recognise, such as
-"1/2" against "0.5" in words) goes to the judge. The judge sees `env.judge.system_prompt` and
-`env.judge.prompt` filled with {question} (the last user message), {reference} (metadata
-"answer") and {response}; the last verdict label in its reply decides. A reply with neither label
+"1/2" against "0.5" in words) goes to the judge. The judge sees `env.judge.system_prompt` (with
+{correct_verdict} and {incorrect_verdict}: the labels) and `env.judge.prompt` filled with
+{question} (the last user message), {reference} (metadata "answer") and {response}; the last verdict label in its reply decides. A reply with neither label
 makes the sample invalid ("judge_no_verdict"): the judge failed, not the policy.
 
 The judge model is served outside the environment (GRPO: `env.judge.workers` workers of their
@@ -84,7 +84,9 @@ class JudgeEnvironment(Environment):
     def _judge_conversation(self, conversation: list[Message], reference: str, text: str) -> list[Message]:
         question = next((m["content"] for m in reversed(conversation) if m["role"] == "user"), "")
         judge = self.cfg.judge
-        return [{"role": "system", "content": judge.system_prompt},
+        system = judge.system_prompt.format(correct_verdict=judge.correct_verdict,
+                                            incorrect_verdict=judge.incorrect_verdict)
+        return [{"role": "system", "content": system},
                 {"role": "user", "content": judge.prompt.format(question=question, reference=reference, response=text)}]
 
 

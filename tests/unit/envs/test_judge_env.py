@@ -72,6 +72,23 @@ def test_a_judge_environment_needs_its_judge_and_a_judge_model():
         check_env(EnvConfig(name="math_judge"))
     with pytest.raises(ConfigError, match="env.judge.prompt must contain {reference}"):
         check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", prompt="{response}")))
+    with pytest.raises(ConfigError, match=r"env.judge.system_prompt is filled in with \{correct_verdict\}, "
+                                          r"\{incorrect_verdict\}; it cannot be \(KeyError: '\"score\"'\).*\{\{ or \}\}"):
+        check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", system_prompt='Answer {"score": 1}')))
+    with pytest.raises(ConfigError, match=r"correct_verdict and incorrect_verdict must be non-empty and neither "
+                                          r"inside the other \(got 'YES' and 'NOT YES'\)"):
+        check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", correct_verdict="YES",
+                                                            incorrect_verdict="NOT YES")))
+
+
+def test_the_verdict_labels_are_the_configs():
+    judge = ScriptedJudge({"eight": "Verdict: same", "six": "Verdict: differs", "[[CORRECT]]": "[[CORRECT]]"})
+    labels = JudgeConfig(model_name="m", correct_verdict="Verdict: same", incorrect_verdict="Verdict: differs")
+    env = make_environment(EnvConfig(name="judge", judge=labels), judge=judge)
+    result = env.step([QUESTION] * 3, ["eight", "six", "[[CORRECT]]"], [{"answer": "8"}] * 3)
+    assert result.rewards == [1.0, 0.0, 0.0] and result.invalid == [None, None, "judge_no_verdict"]
+    system = judge.asked[0][0]["content"]
+    assert "Verdict: same" in system and "Verdict: differs" in system and "[[CORRECT]]" not in system
 
 
 def test_the_served_judge_answers_each_conversation_through_its_chat_template(tiny_model_dir):
