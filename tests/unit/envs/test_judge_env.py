@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from posttrain.config import ConfigError, EnvConfig, JudgeConfig
 from posttrain.config.sections import check_env
@@ -109,3 +110,10 @@ def test_an_environment_of_your_own_built_on_the_judge_is_served_one(reward_fns)
     assert services_of(own) == ("judge",) and services_of(EnvConfig(name="math_judge")) == ("judge",)
     assert services_of(EnvConfig(name="reward_model")) == ("reward_model",) and services_of(EnvConfig()) == ()
     assert services_of(dataclasses.replace(own, runtime_env={"pip": []})) == ()  # left to its actors
+
+
+def test_the_served_judge_generates_as_configured(tiny_model_dir):
+    judge = ChatModel(JudgeConfig(model_name=str(tiny_model_dir), max_new_tokens=3, temperature=0.5, batch_size=2),
+                      "bfloat16")
+    assert (judge.sampling.max_new_tokens, judge.sampling.temperature) == (3, 0.5)
+    assert judge.backend.batch_size == 2 and judge.backend.model.dtype == torch.bfloat16

@@ -273,6 +273,13 @@ def test_a_program_cannot_pass_its_failure_off_as_the_sandboxs(cfg):
         assert tested.sandbox_error is None and not tested.passed
 
 
+def test_a_program_that_breaks_the_test_channel_fails_with_that_said(cfg):
+    result = run_tests("import os\ndef add(a, b):\n    os.write(4, b'not json\\n')\n    return a + b\n", TESTS, cfg)
+    assert not result.passed and result.sandbox_error is None
+    assert result.output.endswith("Test stopped: assert add(2, 3) == 5\nthe program broke the test channel: "
+                                  "Expecting value: line 1 column 1 (char 0)")
+
+
 def test_tests_use_the_programs_objects_and_report_the_failing_statement(cfg):
     program = ("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n"
                "        self.items.append(x)\n    def pop(self):\n        return self.items.pop()\n"
