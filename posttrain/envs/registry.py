@@ -15,6 +15,7 @@ from typing import Any
 from transformers.utils import get_json_schema
 
 from posttrain.config import ConfigError, EnvConfig
+from posttrain.config.sections import check_judge
 from posttrain.envs.base import Environment, RewardFn
 
 BUILT_IN = {
@@ -39,6 +40,8 @@ def check_env_config(cfg: EnvConfig) -> None:
         if environment_class(cfg.name).runs_programs:
             from posttrain.envs.sandbox import check_sandbox
             check_sandbox(cfg.sandbox)
+    if "judge" in services_of(cfg):
+        check_judge(cfg)
     if cfg.reward_fn and cfg.runtime_env is None:
         load_reward_fn(cfg.reward_fn)
     load_tools(cfg.tools)

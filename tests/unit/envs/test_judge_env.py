@@ -9,10 +9,9 @@ import pytest
 import torch
 
 from posttrain.config import ConfigError, EnvConfig, JudgeConfig
-from posttrain.config.sections import check_env
 from posttrain.envs import make_environment
 from posttrain.envs.judge_env import parse_verdict
-from posttrain.envs.registry import services_of
+from posttrain.envs.registry import check_env_config, services_of
 from posttrain.rollout.chat_model import ChatModel
 
 
@@ -66,19 +65,21 @@ def test_math_judge_asks_the_judge_only_where_the_verifier_says_no():
     assert "judge_reply" not in result.metadata[0] and result.metadata[2]["extracted_answer"] == "eight"
 
 
-def test_a_judge_environment_needs_its_judge_and_a_judge_model():
+def test_a_judge_environment_needs_its_judge_and_a_judge_model(reward_fns):
     with pytest.raises(ConfigError, match="env.name=judge grades with a judge model"):
         make_environment(EnvConfig(name="judge", judge=JudgeConfig(model_name="m")))
     with pytest.raises(ConfigError, match="env.name=math_judge needs env.judge.model_name"):
-        check_env(EnvConfig(name="math_judge"))
+        check_env_config(EnvConfig(name="math_judge"))
+    with pytest.raises(ConfigError, match=f"env.name={reward_fns}:StrictJudge needs env.judge.model_name"):
+        check_env_config(EnvConfig(name=f"{reward_fns}:StrictJudge"))  # a user's judge environment too
     with pytest.raises(ConfigError, match="env.judge.prompt must contain {reference}"):
-        check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", prompt="{response}")))
+        check_env_config(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", prompt="{response}")))
     with pytest.raises(ConfigError, match=r"env.judge.system_prompt is filled in with \{correct_verdict\}, "
                                           r"\{incorrect_verdict\}; it cannot be \(KeyError: '\"score\"'\).*\{\{ or \}\}"):
-        check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", system_prompt='Answer {"score": 1}')))
+        check_env_config(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", system_prompt='Answer {"score": 1}')))
     with pytest.raises(ConfigError, match=r"correct_verdict and incorrect_verdict must be non-empty and neither "
                                           r"inside the other \(got 'YES' and 'NOT YES'\)"):
-        check_env(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", correct_verdict="YES",
+        check_env_config(EnvConfig(name="judge", judge=JudgeConfig(model_name="m", correct_verdict="YES",
                                                             incorrect_verdict="NOT YES")))
 
 
